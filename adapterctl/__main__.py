@@ -1,0 +1,3 @@
+from adapterctl.cli import main
+
+main()

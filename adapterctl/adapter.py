@@ -1,0 +1,198 @@
+"""An adapter as data: a config plus one ``LoraModule`` of low-rank factors per target.
+
+``LoraModule`` is the currency every command works on. Tensors stay on disk until a command
+asks for them (``module.A()``), so reading an adapter costs its headers only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from adapterctl.config import AdapterConfig
+
+if TYPE_CHECKING:
+    import torch
+
+Layout = Literal["linear", "conv1d", "embedding", "conv"]
+
+
+class TensorSource(Protocol):
+    """Anything that knows a tensor's name, dtype, shape and can load it (lazily)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+    @property
+    def numel(self) -> int: ...
+    def load(self) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MemoryTensor:
+    """A tensor already in memory (legacy ``.bin`` adapters, composed results)."""
+
+    name: str
+    tensor: torch.Tensor
+
+    @property
+    def dtype(self) -> str:
+        from adapterctl.tensorfile import TORCH_DTYPE_NAMES
+
+        torch_name = str(self.tensor.dtype).removeprefix("torch.")
+        for st, tn in TORCH_DTYPE_NAMES.items():
+            if tn == torch_name:
+                return st
+        return torch_name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    @property
+    def numel(self) -> int:
+        return int(self.tensor.numel())
+
+    def load(self) -> torch.Tensor:
+        return self.tensor
+
+
+@dataclass
+class LoraModule:
+    """The low-rank update of one target module: ΔW = scale · B · A in the weight's layout.
+
+    ``A`` is stored as PEFT stores it: (r, in) for linear, (r, in, *kernel) for conv,
+    (r, num_embeddings) for embeddings; ``B`` is (out, r), (out, r, 1…) or (dim, r).
+    ``layout`` says how B·A maps onto the base weight: ``linear`` (out, in); ``conv1d``
+    (GPT-2 Conv1D, stored in×out, so (B·A)ᵀ); ``embedding`` ((B·A)ᵀ: vocab × dim);
+    ``conv`` (B·A reshaped to (out, in, *kernel)).
+    """
+
+    name: str
+    a: TensorSource
+    b: TensorSource
+    alpha: float
+    scale: float
+    config_rank: int
+    layout: Layout = "linear"
+    magnitude: TensorSource | None = None
+    bias: TensorSource | None = None
+
+    @property
+    def rank(self) -> int:
+        """The rank the tensors actually have."""
+        return int(self.a.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        n = 1
+        for d in self.a.shape[1:]:
+            n *= d
+        return n
+
+    @property
+    def out_features(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The shape the base weight must have for this update, in the weight's own layout."""
+        if self.layout in ("conv1d", "embedding"):
+            return (self.in_features, self.out_features)
+        if self.layout == "conv":
+            return (self.out_features, *self.a.shape[1:])
+        return (self.out_features, self.in_features)
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def tensors(self) -> list[TensorSource]:
+        return [t for t in (self.a, self.b, self.magnitude, self.bias) if t is not None]
+
+    def A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A as an (r, in) matrix (conv kernels flattened into ``in``)."""
+        import torch
+
+        a = self.a.load()
+        return a.reshape(a.shape[0], -1).to(dtype or torch.float32)
+
+    def B(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """B as an (out, r) matrix."""
+        import torch
+
+        b = self.b.load()
+        return b.reshape(b.shape[0], -1).to(dtype or torch.float32)
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ΔW = scale·B·A in the base weight's layout and shape.
+
+        Use for merging one module at a time; prefer ``adapterctl.lowrank`` for norms and
+        spectra, which never form this matrix.
+        """
+        d = self.scale * (self.B(dtype) @ self.A(dtype))  # (out, r) @ (r, in) -> (out, in)
+        if self.layout in ("conv1d", "embedding"):
+            return d.T.contiguous()  # (in, out)
+        return d.reshape(self.weight_shape)
+
+
+@dataclass
+class ExtraTensor:
+    """A full tensor saved in the adapter: a ``modules_to_save`` copy or a saved base layer.
+
+    ``target`` is the base parameter it stands for (``lm_head.weight``,
+    ``model.embed_tokens.weight``); ``kind`` is ``modules_to_save`` or ``base_layer``.
+    """
+
+    target: str
+    kind: Literal["modules_to_save", "base_layer"]
+    tensor: TensorSource
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter read from disk."""
+
+    path: Path
+    format: str
+    config: AdapterConfig
+    modules: dict[str, LoraModule]
+    extras: list[ExtraTensor] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    # Tensors the reader could not place, and modules with only one of A/B (for findings).
+    unknown_tensors: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+
+    @property
+    def weight_files(self) -> list[Path]:
+        return [f for f in self.files if f.suffix in (".safetensors", ".bin")]
+
+    @property
+    def all_tensors(self) -> list[TensorSource]:
+        out: list[TensorSource] = []
+        for m in self.modules.values():
+            out.extend(m.tensors)
+        out.extend(e.tensor for e in self.extras)
+        return out
+
+    @property
+    def dtypes(self) -> list[str]:
+        """The distinct dtypes of the adapter's LoRA tensors."""
+        return sorted({t.dtype for t in self.all_tensors})
+
+    @property
+    def trainable_parameters(self) -> int:
+        """Parameters trained with the adapter: LoRA factors, DoRA magnitudes, lora biases and
+        ``modules_to_save`` copies (saved base layers are frozen copies and do not count)."""
+        n = sum(t.numel for m in self.modules.values() for t in m.tensors)
+        return n + sum(e.tensor.numel for e in self.extras if e.kind == "modules_to_save")
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)

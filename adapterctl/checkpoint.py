@@ -1,0 +1,349 @@
+"""A base checkpoint read from its safetensors headers: names, logical shapes and dtypes,
+shards, bitsandbytes quantisation, and how adapter modules map onto its tensors.
+
+Nothing here reads tensor data except the few-hundred-byte bitsandbytes quant-state blobs,
+so opening a 70B checkpoint costs kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapterctl.adapter import Adapter, Layout, LoraModule
+from adapterctl.errors import BrokenFile, NotFound, UnsupportedBase
+from adapterctl.tensorfile import TensorInfo, read_header
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# Models whose linear layers are transformers' Conv1D (weights stored in×out).
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+_QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)$")
+_QUANT_AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks|decoder_layers)\.(\d+)\.")
+_TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """A bitsandbytes 4-bit weight as transformers serialises it."""
+
+    weight: str
+    quant_type: str  # "nf4" or "fp4"
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: str  # logical (compute) dtype, safetensors name
+    nested: bool
+    state: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one adapter module lands in the base."""
+
+    module: str
+    tensor: str | None  # base weight name, None when the base has no such weight
+    shape: tuple[int, ...] | None
+    dtype: str | None
+    layout: Layout
+    quant: QuantInfo | None = None
+
+
+@dataclass
+class Binding:
+    """An adapter's modules and saved tensors mapped onto a base's tensor names."""
+
+    targets: dict[str, Target]
+    extras: dict[str, str | None]  # adapter extra target -> base tensor name (None if absent)
+    strip: str = ""
+    add: str = ""
+
+    @property
+    def matched(self) -> list[Target]:
+        return [t for t in self.targets.values() if t.tensor is not None]
+
+
+@dataclass
+class Checkpoint:
+    """A base model checkpoint, known from its headers.
+
+    ``tensors`` are the tensors as stored; ``weights`` is the logical view (a 4-bit weight
+    with its unpacked shape and compute dtype, without its auxiliary tensors).
+    """
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    shards: list[Path]
+    config: dict[str, Any] = field(default_factory=dict)
+    quant: dict[str, QuantInfo] = field(default_factory=dict)
+
+    @property
+    def weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Logical name -> (shape, dtype) for every tensor a model would hold in memory."""
+        out: dict[str, tuple[tuple[int, ...], str]] = {}
+        for name, info in self.tensors.items():
+            if self._is_quant_aux(name):
+                continue
+            q = self.quant.get(name)
+            out[name] = (q.shape, q.dtype) if q else (info.shape, info.dtype)
+        return out
+
+    def _is_quant_aux(self, name: str) -> bool:
+        if ".quant_state." in name:
+            return True
+        return name.endswith(_QUANT_AUX) and name.rsplit(".", 1)[0] in self.quant
+
+    @property
+    def architecture(self) -> str | None:
+        archs = self.config.get("architectures") or []
+        return str(archs[0]) if archs else None
+
+    @property
+    def model_type(self) -> str | None:
+        mt = self.config.get("model_type")
+        return str(mt) if mt else None
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language-model part of the config (nested ``text_config`` in multimodal ones)."""
+        tc = self.config.get("text_config")
+        return tc if isinstance(tc, dict) else self.config
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.text_config.get("vocab_size", self.config.get("vocab_size"))
+        return int(v) if v is not None else None
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        v = self.text_config.get("tie_word_embeddings", self.config.get("tie_word_embeddings"))
+        return bool(v) if v is not None else self.model_type in CONV1D_MODEL_TYPES | {"t5"}
+
+    @property
+    def num_layers(self) -> int | None:
+        tc = self.text_config
+        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if key in tc:
+                return int(tc[key])
+        indices = {int(m.group(1)) for n in self.tensors if (m := _LAYER_INDEX.search("." + n))}
+        return max(indices) + 1 if indices else None
+
+    @property
+    def quantization(self) -> str | None:
+        """'nf4' / 'fp4' for a bitsandbytes 4-bit checkpoint, else None."""
+        kinds = {q.quant_type for q in self.quant.values()}
+        return "/".join(sorted(kinds)) if kinds else None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shards)
+
+    @property
+    def fused_experts(self) -> list[str]:
+        """MoE expert tensors stored fused (3-D), which per-expert LoRA modules cannot target."""
+        return [n for n, i in self.tensors.items() if ".experts." in n and len(i.shape) == 3]
+
+    def bind(self, adapter: Adapter) -> Binding:
+        """Map the adapter's modules and saved tensors onto this base's tensor names.
+
+        Handles bases saved without the head's prefix (``h.0.attn.c_attn.weight`` for an
+        adapter trained on ``GPT2LMHeadModel``'s ``transformer.h.0.attn.c_attn``) and the
+        reverse, choosing the one prefix change that matches the most modules. Linear
+        modules whose base weight is stored in×out (GPT-2 Conv1D) get the ``conv1d`` layout,
+        as PEFT forces ``fan_in_fan_out`` for them whatever the config says.
+        """
+        weights = self.weights
+        strip, add = _best_transform(list(adapter.modules), weights)
+
+        def base_name(module_or_param: str) -> str:
+            return add + module_or_param.removeprefix(strip)
+
+        targets: dict[str, Target] = {}
+        for name, mod in adapter.modules.items():
+            tname = base_name(name) + ".weight"
+            if tname not in weights:
+                targets[name] = Target(name, None, None, None, mod.layout)
+                continue
+            shape, dtype = weights[tname]
+            targets[name] = Target(
+                name, tname, shape, dtype, self._layout(mod, shape), self.quant.get(tname)
+            )
+        extras = {}
+        for e in adapter.extras:
+            tname = base_name(e.target)
+            extras[e.target] = tname if tname in weights else None
+        return Binding(targets=targets, extras=extras, strip=strip, add=add)
+
+    def _layout(self, mod: LoraModule, shape: tuple[int, ...]) -> Layout:
+        if mod.layout not in ("linear", "conv1d"):
+            return mod.layout
+        out_in = (mod.out_features, mod.in_features)
+        if len(shape) != 2:
+            return mod.layout
+        if shape[0] != shape[1]:
+            if tuple(shape) == out_in[::-1]:
+                return "conv1d"
+            if tuple(shape) == out_in:
+                return "linear"
+            return mod.layout
+        return "conv1d" if self.model_type in CONV1D_MODEL_TYPES else "linear"
+
+
+def _best_transform(
+    modules: list[str], weights: dict[str, tuple[tuple[int, ...], str]]
+) -> tuple[str, str]:
+    """The (prefix to strip, prefix to add) that maps the most modules onto base weights."""
+    firsts = {m.split(".", 1)[0] + "." for m in modules if "." in m}
+    roots = {n.split(".", 1)[0] + "." for n in weights if "." in n}
+    candidates = [("", "")] + [(f, "") for f in sorted(firsts)] + [("", r) for r in sorted(roots)]
+    candidates += [(f, r) for f in sorted(firsts) for r in sorted(roots) if f != r]
+    best, best_score = ("", ""), -1
+    for strip, add in candidates:
+        score = sum(
+            1
+            for m in modules
+            if (m.startswith(strip) and add + m.removeprefix(strip) + ".weight" in weights)
+        )
+        if score > best_score:
+            best, best_score = (strip, add), score
+    return best
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a base checkpoint folder (or a single ``.safetensors``) from headers only.
+
+    Args:
+        path: a folder with ``model.safetensors`` or sharded ``model-0000X-of-0000N``
+            files plus ``model.safetensors.index.json``, and usually ``config.json``.
+
+    Returns:
+        The checkpoint: every tensor's dtype, shape, shard and byte range, 4-bit quant
+        states, and the model config.
+
+    Raises:
+        NotFound: nothing at ``path``, or a shard named by the index is missing.
+        BrokenFile: malformed index, config or safetensors header.
+        UnsupportedBase: pickle-only, GPTQ, AWQ, FP8 or 8-bit bases.
+
+    Example:
+        >>> ckpt = open_checkpoint("models/Llama-3.2-1B")
+        >>> ckpt.architecture, ckpt.num_layers
+        ('LlamaForCausalLM', 16)
+    """
+    p = Path(path)
+    if not p.exists():
+        raise NotFound(f"{p}: no such base checkpoint; check the path")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise UnsupportedBase(f"{p}: not a safetensors file; convert the base to safetensors")
+        shards, root = [p], p.parent
+    else:
+        shards, root = _find_shards(p), p
+    config = _read_config(root / "config.json") if (root / "config.json").exists() else {}
+    _refuse_quant_method(p, config)
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        tensors.update(read_header(shard).tensors)
+    _refuse_quant_tensors(p, tensors)
+    ckpt = Checkpoint(path=p, tensors=tensors, shards=shards, config=config)
+    ckpt.quant = _read_quant_states(ckpt)
+    return ckpt
+
+
+def _find_shards(p: Path) -> list[Path]:
+    index = p / INDEX_NAME
+    if index.exists():
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            names = sorted(set(data["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise BrokenFile(
+                f"{index}: malformed index (needs a weight_map); re-save the model"
+            ) from None
+        missing = [n for n in names if not (p / n).exists()]
+        if missing:
+            raise NotFound(f"{p}: shard {missing[0]} named by {INDEX_NAME} is missing; download it")
+        return [p / n for n in names]
+    if (p / SINGLE_NAME).exists():
+        return [p / SINGLE_NAME]
+    found = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+    if found:
+        return found
+    if list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt")) or list(p.glob("*.pth")):
+        raise UnsupportedBase(
+            f"{p}: pickle-only checkpoint (no safetensors); convert it with "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise NotFound(f"{p}: no model.safetensors or sharded safetensors found; is this a base model?")
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BrokenFile(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise BrokenFile(f"{path}: expected a JSON object; fix or re-download it")
+    return data
+
+
+def _refuse_quant_method(p: Path, config: dict[str, Any]) -> None:
+    qc = config.get("quantization_config") or {}
+    method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
+    if not method:
+        return
+    if method == "bitsandbytes":
+        if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
+            raise UnsupportedBase(
+                f"{p}: bitsandbytes 8-bit bases are not supported; use the 16-bit original"
+            )
+        return
+    raise UnsupportedBase(
+        f"{p}: {method.upper()}-quantised base cannot be merged into; use the 16-bit original"
+    )
+
+
+def _refuse_quant_tensors(p: Path, tensors: dict[str, TensorInfo]) -> None:
+    for name in tensors:
+        if name.endswith((".qweight", ".qzeros", ".g_idx")):
+            raise UnsupportedBase(f"{p}: GPTQ/AWQ-quantised base ({name}); use the 16-bit original")
+        if name.endswith((".weight_scale_inv", ".weight_scale")):
+            raise UnsupportedBase(f"{p}: FP8-quantised base ({name}); use the 16-bit original")
+        if name.endswith(".SCB"):
+            raise UnsupportedBase(f"{p}: bitsandbytes 8-bit base ({name}); use the 16-bit original")
+
+
+def _read_quant_states(ckpt: Checkpoint) -> dict[str, QuantInfo]:
+    qc = ckpt.config.get("quantization_config") or {}
+    compute = str(qc.get("bnb_4bit_compute_dtype", "")) if isinstance(qc, dict) else ""
+    out: dict[str, QuantInfo] = {}
+    for name, info in ckpt.tensors.items():
+        m = _QUANT_STATE.match(name)
+        if not m:
+            continue
+        try:
+            state = json.loads(bytes(info.load().numpy()).decode("utf-8"))
+            shape = tuple(int(d) for d in state["shape"])
+            dtype = _TORCH_TO_ST.get(compute or str(state.get("dtype", "float32")), "F32")
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise BrokenFile(f"{info.path}: malformed bitsandbytes quant state {name}") from None
+        out[m["weight"]] = QuantInfo(
+            weight=m["weight"],
+            quant_type=str(state.get("quant_type", m["kind"])),
+            blocksize=int(state.get("blocksize", 64)),
+            shape=shape,
+            dtype=dtype,
+            nested=f"{m['weight']}.nested_absmax" in ckpt.tensors,
+            state=state,
+        )
+    return out
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer block index in a module name (``model.layers.7.mlp`` -> 7)."""
+    m = _LAYER_INDEX.search("." + name + ".")
+    return int(m.group(1)) if m else None

@@ -1,0 +1,1 @@
+"""``adapterctl demo`` (filled in with the demo)."""

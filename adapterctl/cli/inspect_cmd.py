@@ -1,0 +1,49 @@
+"""``adapterctl inspect``."""
+
+from __future__ import annotations
+
+import click
+
+from adapterctl.cli import cli
+from adapterctl.cli.options import (
+    base_option,
+    json_option,
+    load_base,
+    load_source,
+    source_options,
+    warn,
+)
+from adapterctl.cli.render import render_inspect
+
+
+@cli.command("inspect")
+@click.argument("source")
+@base_option
+@json_option
+@click.option(
+    "--spectrum", is_flag=True, help="Add each module's singular values (from the r×r core)."
+)
+@source_options
+def inspect_command(
+    source: str,
+    base: str | None,
+    as_json: bool,
+    spectrum: bool,
+    alpha: float | None,
+    rank: int | None,
+) -> None:
+    """Describe an adapter: type, ranks, alphas, scale rule, targets, digest, per-module norms.
+
+    With --base, also the base's fingerprint and which base tensor each module updates.
+    """
+    from adapterctl.introspect import inspect_adapter
+
+    adapter = load_source(source, alpha, rank)
+    ckpt = load_base(base)
+    report = inspect_adapter(adapter, base=ckpt, spectrum=spectrum)
+    for w in report.warnings:
+        warn(w)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    render_inspect(report)

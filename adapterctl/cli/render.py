@@ -1,0 +1,92 @@
+"""Human-readable rendering of reports (rich tables on stdout)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adapterctl.introspect import InspectReport
+
+
+def console(stderr: bool = False) -> Any:
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # Off a terminal, never truncate module names: tables size to their content.
+    width = None if stream.isatty() else 400
+    return Console(file=stream, highlight=False, soft_wrap=True, width=width)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    return "nan/inf" if x is None else format(x, fmt)
+
+
+def render_inspect(r: InspectReport) -> None:
+    from rich.table import Table
+
+    out = console()
+    alphas = ", ".join(_num(a, "g") for a in r.alphas)
+    rows = [
+        ("source", f"{r.source} ({r.format})"),
+        ("digest", r.digest),
+        ("type", f"{r.peft_type}" + (" + DoRA" if r.use_dora else "")),
+        ("base model", f"{r.base_model or '-'}" + (f" @ {r.revision}" if r.revision else "")),
+        ("peft version", r.peft_version or "-"),
+        ("rank", ", ".join(map(str, r.ranks)) or "-"),
+        ("alpha", alphas or "-"),
+        ("scaling", r.scaling_rule),
+        ("targets", ", ".join(r.targets) or "-"),
+        ("modules", str(len(r.modules))),
+        ("dtype", ", ".join(r.dtypes)),
+        ("size", human_bytes(r.file_size)),
+        ("trainable params", f"{r.trainable_parameters:,}"),
+        ("‖ΔW‖_F total", _num(r.total_norm)),
+    ]
+    if r.modules_to_save:
+        rows.append(("modules_to_save", ", ".join(r.modules_to_save)))
+    if r.saved_base_layers:
+        rows.append(("saved base layers", ", ".join(r.saved_base_layers)))
+    if r.base:
+        rows.append(("base", f"{r.base.path} ({r.base.architecture or '?'})"))
+        rows.append(("base fingerprint", r.base.fingerprint))
+        if r.base.quantization:
+            rows.append(("base quantization", r.base.quantization))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        out.print(f"{k:<{width}}  {v}", markup=False)
+    spectrum = any(m.spectrum is not None for m in r.modules)
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    for col in ("module", "shape", "r", "scale", "‖ΔW‖_F", "stable rank"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    if spectrum:
+        table.add_column("singular values", justify="left")
+    for m in r.modules:
+        flags = ("  [zero B]" if m.zero_b else "") + ("  [NaN/Inf]" if m.nonfinite else "")
+        flags += "  [DoRA]" if m.dora else ""
+        row = [
+            m.name + flags,
+            "×".join(map(str, m.shape)),
+            str(m.rank),
+            _num(m.scale, "g"),
+            _num(m.norm),
+            _num(m.stable_rank, ".2f"),
+        ]
+        if spectrum:
+            row.append(" ".join(_num(s, ".3g") for s in (m.spectrum or [])))
+        table.add_row(*row)
+    out.print()
+    out.print(table)
+    if r.zero_b_modules:
+        out.print(f"\n{len(r.zero_b_modules)} module(s) have an all-zero lora_B (no update).")
+    if r.nonfinite_modules:
+        out.print(f"{len(r.nonfinite_modules)} module(s) hold NaN or Inf.")

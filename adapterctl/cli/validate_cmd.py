@@ -1,0 +1,1 @@
+"""``adapterctl validate`` (filled in with the validation rules)."""

@@ -1,0 +1,126 @@
+"""The adapter configuration: every field PEFT has ever written, unknown ones kept.
+
+PEFT's ``adapter_config.json`` grew from 13 keys (0.2) to about 40 (0.21). ``AdapterConfig``
+types the fields adapterctl reads and keeps every other key untouched, so a config read and
+written back is the same JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# PEFT types that are not LoRA: recognised so we can refuse them by name.
+NON_LORA_TYPES = {
+    "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT",
+    "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "LN_TUNING", "POLY",
+    "XLORA", "VBLORA", "CPT", "BONE", "MISS", "RANDLORA", "SHIRA", "C3A", "ROAD", "WAVEFT",
+    "DELORA", "OSF", "GRALORA", "TRAINABLE_TOKENS",
+}  # fmt: skip
+
+# init_lora_weights values that rewrite the base weights at initialisation: such an adapter only
+# makes sense together with the modified base PEFT saved next to it.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "eva_rewrite")
+
+
+class AdapterConfig(BaseModel):
+    """A PEFT LoRA config. Typed where adapterctl uses a field; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    peft_type: str = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    peft_version: str | None = None
+    task_type: str | None = None
+    init_lora_weights: bool | str = True
+    layer_replication: list[Any] | None = None
+    layers_to_transform: list[int] | int | None = None
+
+    @field_validator("peft_type", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return str(getattr(v, "value", v)).upper() if v is not None else "LORA"
+
+    @field_validator("rank_pattern", "alpha_pattern", mode="before")
+    @classmethod
+    def _none_is_empty(cls, v: Any) -> Any:
+        return v or {}
+
+    @field_validator("init_lora_weights", mode="before")
+    @classmethod
+    def _init(cls, v: Any) -> Any:
+        return True if v is None else v
+
+    @property
+    def is_lora(self) -> bool:
+        return self.peft_type == "LORA"
+
+    @property
+    def scaling_rule(self) -> str:
+        """'alpha/sqrt(r)' for rsLoRA, 'alpha/r' otherwise."""
+        return "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+
+    @property
+    def rewrites_base(self) -> str | None:
+        """The init method's name if it rewrote the base weights (PiSSA, OLoRA, CorDA, LoftQ)."""
+        init = self.init_lora_weights
+        if isinstance(init, str):
+            low = init.lower()
+            for name in BASE_REWRITING_INITS:
+                if low.startswith(name):
+                    return init
+        extra = self.model_extra or {}
+        if extra.get("loftq_config"):
+            return "loftq"
+        return None
+
+    def rank_for(self, module: str) -> int:
+        """The configured rank of ``module`` (its full dotted name), as PEFT resolves it."""
+        key = pattern_key(self.rank_pattern, module)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        """The configured alpha of ``module``, as PEFT resolves it."""
+        key = pattern_key(self.alpha_pattern, module)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def scale_for(self, module: str) -> float:
+        """alpha/r, or alpha/sqrt(r) with rsLoRA, for ``module``."""
+        r = self.rank_for(module)
+        a = self.alpha_for(module)
+        return a / math.sqrt(r) if self.use_rslora else a / r
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data, unknown keys included."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    """The first key of ``patterns`` that matches ``module`` the way PEFT matches them.
+
+    A key matches when the module name ends with it at a dot boundary; keys may be regular
+    expressions (``layers\\.[0-3]\\.q_proj``). Dict order decides ties, as in PEFT.
+    """
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error:
+            if module == key or module.endswith("." + key):
+                return key
+    return None

@@ -1,0 +1,90 @@
+"""A bare ``.safetensors`` of PEFT-named tensors with no config next to it.
+
+Its scale is unknown without a config, so reading it needs ``alpha`` (and optionally the
+trained ``rank``); we never assume alpha = r.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from adapterctl.adapter import Adapter, TensorSource
+from adapterctl.config import AdapterConfig
+from adapterctl.errors import UsageError
+from adapterctl.formats import ReadOptions
+from adapterctl.formats.peft import _LORA_KEY, parse_tensors
+from adapterctl.hookspecs import hookimpl
+from adapterctl.tensorfile import read_header
+
+
+class BareSafetensors:
+    """One ``.safetensors`` file of ``…lora_A.weight`` / ``…lora_B.weight`` tensors."""
+
+    name = "safetensors"
+    description = "bare .safetensors of PEFT keys (needs --alpha, optionally --rank)"
+
+    def detect(self, path: Path) -> bool:
+        return path.is_file() and path.suffix == ".safetensors"
+
+    def read(self, path: Path, options: ReadOptions) -> Adapter:
+        config_file = path.parent / "adapter_config.json"
+        if options.alpha is None and config_file.exists() and path.name.startswith("adapter_model"):
+            from adapterctl.formats.peft import PeftFolder
+
+            return PeftFolder().read(path.parent, options)
+        header = read_header(path)
+        tensors: dict[str, TensorSource] = dict(header.tensors)
+        ranks = sorted(
+            {
+                t.shape[0]
+                for k, t in tensors.items()
+                if (m := _LORA_KEY.match(k)) and m["part"] in ("lora_A", "lora_embedding_A")
+            }
+        )
+        if options.alpha is None:
+            raise UsageError(
+                f"{path}: a bare .safetensors has no adapter_config.json, so its scale "
+                "(alpha/r) is unknown; pass --alpha (and --rank) or add the config"
+            )
+        rank = options.rank if options.rank is not None else (ranks[0] if ranks else 8)
+        # Without --rank, each module's rank comes from its tensors; alpha scales each as
+        # alpha/r. With --rank, the declared rank is checked against the tensors (validate).
+        rank_pattern = {}
+        for k, t in tensors.items():
+            m = _LORA_KEY.match(k)
+            if options.rank is not None or not m:
+                continue
+            if m["part"] in ("lora_A", "lora_embedding_A") and t.shape[0] != rank:
+                rank_pattern[f"^{_escape(m['module'])}"] = int(t.shape[0])
+        config = AdapterConfig(
+            r=rank,
+            lora_alpha=options.alpha,
+            rank_pattern=rank_pattern,
+            use_dora=any("lora_magnitude_vector" in k for k in tensors),
+            base_model_name_or_path=_meta_base(header.metadata),
+        )
+        return parse_tensors(tensors, config, path, self.name, [path])
+
+
+def _escape(module: str) -> str:
+    import re
+
+    return re.escape(module)
+
+
+def _meta_base(meta: dict[str, str]) -> str | None:
+    for key in ("base_model_name_or_path", "base_model"):
+        if key in meta:
+            try:
+                v = json.loads(meta[key])
+                return str(v) if v else None
+            except json.JSONDecodeError:
+                return meta[key]
+    return None
+
+
+@hookimpl
+def register_formats(register: Any) -> None:
+    register(BareSafetensors())

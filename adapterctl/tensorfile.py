@@ -1,0 +1,186 @@
+"""Safetensors files read header-first: names, dtypes, shapes and byte ranges, tensors on demand.
+
+Reading a header costs a few kilobytes whatever the file size; a tensor is read only when
+asked for, with one seek and one read of exactly its bytes. ``BYTES_READ`` counts every byte
+this module reads so tests (and curious users) can check that headers-only work stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapterctl.errors import BrokenFile
+
+if TYPE_CHECKING:
+    import torch
+
+# Header JSON larger than this is not a real safetensors file (the format caps it at 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES: dict[str, float] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E8M0": 1, "F6_E2M3": 0.75, "F6_E3M2": 0.75, "F4": 0.5,
+}  # fmt: skip
+
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}  # fmt: skip
+
+
+class _Counter:
+    """Bytes read from disk by this module (headers and tensors)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+BYTES_READ = _Counter()
+
+
+def check_not_pointer(path: Path) -> None:
+    """Raise BrokenFile if ``path`` is empty or a Git LFS pointer instead of real data."""
+    size = path.stat().st_size
+    if size == 0:
+        raise BrokenFile(f"{path}: file is empty; re-download it or re-save the adapter")
+    with open(path, "rb") as fh:
+        head = fh.read(len(LFS_POINTER_PREFIX))
+    BYTES_READ.value += len(head)
+    if head == LFS_POINTER_PREFIX:
+        raise BrokenFile(
+            f"{path}: is a Git LFS pointer, not the weights; run `git lfs pull` in its repository"
+        )
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, dtype (safetensors name), shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def load(self) -> torch.Tensor:
+        """Read this tensor's bytes (one seek, one read) into a CPU tensor of its own dtype."""
+        import torch
+
+        torch_name = TORCH_DTYPE_NAMES.get(self.dtype)
+        if torch_name is None:
+            raise BrokenFile(f"{self.path}: tensor {self.name} has unsupported dtype {self.dtype}")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.start)
+            data = fh.read(self.nbytes)
+        BYTES_READ.value += len(data)
+        if len(data) != self.nbytes:
+            raise BrokenFile(f"{self.path}: truncated inside tensor {self.name}; re-download it")
+        dtype = getattr(torch, torch_name)
+        if self.nbytes == 0:
+            return torch.empty(self.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(self.shape)
+
+
+@dataclass
+class SafetensorsHeader:
+    """The parsed header of one safetensors file."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] = field(default_factory=dict)
+    data_offset: int = 0
+    file_size: int = 0
+
+
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+    """Parse a safetensors header without touching tensor data.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        The header with every tensor's dtype, shape and absolute byte range.
+
+    Raises:
+        BrokenFile: empty file, LFS pointer, truncated file, header length past the end,
+            invalid header JSON or offsets outside the data area.
+    """
+    p = Path(path)
+    check_not_pointer(p)
+    size = p.stat().st_size
+    if size < 8:
+        raise BrokenFile(f"{p}: too short to be safetensors ({size} bytes); re-download it")
+    with open(p, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise BrokenFile(
+                f"{p}: header length {n} is larger than the file ({size} bytes): "
+                "truncated or not safetensors; re-download or re-save it"
+            )
+        raw = fh.read(n)
+    BYTES_READ.value += 8 + len(raw)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        why = getattr(exc, "msg", None) or type(exc).__name__
+        raise BrokenFile(f"{p}: header is not valid JSON ({why}); re-save the file") from None
+    if not isinstance(header, dict):
+        raise BrokenFile(f"{p}: header is not a JSON object; re-save the file")
+    data_offset = 8 + n
+    meta = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        tensors[name] = _parse_entry(p, name, entry, data_offset, size)
+    return SafetensorsHeader(
+        path=p,
+        tensors=tensors,
+        metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
+        data_offset=data_offset,
+        file_size=size,
+    )
+
+
+def _parse_entry(p: Path, name: str, entry: Any, data_offset: int, size: int) -> TensorInfo:
+    try:
+        dtype = str(entry["dtype"])
+        shape = tuple(int(d) for d in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise BrokenFile(
+            f"{p}: malformed header entry for tensor {name!r}; re-save the file"
+        ) from None
+    if dtype not in DTYPE_SIZES:
+        raise BrokenFile(f"{p}: tensor {name!r} has unknown dtype {dtype!r}")
+    expected = 1
+    for d in shape:
+        expected *= d
+    if end < begin or (end - begin) != int(expected * DTYPE_SIZES[dtype]):
+        raise BrokenFile(f"{p}: tensor {name!r} byte range does not match its shape and dtype")
+    if data_offset + end > size:
+        raise BrokenFile(
+            f"{p}: truncated: tensor {name!r} ends at byte {data_offset + end} "
+            f"but the file has {size}; re-download it"
+        )
+    return TensorInfo(name, dtype, shape, p, data_offset + begin, data_offset + end)
