@@ -90,7 +90,10 @@ class TensorInfo:
 
         torch_name = TORCH_DTYPE_NAMES.get(self.dtype)
         if torch_name is None:
-            raise BrokenFile(f"{self.path}: tensor {self.name} has unsupported dtype {self.dtype}")
+            raise BrokenFile(
+                f"{self.path}: tensor {self.name} has dtype {self.dtype}, which torch cannot "
+                "load; re-save it as float32, float16 or bfloat16"
+            )
         with open(self.path, "rb") as fh:
             fh.seek(self.start)
             data = fh.read(self.nbytes)
@@ -143,7 +146,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     BYTES_READ.value += 8 + len(raw)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         why = getattr(exc, "msg", None) or type(exc).__name__
         raise BrokenFile(f"{p}: header is not valid JSON ({why}); re-save the file") from None
     if not isinstance(header, dict):
@@ -172,15 +175,52 @@ def _parse_entry(p: Path, name: str, entry: Any, data_offset: int, size: int) ->
             f"{p}: malformed header entry for tensor {name!r}; re-save the file"
         ) from None
     if dtype not in DTYPE_SIZES:
-        raise BrokenFile(f"{p}: tensor {name!r} has unknown dtype {dtype!r}")
+        raise BrokenFile(
+            f"{p}: tensor {name!r} has unknown dtype {dtype!r}; re-save it with a standard dtype"
+        )
+    if any(d < 0 for d in shape) or begin < 0:
+        raise BrokenFile(f"{p}: tensor {name!r} has a negative shape or offset; re-save the file")
     expected = 1
     for d in shape:
         expected *= d
     if end < begin or (end - begin) != int(expected * DTYPE_SIZES[dtype]):
-        raise BrokenFile(f"{p}: tensor {name!r} byte range does not match its shape and dtype")
+        raise BrokenFile(
+            f"{p}: tensor {name!r} byte range does not match its shape and dtype; re-save the file"
+        )
     if data_offset + end > size:
         raise BrokenFile(
             f"{p}: truncated: tensor {name!r} ends at byte {data_offset + end} "
             f"but the file has {size}; re-download it"
         )
     return TensorInfo(name, dtype, shape, p, data_offset + begin, data_offset + end)
+
+
+def header_bytes(
+    entries: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]
+) -> bytes:
+    """A complete safetensors header (length prefix + JSON, space-padded to 8 bytes).
+
+    Args:
+        entries: (name, dtype, shape, nbytes) in the order the data will be written.
+        metadata: string-to-string ``__metadata__``.
+    """
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes a tensor of ``dtype`` (safetensors name) and ``shape`` takes."""
+    n = 1
+    for d in shape:
+        n *= d
+    return int(n * DTYPE_SIZES[dtype])

@@ -32,6 +32,12 @@ class AdapterctlGroup(click.Group):
             _die("interrupted", 130)
         except BrokenPipeError:
             sys.exit(1)
+        except OSError as exc:
+            # A file we could not read or write (a folder where a file should be, permissions,
+            # a full disk): operational, not a bug.
+            where = f"{exc.filename}: " if exc.filename else ""
+            why = exc.strerror or str(exc) or type(exc).__name__
+            _die(f"{where}{why}; check the path, its permissions and free space", 1)
         except Exception as exc:
             if os.environ.get("ADAPTERCTL_DEBUG"):
                 traceback.print_exc()
@@ -69,6 +75,12 @@ def main() -> None:
 
 
 # Commands attach themselves to ``cli`` on import.
-from adapterctl.cli import demo_cmd, inspect_cmd, plugins_cmd, validate_cmd  # noqa: E402
+from adapterctl.cli import (  # noqa: E402
+    demo_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plugins_cmd,
+    validate_cmd,
+)
 
-__all__ = ["cli", "demo_cmd", "inspect_cmd", "main", "plugins_cmd", "validate_cmd"]
+__all__ = ["cli", "demo_cmd", "inspect_cmd", "main", "merge_cmd", "plugins_cmd", "validate_cmd"]

@@ -90,3 +90,40 @@ def render_inspect(r: InspectReport) -> None:
         out.print(f"\n{len(r.zero_b_modules)} module(s) have an all-zero lora_B (no update).")
     if r.nonfinite_modules:
         out.print(f"{len(r.nonfinite_modules)} module(s) hold NaN or Inf.")
+
+
+def render_merge(r: Any, plan: Any) -> None:
+    """Summary of a merge (or of its plan, with --dry-run)."""
+    out = console()
+    verb = "would write" if r.dry_run else "wrote"
+    out.print(
+        f"{verb} {r.out}: {len(r.shards)} shard(s), {human_bytes(r.bytes_written)}", markup=False
+    )
+    out.print(
+        f"tensors: {len(r.tensors_merged)} merged, {len(r.tensors_replaced)} replaced, "
+        f"{len(r.tensors_added)} added, {r.tensors_copied} copied as bytes "
+        f"(of {r.tensors_total})",
+        markup=False,
+    )
+    out.print(
+        f"read {human_bytes(r.bytes_read)}; peak tensor memory ≈ "
+        f"{human_bytes(r.peak_memory_estimate)}",
+        markup=False,
+    )
+    if r.dry_run:
+        for name in r.tensors_merged:
+            out.print(f"  merge    {name}", markup=False)
+        for name in r.tensors_replaced:
+            out.print(f"  replace  {name}", markup=False)
+        for name in r.tensors_added:
+            out.print(f"  add      {name}", markup=False)
+        return
+    out.print(f"device {r.device}, {r.seconds:.2f} s", markup=False)
+    if r.quantize:
+        err = "-" if r.delta_error is None else f"{r.delta_error:.3f}"
+        out.print(f"{r.quantize} delta error (‖Q(W+ΔW) − W − ΔW‖/‖ΔW‖): {err}", markup=False)
+        worst = sorted(r.layers, key=lambda x: -x.delta_error)[:5]
+        for layer in worst:
+            out.print(f"  {layer.name}: {layer.delta_error:.3f}", markup=False)
+    if r.verified is not None:
+        out.print(f"verified {r.verified} rows against float64 math", markup=False)

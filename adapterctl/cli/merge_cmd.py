@@ -1,0 +1,147 @@
+"""``adapterctl merge``."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from adapterctl.cli import cli
+from adapterctl.cli.options import json_option, load_base, load_source, warn
+from adapterctl.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000; '512MiB' -> 536_870_912."""
+    m = _SIZE.match(text)
+    if not m:
+        raise UsageError(f"cannot read size {text!r}; write e.g. 5GB or 500MB")
+    unit = (m.group(2) or "").upper()
+    binary = "I" in unit
+    letter = unit[:1] if unit[:1] in "KMGT" else ""
+    factor = 1024 ** "KMGT".index(letter) * 1024 if (binary and letter) else _UNITS[letter]
+    return int(float(m.group(1)) * factor)
+
+
+@cli.command("merge")
+@click.argument("base", metavar="BASE")
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, metavar="OUT", help="Output checkpoint folder.")
+@click.option(
+    "-w", "--weight", "weights", type=float, multiple=True,
+    help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each).",
+)  # fmt: skip
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option(
+    "--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+    show_default=True, help="Output dtype; auto keeps each tensor's (4-bit → compute dtype).",
+)  # fmt: skip
+@click.option(
+    "--quantize", type=click.Choice(["nf4", "fp4"]), default=None,
+    help="Write linear weights in bitsandbytes 4-bit (reports how much of ΔW survives).",
+)  # fmt: skip
+@click.option(
+    "--quant-method", type=click.Choice(["optimal", "absmax"]), default="optimal",
+    show_default=True, help="4-bit block scales: error-minimising search, or plain absmax.",
+)  # fmt: skip
+@click.option(
+    "--max-delta-error", type=float, default=None, metavar="X",
+    help="With --quantize: fail (exit 3) if the delta error is above X.",
+)  # fmt: skip
+@click.option("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: repack shards.")
+@click.option(
+    "--allow-base-mismatch", is_flag=True,
+    help="Merge even if the base's identity differs from the adapter's pin.",
+)  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--verify", is_flag=True, help="Re-read OUT and check rows against float64 math.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--alpha", type=float, default=None, help="LoRA alpha for bare .safetensors sources.")
+@json_option
+def merge_command(
+    base: str, sources: tuple[str, ...], out: str, weights: tuple[float, ...], device: str,
+    dtype: str, quantize: str | None, quant_method: str, max_delta_error: float | None,
+    max_shard_size: str | None, allow_base_mismatch: bool, force: bool, verify: bool,
+    dry_run: bool, alpha: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Merge one or more adapters into BASE, streaming one tensor at a time, into OUT.
+
+    W' = W + Σ wᵢ·ΔWᵢ computed in float32 and rounded once. A bitsandbytes NF4 BASE is
+    dequantised (exactly W_nf4 + ΔW, in the compute dtype) unless --quantize nf4.
+    The output is written to a temporary sibling and renamed into place when complete.
+    """
+    from adapterctl.merge import dry_run_report, plan_merge, run_merge
+
+    if weights and len(weights) != len(sources):
+        raise UsageError(
+            f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
+        )
+    ckpt = load_base(base)
+    adapters = [load_source(s, alpha, None) for s in sources]
+    for a in adapters:
+        for w in a.warnings:
+            warn(w)
+    plan = plan_merge(
+        ckpt, adapters, list(weights) or None, dtype=dtype, quantize=quantize,
+        quant_method=quant_method,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+    )  # fmt: skip
+    if dry_run:
+        report = dry_run_report(plan, out)
+    else:
+        with _progress(as_json) as progress:
+            report = run_merge(
+                plan, out, device=device, force=force, verify=verify,
+                max_delta_error=max_delta_error, progress=progress,
+            )  # fmt: skip
+    for w in report.warnings:
+        warn(w)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+        return
+    from adapterctl.cli.render import render_merge
+
+    render_merge(report, plan)
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.bar = None
+        self.task = None
+        if not quiet and sys.stderr.isatty():
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )  # fmt: skip
+
+            from adapterctl.cli.render import console
+
+            self.bar = Progress(
+                "merging", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=console(stderr=True), transient=True,
+            )  # fmt: skip
+
+    def __enter__(self) -> object:
+        if self.bar is None:
+            return None
+        self.bar.__enter__()
+        self.task = self.bar.add_task("merge", total=None)
+
+        def update(done: int, total: int) -> None:
+            assert self.bar is not None
+            self.bar.update(self.task, completed=done, total=total)  # type: ignore[arg-type]
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)

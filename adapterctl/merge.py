@@ -1,0 +1,1158 @@
+"""The streaming merge of LoRA adapters into a base checkpoint.
+
+Every output header is planned before the first byte is written (``plan_merge``); then each
+tensor is read once, merged in float32 on the chosen device and rounded once into its output
+dtype, and written (``run_merge``). Tensors no adapter touches are copied as bytes. The output
+goes to a temporary sibling folder that is renamed into place only when complete.
+
+For a target weight W: W' = W + Σᵢ wᵢ·scaleᵢ·ΔWᵢ, ΔW = B·A in the weight's layout. A DoRA
+adapter (merged alone) gives W' = m / ‖W + s·B·A‖_row · (W + s·B·A), the norm taken per output
+row as PEFT takes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from adapterctl import __version__
+from adapterctl.adapter import Adapter, Layout, LoraModule, TensorSource
+from adapterctl.checkpoint import INDEX_NAME, Checkpoint, QuantInfo
+from adapterctl.errors import (
+    Conflict,
+    OperationalError,
+    UnsupportedAdapter,
+    UsageError,
+    ValidationFailed,
+)
+from adapterctl.identity import adapter_digest, base_fingerprint
+from adapterctl.tensorfile import (
+    BYTES_READ,
+    TORCH_DTYPE_NAMES,
+    TensorInfo,
+    header_bytes,
+    tensor_nbytes,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPE_CHOICES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+# Rows per merge chunk are chosen so one float32 chunk stays near this many elements.
+CHUNK_ELEMENTS = 1 << 22
+NF4_STATE_BYTES = 384  # quant-state JSON is space-padded to this size so headers can be planned
+# Names of weights that transformers never turns into 4-bit Linear layers.
+_NOT_LINEAR = (
+    "embed",
+    "wte",
+    "wpe",
+    "shared",
+    "lm_head",
+    "score",
+    "classifier",
+    "relative_attention",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+    "spiece.model", "vocab.txt",
+)  # fmt: skip
+_VOCAB_TENSORS = ("embed_tokens", "wte", "word_embeddings", "lm_head")
+PAUSE_ENV = "ADAPTERCTL_TEST_PAUSE_AT"  # test-only: pause before writing tensor N (see tests)
+
+
+@dataclass
+class Delta:
+    """One adapter's update to one weight: wᵢ·scaleᵢ·ΔWᵢ in ``layout``."""
+
+    module: LoraModule
+    weight: float
+    layout: Layout
+
+
+@dataclass
+class Job:
+    """One logical output tensor. A 4-bit output expands into several stored tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str  # logical output dtype (the compute dtype when quantised)
+    source: TensorInfo | None = None  # the base tensor as stored
+    quant_in: QuantInfo | None = None  # the base stores this weight in 4-bit
+    replace: TensorSource | None = None  # a full copy saved in the adapter replaces the base's
+    deltas: list[Delta] = field(default_factory=list)
+    dora: Delta | None = None
+    bias_add: list[tuple[TensorSource, float]] = field(default_factory=list)
+    quantize: QuantSpec | None = None
+
+    @property
+    def merged(self) -> bool:
+        """True when an adapter changes this tensor's values."""
+        return bool(self.deltas or self.dora or self.bias_add or self.replace is not None)
+
+    @property
+    def copy_bytes(self) -> bool:
+        """True when the output is the base tensor's bytes, unchanged."""
+        return (
+            not self.merged
+            and self.quant_in is None
+            and self.quantize is None
+            and self.source is not None
+            and self.source.dtype == self.out_dtype
+        )
+
+    def stored(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        """The (name, dtype, shape, nbytes) entries this job writes, in order."""
+        if self.copy_bytes and self.source is not None:
+            return [(self.name, self.source.dtype, self.source.shape, self.source.nbytes)]
+        if self.quantize is not None:
+            return self.quantize.entries(self.name, self.shape)
+        return [(self.name, self.out_dtype, self.shape, tensor_nbytes(self.out_dtype, self.shape))]
+
+    @property
+    def nbytes_out(self) -> int:
+        return sum(e[3] for e in self.stored())
+
+    @property
+    def nbytes_in(self) -> int:
+        if self.replace is not None:
+            return 0
+        if self.quant_in is not None:
+            return self.source.nbytes * 2 if self.source else 0  # packed weight + statistics
+        return self.source.nbytes if self.source else 0
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How to write a weight in bitsandbytes 4-bit (layout transformers reads back)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    method: str = "optimal"
+
+    def entries(
+        self, name: str, shape: tuple[int, ...]
+    ) -> list[tuple[str, str, tuple[int, ...], int]]:
+        numel = 1
+        for d in shape:
+            numel *= d
+        blocks = -(-numel // self.blocksize)
+        out = [(name, "U8", ((numel + 1) // 2, 1))]
+        if self.double_quant:
+            out += [
+                (f"{name}.absmax", "U8", (blocks,)),
+                (f"{name}.quant_map", "F32", (16,)),
+                (f"{name}.nested_absmax", "F32", (-(-blocks // 256),)),
+                (f"{name}.nested_quant_map", "F32", (256,)),
+            ]
+        else:
+            out += [(f"{name}.absmax", "F32", (blocks,)), (f"{name}.quant_map", "F32", (16,))]
+        out.append(
+            (f"{name}.quant_state.bitsandbytes__{self.quant_type}", "U8", (NF4_STATE_BYTES,))
+        )
+        return [(n, d, s, tensor_nbytes(d, s)) for n, d, s in out]
+
+
+@dataclass
+class OutShard:
+    name: str
+    jobs: list[Job]
+
+    def entries(self) -> list[tuple[str, str, tuple[int, ...], int]]:
+        return [e for j in self.jobs for e in j.stored()]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[3] for e in self.entries())
+
+
+@dataclass
+class MergePlan:
+    """Everything the merge will write, decided before writing a byte."""
+
+    base: Checkpoint
+    adapters: list[Adapter]
+    weights: list[float]
+    shards: list[OutShard]
+    config: dict[str, Any]
+    quantize: QuantSpec | None
+    tokenizer_from: Path | None
+    warnings: list[str]
+    provenance: dict[str, Any]
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [j for s in self.shards for j in s.jobs]
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(j.nbytes_in for j in self.jobs)
+
+    def peak_memory_estimate(self) -> int:
+        """Bytes of tensor memory the merge holds at once: the largest changed tensor as read,
+        its float32 working copy (whole when quantising or for DoRA on Conv1D, a chunk
+        otherwise), its output, the read-ahead of the next one, and the adapters' factors."""
+        worst = 0
+        for j in self.jobs:
+            if j.copy_bytes:
+                continue
+            numel = 1
+            for d in j.shape:
+                numel *= d
+            whole = j.quantize is not None or j.quant_in is not None or j.dora is not None
+            work = 4 * (numel if whole else min(numel, CHUNK_ELEMENTS)) * (3 if j.quantize else 1)
+            worst = max(worst, 2 * j.nbytes_in + work + tensor_nbytes(j.out_dtype, j.shape))
+        factors = sum(t.numel * 4 for a in self.adapters for t in a.all_tensors)
+        return worst + factors
+
+
+class LayerError(BaseModel):
+    """How much of the delta survived 4-bit re-quantisation in one layer."""
+
+    name: str
+    delta_norm: float
+    delta_error: float  # ‖(Q(W+ΔW) − W) − ΔW‖ / ‖ΔW‖
+
+
+class MergeReport(BaseModel):
+    """What ``adapterctl merge`` did (or, with ``dry_run``, would do)."""
+
+    out: str
+    dry_run: bool
+    device: str
+    shards: list[str]
+    tensors_total: int
+    tensors_merged: list[str]
+    tensors_replaced: list[str]
+    tensors_added: list[str]
+    tensors_copied: int
+    bytes_read: int
+    bytes_written: int
+    peak_memory_estimate: int
+    seconds: float
+    quantize: str | None
+    delta_error: float | None = None
+    layers: list[LayerError] = []
+    verified: int | None = None
+    warnings: list[str]
+    provenance: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_merge(
+    base: Checkpoint,
+    adapters: list[Adapter],
+    weights: list[float] | None = None,
+    *,
+    dtype: str = "auto",
+    quantize: str | None = None,
+    quant_method: str = "optimal",
+    max_shard_size: int | None = None,
+) -> MergePlan:
+    """Decide every output tensor, shard and header before anything is written.
+
+    Args:
+        base: the base checkpoint (16/32-bit or bitsandbytes 4-bit).
+        adapters: adapters to merge, in order.
+        weights: one weight per adapter (default 1.0 each).
+        dtype: ``auto`` keeps each tensor's dtype (a 4-bit weight becomes its compute dtype);
+            ``bf16``/``fp16``/``fp32`` cast every floating tensor.
+        quantize: ``"nf4"``/``"fp4"`` writes the linear weights in bitsandbytes 4-bit.
+        quant_method: ``optimal`` (per-block scale minimising the error) or ``absmax``.
+        max_shard_size: repack the output into shards of at most this many bytes.
+
+    Raises:
+        UsageError: mismatched weights, unknown dtype, DoRA combined with other adapters.
+        ValidationFailed: an adapter does not fit the base (missing module, wrong shape).
+        Conflict: two adapters replace the same tensor.
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if not adapters:
+        raise UsageError("give at least one adapter to merge")
+    if len(weights) != len(adapters):
+        raise UsageError(
+            f"got {len(weights)} weights for {len(adapters)} adapters; pass -w once per SOURCE"
+        )
+    if dtype not in DTYPE_CHOICES:
+        raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if quantize is not None and quantize not in ("nf4", "fp4"):
+        raise UsageError(f"unknown --quantize {quantize!r}; use nf4")
+    dora = [a for a in adapters if any(m.is_dora for m in a.modules.values())]
+    if dora and len(adapters) > 1:
+        raise UsageError(
+            f"{dora[0].path}: DoRA is not linear (W' = m·V/‖V‖), so a DoRA adapter merges "
+            "alone; merge it first, then merge the others into the result"
+        )
+    warnings: list[str] = []
+    weights_logical = base.weights
+    jobs: dict[str, Job] = {}
+    force = DTYPE_CHOICES[dtype]
+    for shard in base.shards:
+        for name, info in sorted(
+            ((n, i) for n, i in base.tensors.items() if i.path == shard), key=lambda x: x[1].start
+        ):
+            if name not in weights_logical:
+                continue  # 4-bit statistics travel with their weight
+            shape, logical = weights_logical[name]
+            out = force if (force and logical in FLOAT_DTYPES) else logical
+            jobs[name] = Job(name, shape, out, source=info, quant_in=base.quant.get(name))
+    added: list[str] = []
+    extra_owner: dict[str, Path] = {}
+    for adapter, w in zip(adapters, weights, strict=True):
+        binding = base.bind(adapter)
+        missing = [t.module for t in binding.targets.values() if t.tensor is None]
+        if missing:
+            raise ValidationFailed(
+                f"{adapter.path}: {len(missing)} module(s) not in the base, e.g. {missing[0]}; "
+                "check the base with: adapterctl validate SOURCE --base BASE"
+            )
+        for extra in adapter.extras:
+            tname = binding.extras.get(extra.target) or binding.add + extra.target.removeprefix(
+                binding.strip
+            )
+            if tname in extra_owner:
+                raise Conflict(
+                    f"{tname} is replaced by both {extra_owner[tname]} and {adapter.path}; "
+                    "merge them one at a time"
+                )
+            extra_owner[tname] = adapter.path
+            if tname not in jobs:
+                jobs[tname] = Job(tname, extra.tensor.shape, force or extra.tensor.dtype)
+                added.append(tname)
+            job = jobs[tname]
+            job.replace = extra.tensor
+            job.quant_in = None
+            job.shape = extra.tensor.shape
+            if job.out_dtype not in FLOAT_DTYPES:
+                job.out_dtype = extra.tensor.dtype
+        for name, mod in adapter.modules.items():
+            target = binding.targets[name]
+            assert target.tensor is not None
+            mod.layout = target.layout
+            job = jobs[target.tensor]
+            if job.replace is None and tuple(mod.weight_shape) != tuple(job.shape):
+                raise ValidationFailed(
+                    f"{adapter.path}: {name} updates a {tuple(mod.weight_shape)} weight but the "
+                    f"base's {target.tensor} is {tuple(job.shape)}; is this the right base?"
+                )
+            if mod.layout == "embedding" and job.replace is not None:
+                rows = job.shape[0]
+                if mod.in_features != rows:
+                    raise ValidationFailed(
+                        f"{adapter.path}: {name} has {mod.in_features} embedding rows, "
+                        f"its saved layer {rows}"
+                    )
+            delta = Delta(mod, w, mod.layout)
+            if mod.is_dora:
+                if mod.layout == "embedding":
+                    raise UnsupportedAdapter(
+                        f"{adapter.path}: DoRA on embedding {name} is not supported by merge yet"
+                    )
+                job.dora = delta
+            else:
+                job.deltas.append(delta)
+            if mod.bias is not None:
+                bname = target.tensor.removesuffix("weight") + "bias"
+                if bname not in jobs:
+                    raise ValidationFailed(
+                        f"{adapter.path}: {name} has a lora bias but the base layer has no bias "
+                        f"({bname}); it cannot be merged"
+                    )
+                jobs[bname].bias_add.append((mod.bias, w * mod.scale))
+    spec = _quant_spec(base, quantize, quant_method)
+    skip = _skip_modules(base, spec)
+    for job in jobs.values():
+        if spec is not None and _quantizable(job, base, skip):
+            job.quantize = spec
+            if job.out_dtype not in ("BF16", "F16", "F32"):
+                job.out_dtype = "BF16"
+        elif job.quant_in is not None:
+            job.out_dtype = force or job.quant_in.dtype
+    shards = _shard(base, list(jobs.values()), max_shard_size, added)
+    config = _output_config(base, jobs, spec, skip, force)
+    tokenizer_from = next(
+        (a.path for a in adapters if a.path.is_dir() and _has_tokenizer(a.path)), None
+    )
+    if base.quant and spec is None:
+        warnings.append(
+            "the base is 4-bit: writing W_nf4 + ΔW in the compute dtype (the model the adapter "
+            "was trained against); pass --quantize nf4 to write 4-bit instead"
+        )
+    for a in adapters:
+        named = a.config.base_model_name_or_path
+        if named and not _names_agree(named, base):
+            warnings.append(
+                f"{a.path} names base {named!r}, merging into {base.path} (names are only a hint)"
+            )
+    provenance = {
+        "tool": "adapterctl",
+        "version": __version__,
+        "base": {
+            "path": str(base.path),
+            "fingerprint": base_fingerprint(base),
+            "architecture": base.architecture,
+            "quantization": base.quantization,
+        },
+        "adapters": [
+            {
+                "path": str(a.path),
+                "digest": adapter_digest(a.files, a.path),
+                "weight": w,
+                "base_model_name_or_path": a.config.base_model_name_or_path,
+            }
+            for a, w in zip(adapters, weights, strict=True)
+        ],
+        "dtype": dtype,
+        "quantize": None if spec is None else {"type": spec.quant_type, "method": spec.method},
+    }
+    return MergePlan(
+        base=base, adapters=adapters, weights=weights, shards=shards, config=config,
+        quantize=spec, tokenizer_from=tokenizer_from, warnings=warnings, provenance=provenance,
+    )  # fmt: skip
+
+
+def _names_agree(named: str, base: Checkpoint) -> bool:
+    def norm(s: str) -> str:
+        s = s.rstrip("/").rsplit("/", 1)[-1].lower()
+        for suffix in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth"):
+            s = s.removesuffix(suffix)
+        return s
+
+    candidates = {norm(str(base.path.resolve()))}
+    if base.config.get("_name_or_path"):
+        candidates.add(norm(str(base.config["_name_or_path"])))
+    return norm(named) in candidates
+
+
+def _quant_spec(base: Checkpoint, quantize: str | None, method: str) -> QuantSpec | None:
+    if quantize is None:
+        return None
+    qc = base.config.get("quantization_config") or {}
+    if base.quant and isinstance(qc, dict):
+        first = next(iter(base.quant.values()))
+        return QuantSpec(
+            quant_type=str(qc.get("bnb_4bit_quant_type", first.quant_type)),
+            blocksize=first.blocksize,
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant", first.nested)),
+            method=method,
+        )
+    # BitsAndBytesConfig's defaults, except double quantisation as QLoRA uses it.
+    return QuantSpec(quant_type=quantize, blocksize=64, double_quant=True, method=method)
+
+
+def _skip_modules(base: Checkpoint, spec: QuantSpec | None) -> list[str]:
+    if spec is None:
+        return []
+    qc = base.config.get("quantization_config") or {}
+    skip = qc.get("llm_int8_skip_modules") if isinstance(qc, dict) else None
+    if skip:
+        return list(skip)
+    return ["lm_head"]
+
+
+def _quantizable(job: Job, base: Checkpoint, skip: list[str]) -> bool:
+    if base.quant:
+        return job.name in base.quant
+    if len(job.shape) != 2 or not job.name.endswith(".weight"):
+        return False
+    module = job.name.removesuffix(".weight")
+    if any(part in module for part in _NOT_LINEAR):
+        return False
+    if any(module == s or module.endswith("." + s) for s in skip):
+        return False
+    return job.out_dtype in FLOAT_DTYPES
+
+
+def _shard(
+    base: Checkpoint, jobs: list[Job], max_size: int | None, added: list[str]
+) -> list[OutShard]:
+    if max_size is None:
+        groups: list[list[Job]] = [[] for _ in base.shards]
+        index = {p: i for i, p in enumerate(base.shards)}
+        for j in jobs:
+            groups[index[j.source.path] if j.source is not None else len(groups) - 1].append(j)
+        groups = [g for g in groups if g]
+    else:
+        groups, size = [[]], 0
+        for j in jobs:
+            n = j.nbytes_out
+            if groups[-1] and size + n > max_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(j)
+            size += n
+    if len(groups) == 1:
+        return [OutShard("model.safetensors", groups[0])]
+    n = len(groups)
+    return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+def _output_config(
+    base: Checkpoint,
+    jobs: dict[str, Job],
+    spec: QuantSpec | None,
+    skip: list[str],
+    force: str | None,
+) -> dict[str, Any]:
+    config = json.loads(json.dumps(base.config))
+    if not config:
+        return config
+    if spec is None:
+        config.pop("quantization_config", None)
+    else:
+        compute = _compute_dtype(base, jobs)
+        config["quantization_config"] = {
+            "_load_in_4bit": True, "_load_in_8bit": False,
+            "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": skip or None, "llm_int8_threshold": 6.0,
+            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
+        }  # fmt: skip
+    if force:
+        name = TORCH_DTYPE_NAMES[force]
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "dtype":
+                config[key] = name
+    # A resized vocabulary (saved embedding/head layers of another size) goes into the config.
+    for job in jobs.values():
+        resized = (
+            job.replace is not None and job.source is not None and job.shape != job.source.shape
+        )
+        if resized and any(k in job.name for k in _VOCAB_TENSORS):
+            target = config.get("text_config") if "text_config" in config else config
+            if isinstance(target, dict):
+                target["vocab_size"] = int(job.shape[0])
+    return config
+
+
+def _compute_dtype(base: Checkpoint, jobs: dict[str, Job]) -> str:
+    qc = base.config.get("quantization_config") or {}
+    if isinstance(qc, dict) and qc.get("bnb_4bit_compute_dtype"):
+        return str(qc["bnb_4bit_compute_dtype"])
+    dtypes = [j.out_dtype for j in jobs.values() if j.out_dtype in ("BF16", "F16", "F32")]
+    common = max(set(dtypes), key=dtypes.count) if dtypes else "BF16"
+    return TORCH_DTYPE_NAMES[common]
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / n).exists() for n in TOKENIZER_FILES)
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the first CUDA device when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported --device {device!r}; use auto, cpu or cuda[:N]")
+    return dev
+
+
+def run_merge(
+    plan: MergePlan,
+    out: str | os.PathLike[str],
+    *,
+    device: str = "auto",
+    force: bool = False,
+    verify: bool = False,
+    max_delta_error: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeReport:
+    """Write the planned checkpoint to ``out``, atomically.
+
+    Args:
+        plan: from ``plan_merge``.
+        out: the output folder; refused if it exists unless ``force``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``: where the float32 math runs.
+        force: replace an existing ``out``.
+        verify: re-read the output and check sampled rows of every merged tensor against a
+            fresh float64 computation.
+        max_delta_error: with 4-bit output, fail (exit 3) when the overall delta error is
+            above this; nothing is left behind.
+        progress: called with (bytes written so far, total bytes).
+
+    Returns:
+        The report (also written, with the provenance, to ``out/adapterctl.json``).
+
+    Raises:
+        Conflict: ``out`` exists and ``force`` is False.
+        OperationalError: not enough free disk space, or an I/O error.
+        ValidationFailed: the delta error exceeded ``max_delta_error``.
+    """
+    out_path = Path(out)
+    dev = resolve_device(device)
+    if out_path.exists() and not force:
+        raise Conflict(f"{out_path} already exists; pass --force to replace it")
+    parent = out_path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out_path)
+    free = shutil.disk_usage(parent).free
+    need = plan.bytes_out + (1 << 20)
+    if free < need:
+        raise OperationalError(
+            f"not enough free space in {parent}: the merge writes {need / 1e9:.2f} GB, "
+            f"{free / 1e9:.2f} GB free; free some space or choose another -o"
+        )
+    tmp = parent / f".{out_path.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    start = time.perf_counter()
+    read_before = BYTES_READ.value
+    try:
+        layers = _write_shards(plan, tmp, dev, progress)
+        report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
+        report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
+        err = report.delta_error
+        if max_delta_error is not None and err is not None and err > max_delta_error:
+            raise ValidationFailed(
+                f"4-bit re-quantisation kept too little of the adapter: delta error "
+                f"{report.delta_error:.3f} > --max-delta-error {max_delta_error}; "
+                "merge without --quantize"
+            )
+        _write_side_files(plan, tmp, report)
+        if verify:
+            report.verified = verify_output(plan, tmp)
+            (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
+        _fsync_dir(tmp)
+        if out_path.exists():
+            trash = parent / f".{out_path.name}.old-{os.getpid()}"
+            out_path.rename(trash)
+            tmp.rename(out_path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_path)
+        return report
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_stale_partials(out_path: Path) -> None:
+    """Delete partial outputs of earlier runs that were killed (their process is gone)."""
+    parent = out_path.resolve().parent
+    for p in parent.glob(f".{out_path.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _copied_bytes(plan: MergePlan) -> int:
+    return sum(j.source.nbytes for j in plan.jobs if j.copy_bytes and j.source is not None)
+
+
+def _write_shards(
+    plan: MergePlan, tmp: Path, dev: torch.device, progress: Callable[[int, int], None] | None
+) -> list[LayerError]:
+    total = plan.bytes_out
+    done = 0
+    layers: list[LayerError] = []
+    factors = _FactorCache(dev)
+    pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
+    counter = 0
+    metadata = {"format": "pt", "adapterctl": json.dumps(plan.provenance, sort_keys=True)}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool:
+        for shard in plan.shards:
+            path = tmp / shard.name
+            header = header_bytes(shard.entries(), metadata)
+            with open(path, "wb") as fh:
+                fh.write(header)
+                done += len(header)
+                for job, inputs in _read_ahead(pool, shard.jobs, dev):
+                    if counter == pause_at:
+                        _pause_for_tests(tmp)
+                    counter += 1
+                    if job.copy_bytes:
+                        assert job.source is not None
+                        _copy_range(job.source, fh)
+                        done += job.source.nbytes
+                    else:
+                        stored, layer = _compute(job, inputs, dev, factors)
+                        for name, _dtype, _shape, nbytes in job.stored():
+                            data = stored[name]
+                            fh.write(memoryview(_as_bytes(data)))
+                            done += nbytes
+                        if layer is not None:
+                            layers.append(layer)
+                    if progress is not None:
+                        progress(done, total)
+                fh.flush()
+                os.fsync(fh.fileno())
+    return layers
+
+
+def _pause_for_tests(tmp: Path) -> None:
+    """Test-only pause point: announce the partial folder and wait to be killed."""
+    marker = os.environ.get("ADAPTERCTL_TEST_PAUSE_FILE")
+    if marker:
+        Path(marker).write_text(str(tmp))
+    threading.Event().wait(600)
+
+
+def _read_ahead(
+    pool: ThreadPoolExecutor, jobs: list[Job], dev: torch.device
+) -> Iterator[tuple[Job, dict[str, torch.Tensor]]]:
+    """Yield (job, its input tensors), reading the next job's inputs while this one computes."""
+    pending: list[tuple[Job, Future[dict[str, torch.Tensor]] | None]] = []
+    it = iter(jobs)
+    depth = 2
+
+    def submit() -> None:
+        job = next(it, None)
+        if job is None:
+            return
+        fut = None if job.copy_bytes else pool.submit(_load_inputs, job, dev.type == "cuda")
+        pending.append((job, fut))
+
+    for _ in range(depth):
+        submit()
+    while pending:
+        job, fut = pending.pop(0)
+        submit()
+        yield job, (fut.result() if fut is not None else {})
+
+
+def _load_inputs(job: Job, pin: bool) -> dict[str, torch.Tensor]:
+    """Read one job's input tensors from disk (in the read-ahead thread)."""
+    if job.replace is not None:
+        return {"w": job.replace.load()}
+    assert job.source is not None
+    if job.quant_in is None:
+        return {"w": _read_tensor(job.source, pin)}
+    base_dir = job.source.path
+    from adapterctl.tensorfile import read_header
+
+    header = read_header(base_dir)
+    prefix = job.name
+    return {
+        name: _read_tensor(info, pin)
+        for name, info in header.tensors.items()
+        if name == prefix or name.startswith(prefix + ".")
+    }
+
+
+def _read_tensor(info: TensorInfo, pin: bool) -> torch.Tensor:
+    import torch
+
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
+    buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
+    with open(info.path, "rb", buffering=0) as fh:
+        fh.seek(info.start)
+        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+        got = 0
+        while got < info.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                from adapterctl.errors import BrokenFile
+
+                raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
+            got += n
+    BYTES_READ.value += info.nbytes
+    return buf.view(dtype).reshape(info.shape)
+
+
+def _copy_range(info: TensorInfo, fh: Any) -> None:
+    """Copy a tensor's bytes from the base file to the output, in the kernel when possible."""
+    fh.flush()
+    with open(info.path, "rb", buffering=0) as src:
+        remaining, offset = info.nbytes, info.start
+        use_kernel = hasattr(os, "copy_file_range")
+        while remaining:
+            n = 0
+            if use_kernel:
+                try:
+                    n = os.copy_file_range(
+                        src.fileno(), fh.fileno(), min(remaining, 1 << 30), offset
+                    )
+                except OSError:
+                    use_kernel = False
+            if not use_kernel:
+                src.seek(offset)
+                chunk = src.read(min(remaining, 1 << 24))
+                fh.write(chunk)
+                fh.flush()
+                n = len(chunk)
+            if n == 0:
+                from adapterctl.errors import BrokenFile
+
+                raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
+            remaining -= n
+            offset += n
+
+
+def _as_bytes(t: torch.Tensor) -> Any:
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.numpy()
+
+
+class _FactorCache:
+    """Adapter factors moved to the device once, as float32 (out, r) / (r, in) matrices."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(mod)
+        if key not in self._cache:
+            self._cache[key] = (mod.B().to(self.dev), mod.A().to(self.dev))
+        return self._cache[key]
+
+
+def _compute(
+    job: Job, inputs: dict[str, torch.Tensor], dev: torch.device, factors: _FactorCache
+) -> tuple[dict[str, torch.Tensor], LayerError | None]:
+    """Produce the stored tensors of one job (and the 4-bit delta error, when quantising)."""
+    import torch
+
+    out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
+    if job.quant_in is not None:
+        from adapterctl import nf4
+
+        w = nf4.dequantize(inputs, job.name, device=dev)  # float32, logical shape
+    else:
+        w = inputs["w"]
+    need_base = job.quantize is not None
+    merged = _apply(job, w, dev, factors, keep_float32=need_base)
+    if job.quantize is None:
+        return {job.name: merged.to(out_dtype)}, None
+    from adapterctl import nf4
+
+    base32 = w.to(dev, torch.float32)
+    spec = job.quantize
+    stored = nf4.quantize(
+        merged, job.name, quant_type=spec.quant_type, blocksize=spec.blocksize,
+        double_quant=spec.double_quant, dtype=TORCH_DTYPE_NAMES[job.out_dtype],
+        method=spec.method,
+    )  # fmt: skip
+    state_key = f"{job.name}.quant_state.bitsandbytes__{spec.quant_type}"
+    stored[state_key] = _pad_state(stored[state_key])
+    layer = None
+    if job.merged:
+        requant = nf4.dequantize(stored, job.name, device=dev)
+        delta = merged - base32
+        layer = LayerError(
+            name=job.name,
+            delta_norm=float(delta.norm()),
+            delta_error=nf4.delta_error(base32, delta, requant),
+        )
+    return {k: v.cpu() for k, v in stored.items()}, layer
+
+
+def _pad_state(state: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    raw = bytes(state.cpu().numpy())
+    if len(raw) > NF4_STATE_BYTES:
+        raise OperationalError(f"4-bit quant state larger than {NF4_STATE_BYTES} bytes")
+    raw += b" " * (NF4_STATE_BYTES - len(raw))
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _apply(
+    job: Job, w: torch.Tensor, dev: torch.device, factors: _FactorCache, keep_float32: bool
+) -> torch.Tensor:
+    """W + Σ wᵢ·sᵢ·BᵢAᵢ (or the DoRA update) in float32, chunked over rows.
+
+    Returns a float32 tensor when ``keep_float32`` (or when anything was added), on ``dev``.
+    """
+    import torch
+
+    out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
+    if job.bias_add:
+        acc = w.to(dev, torch.float32)  # (out,)
+        for bias, coeff in job.bias_add:
+            acc.add_(bias.load().to(dev, torch.float32), alpha=coeff)
+        return acc if keep_float32 else acc.to(out_dtype)
+    if not job.deltas and job.dora is None:
+        return w.to(dev, torch.float32) if keep_float32 else w.to(dev).to(out_dtype)
+    if job.dora is not None:
+        return _apply_dora(job.dora, w, dev, factors, out_dtype, keep_float32)
+    rows = w.shape[0]
+    flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k)
+    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    result = torch.empty(flat.shape, dtype=torch.float32 if keep_float32 else out_dtype, device=dev)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        chunk = flat[r0:r1].to(dev, torch.float32, non_blocking=True)  # (rows, cols)
+        for d in job.deltas:
+            b, a = factors.get(d.module)  # (out, r), (r, in)
+            coeff = d.weight * d.module.scale
+            if d.layout in ("conv1d", "embedding"):
+                # stored (in, out): rows of (B·A)ᵀ are Aᵀ[rows] @ Bᵀ
+                chunk.addmm_(a[:, r0:r1].T, b.T, alpha=coeff)  # (rows, r) @ (r, out)
+            else:
+                chunk.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, r) @ (r, in)
+        result[r0:r1] = chunk
+    return result.reshape(w.shape)
+
+
+def _apply_dora(
+    d: Delta, w: torch.Tensor, dev: torch.device, factors: _FactorCache,
+    out_dtype: torch.dtype, keep_float32: bool,
+) -> torch.Tensor:  # fmt: skip
+    """W' = m / ‖V‖ · V with V = W + s·B·A, norms per output row (PEFT's weight_norm)."""
+    import torch
+
+    b, a = factors.get(d.module)  # (out, r), (r, in)
+    assert d.module.magnitude is not None
+    m = d.module.magnitude.load().to(dev, torch.float32).reshape(-1)  # (out,)
+    coeff = d.weight * d.module.scale
+    if d.layout == "conv1d":
+        v = w.to(dev, torch.float32)  # stored (in, out)
+        v.addmm_(a.T, b.T, alpha=coeff)
+        v.mul_((m / torch.linalg.vector_norm(v, dim=0))[None, :])  # norms over in, per out
+        return v if keep_float32 else v.to(out_dtype)
+    rows = w.shape[0]
+    flat = w.reshape(rows, -1)
+    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
+    result = torch.empty(flat.shape, dtype=torch.float32 if keep_float32 else out_dtype, device=dev)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        v = flat[r0:r1].to(dev, torch.float32)
+        v.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, in)
+        v.mul_((m[r0:r1] / torch.linalg.vector_norm(v, dim=1))[:, None])
+        result[r0:r1] = v
+    return result.reshape(w.shape)
+
+
+# ----------------------------------------------------------------------------- side files
+
+
+def _write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
+    base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
+    skip = {INDEX_NAME, "adapterctl.json"}
+    tokenizer_names = set(TOKENIZER_FILES)
+    for f in sorted(base_dir.iterdir()):
+        if not f.is_file() or f.name in skip or f.suffix in (".safetensors", ".bin", ".pt"):
+            continue
+        if f.name.startswith("."):
+            continue
+        if plan.tokenizer_from is not None and f.name in tokenizer_names:
+            continue
+        if f.name == "config.json" and plan.config:
+            continue
+        shutil.copy2(f, tmp / f.name)
+    if plan.tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = plan.tokenizer_from / name
+            if src.exists():
+                shutil.copy2(src, tmp / name)
+    if plan.config:
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e[3] for s in plan.shards for e in s.entries())},
+            "weight_map": {e[0]: s.name for s in plan.shards for e in s.entries()},
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
+
+
+def _provenance_json(plan: MergePlan, report: MergeReport) -> str:
+    data = dict(plan.provenance)
+    data["result"] = {
+        "tensors_merged": len(report.tensors_merged),
+        "delta_error": report.delta_error,
+        "verified_rows": report.verified,
+    }
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _report(
+    plan: MergePlan, out: Path, dev: Any, layers: list[LayerError], seconds: float
+) -> MergeReport:
+    import math
+
+    jobs = plan.jobs
+    total_delta = math.sqrt(sum(layer.delta_norm**2 for layer in layers))
+    total_err = (
+        math.sqrt(sum((layer.delta_error * layer.delta_norm) ** 2 for layer in layers))
+        / total_delta
+        if layers and total_delta > 0
+        else None
+    )
+    warnings = list(plan.warnings)
+    if total_err is not None and total_err > 0.5:
+        warnings.append(
+            f"4-bit re-quantisation erased most of the adapter: delta error {total_err:.2f} "
+            "(1.0 = nothing of ΔW survives); merge without --quantize to keep it"
+        )
+    return MergeReport(
+        out=str(out),
+        dry_run=False,
+        device=str(dev),
+        shards=[s.name for s in plan.shards],
+        tensors_total=len(jobs),
+        tensors_merged=[j.name for j in jobs if j.deltas or j.dora or j.bias_add],
+        tensors_replaced=[j.name for j in jobs if j.replace is not None and j.source is not None],
+        tensors_added=[j.name for j in jobs if j.source is None],
+        tensors_copied=sum(1 for j in jobs if j.copy_bytes),
+        bytes_read=plan.bytes_in,
+        bytes_written=plan.bytes_out,
+        peak_memory_estimate=plan.peak_memory_estimate(),
+        seconds=seconds,
+        quantize=None if plan.quantize is None else plan.quantize.quant_type,
+        delta_error=total_err,
+        layers=layers,
+        warnings=warnings,
+        provenance=plan.provenance,
+    )
+
+
+def dry_run_report(plan: MergePlan, out: str | os.PathLike[str]) -> MergeReport:
+    """The report of a merge that is planned but not written (``--dry-run``)."""
+    report = _report(plan, Path(out), "-", [], 0.0)
+    report.dry_run = True
+    return report
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
+    """Check sampled rows of every merged tensor in ``out_dir`` against float64 math.
+
+    Returns the number of rows checked. Raises ``ValidationFailed`` on a mismatch beyond the
+    output dtype's rounding.
+    """
+    import torch
+
+    from adapterctl.tensorfile import read_header
+
+    stored: dict[str, TensorInfo] = {}
+    for shard in plan.shards:
+        stored.update(read_header(out_dir / shard.name).tensors)
+    checked = 0
+    gen = torch.Generator().manual_seed(0)
+    for job in plan.jobs:
+        if not (job.deltas or job.bias_add or job.dora) or job.quantize is not None:
+            continue
+        info = stored[job.name]
+        got = info.load().to(torch.float64)
+        w = _reference_base(job)
+        ref = _reference(job, w)
+        n = ref.shape[0]
+        pick = torch.randperm(n, generator=gen)[: min(rows, n)]
+        got_rows, ref_rows = got.reshape(n, -1)[pick], ref.reshape(n, -1)[pick]
+        out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
+        # One rounding of ref into out_dtype, plus float32 accumulation noise.
+        tol = (
+            ref_rows.abs() * (torch.finfo(out_dtype).eps / 2) + ref_rows.abs().max() * 1e-5 + 1e-12
+        )
+        if bool(((got_rows - ref_rows).abs() > tol * 1.01).any()):
+            raise ValidationFailed(
+                f"verification failed: {job.name} differs from the float64 reference; "
+                "report this with ADAPTERCTL_DEBUG=1"
+            )
+        checked += int(pick.numel())
+    return checked
+
+
+def _reference_base(job: Job) -> torch.Tensor:
+    import torch
+
+    inputs = _load_inputs(job, pin=False)
+    if job.quant_in is not None:
+        from adapterctl import nf4
+
+        return nf4.dequantize(inputs, job.name).to(torch.float64)
+    return inputs["w"].to(torch.float64)
+
+
+def _reference(job: Job, w: torch.Tensor) -> torch.Tensor:
+    """The float64 merged tensor, computed densely (small sampled use only)."""
+    import torch
+
+    if job.bias_add:
+        for bias, coeff in job.bias_add:
+            w = w + coeff * bias.load().to(torch.float64)
+        return w
+    if job.dora is not None:
+        mod = job.dora.module
+        assert mod.magnitude is not None
+        delta = job.dora.weight * mod.delta(torch.float64)
+        v = w + delta
+        m = mod.magnitude.load().to(torch.float64).reshape(-1)
+        if job.dora.layout == "conv1d":
+            return v * (m / torch.linalg.vector_norm(v, dim=0))[None, :]
+        flat = v.reshape(v.shape[0], -1)
+        return (flat * (m / torch.linalg.vector_norm(flat, dim=1))[:, None]).reshape(v.shape)
+    for d in job.deltas:
+        w = w + d.weight * d.module.delta(torch.float64).reshape(w.shape)
+    return w
+
+
+def merge(
+    base: Checkpoint,
+    adapters: list[Adapter],
+    out: str | os.PathLike[str],
+    weights: list[float] | None = None,
+    **options: Any,
+) -> MergeReport:
+    """Plan and run a merge in one call (see ``plan_merge`` and ``run_merge`` for options).
+
+    Example:
+        >>> from adapterctl.checkpoint import open_checkpoint
+        >>> from adapterctl.formats import read
+        >>> report = merge(open_checkpoint("base"), [read("adapter")], "merged")
+        >>> report.tensors_merged[:1]
+        ['model.layers.0.self_attn.q_proj.weight']
+    """
+    plan_keys = {"dtype", "quantize", "quant_method", "max_shard_size"}
+    plan = plan_merge(
+        base, adapters, weights, **{k: v for k, v in options.items() if k in plan_keys}
+    )
+    return run_merge(plan, out, **{k: v for k, v in options.items() if k not in plan_keys})
