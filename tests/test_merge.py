@@ -1,0 +1,290 @@
+"""The streaming merge against float64 math (PEFT's own merge on a float64 copy) and PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import gpt2_model, llama_model, peft_adapter, save_base
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from adapterctl.checkpoint import open_checkpoint
+from adapterctl.cli import cli
+from adapterctl.formats import read
+from adapterctl.merge import merge, plan_merge
+
+
+def _state(out: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
+
+
+def _peft_merged64(pm: Any) -> dict[str, torch.Tensor]:
+    """PEFT's merge on a float64 copy: the exact reference."""
+    return {k: v for k, v in copy.deepcopy(pm).double().merge_and_unload().state_dict().items()}
+
+
+def _assert_rounded_once(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """Every tensor equals the float64 reference rounded once (0.5 ulp + float32 noise)."""
+    worst = 0.0
+    for name, got in ours.items():
+        r = ref[name].double()
+        eps = torch.finfo(got.dtype).eps
+        err = (got.double() - r).abs()
+        tol = r.abs() * eps / 2 + r.abs().max() * 2e-6 + 1e-12
+        assert bool((err <= tol).all()), f"{name}: max err {float(err.max())}"
+        worst = max(worst, float(err.max()))
+    return worst
+
+
+def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    return max(float((v.double() - ref[k].double()).abs().max()) for k, v in ours.items())
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A bf16 Llama base, and the same weights as a float32 model for PEFT."""
+    d = tmp_path_factory.mktemp("llama")
+    m = llama_model()
+    save_base(m, d / "base", torch.bfloat16)
+    model32 = llama_model().to(torch.bfloat16).float()
+    return model32, d / "base"
+
+
+CASES = {
+    "plain": {},
+    "rslora": {"use_rslora": True},
+    "patterns": {
+        "rank_pattern": {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6},
+        "alpha_pattern": {"q_proj": 3},
+    },
+    "dora": {"use_dora": True},
+    "embedding": {"target_modules": ["embed_tokens", "q_proj"]},
+    "modules_to_save": {"modules_to_save": ["lm_head"]},
+    "all_linear": {"target_modules": "all-linear"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_merge_equals_float64_rounded_once(
+    case: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", **CASES[case])
+    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
+    assert report.tensors_merged
+    ours = _state(tmp_path / "out")
+    ref = _peft_merged64(pm)
+    assert set(ours) == set(ref)
+    ours_err = _assert_rounded_once(ours, ref)
+    # PEFT's own merge in the weight dtype is a cross-check: we are never worse.
+    peft16 = copy.deepcopy(pm).to(torch.bfloat16).merge_and_unload().state_dict()
+    assert ours_err <= _max_err({k: peft16[k] for k in ours}, ref)
+
+
+def test_gpt2_conv1d_lora_bias(tmp_path: Path) -> None:
+    base = save_base(gpt2_model(), tmp_path / "base", torch.bfloat16)
+    model32 = gpt2_model().to(torch.bfloat16).float()
+    pm, adapter = peft_adapter(
+        model32, tmp_path / "a", target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True, lora_bias=True,
+    )  # fmt: skip
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
+    ours = _state(tmp_path / "out")
+    ref = _peft_merged64(pm)
+    _assert_rounded_once(ours, {k: ref[k] for k in ours})
+    before = gpt2_model().state_dict()["transformer.h.0.attn.c_attn.bias"]
+    assert not torch.equal(ours["transformer.h.0.attn.c_attn.bias"].float(), before)
+
+
+def test_two_adapters_weighted(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    pm1, a1 = peft_adapter(copy.deepcopy(model32), tmp_path / "a1", seed=1)
+    pm2, a2 = peft_adapter(
+        copy.deepcopy(model32), tmp_path / "a2", seed=2, r=2, target_modules=["q_proj", "o_proj"]
+    )
+    merge(open_checkpoint(base), [read(a1), read(a2)], tmp_path / "out", [0.7, -0.3], device="cpu")
+    base64 = {k: v.double() for k, v in model32.state_dict().items()}
+    d1 = {k: v - base64[k] for k, v in _peft_merged64(pm1).items()}
+    d2 = {k: v - base64[k] for k, v in _peft_merged64(pm2).items()}
+    ref = {k: base64[k] + 0.7 * d1[k] - 0.3 * d2[k] for k in base64}
+    _assert_rounded_once(_state(tmp_path / "out"), ref)
+
+
+def test_merged_model_loads_and_matches_peft_logits(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = llama_model()
+    base = save_base(model, tmp_path / "base")  # float32: logits comparable to 1e-5
+    pm, adapter = peft_adapter(copy.deepcopy(model), tmp_path / "a", target_modules="all-linear")
+    result = CliRunner().invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = copy.deepcopy(pm).merge_and_unload()(ids).logits
+        got = merged(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    provenance = json.loads((tmp_path / "o" / "adapterctl.json").read_text())
+    assert provenance["adapters"][0]["digest"].startswith("sha256:")
+    assert provenance["base"]["fingerprint"].startswith("sha256:")
+
+
+def test_sharded_base_keeps_sharding_and_max_shard_size_repacks(tmp_path: Path) -> None:
+    model = llama_model(layers=4, hidden=32)
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size="40KB")
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert len(shards) > 1
+    pm, adapter = peft_adapter(copy.deepcopy(model), tmp_path / "a")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o1", device="cpu")
+    assert sorted(p.name for p in (tmp_path / "o1").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "o1" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    _assert_rounded_once(_state(tmp_path / "o1"), _peft_merged64(pm))
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o2", max_shard_size=10**9)
+    assert [p.name for p in (tmp_path / "o2").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "o2" / "model.safetensors.index.json").exists()
+
+
+def test_out_exists_needs_force_and_dry_run_writes_nothing(
+    llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    r = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(out), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert (
+        "would write" in r.output and "merge    model.layers.0.self_attn.q_proj.weight" in r.output
+    )
+    assert not out.exists()
+    out.mkdir()
+    r = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(out)])
+    assert r.exit_code == 5
+    assert "already exists" in r.output and "--force" in r.output
+    r = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(out), "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["tensors_merged"] and (out / "model.safetensors").exists()
+
+
+def test_dora_with_other_adapters_is_refused(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    _, dora = peft_adapter(copy.deepcopy(model32), tmp_path / "d", use_dora=True)
+    _, plain = peft_adapter(copy.deepcopy(model32), tmp_path / "p")
+    r = CliRunner().invoke(
+        cli, ["merge", str(base), str(dora), str(plain), "-o", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 2
+    assert "DoRA is not linear" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_base_is_refused_before_writing(tmp_path: Path) -> None:
+    base = save_base(llama_model(hidden=32), tmp_path / "base")
+    _, adapter = peft_adapter(llama_model(), tmp_path / "a")
+    r = CliRunner().invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 3
+    assert "right base" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_weight_count_mismatch_is_usage_error(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    r = CliRunner().invoke(
+        cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "-w", "1", "-w", "2"]
+    )
+    assert r.exit_code == 2
+
+
+def test_tokenizer_files_and_resized_vocab_come_from_adapter(tmp_path: Path) -> None:
+    model = llama_model()
+    base = save_base(model, tmp_path / "base")
+    (base / "tokenizer_config.json").write_text('{"from": "base"}')
+    (base / "generation_config.json").exists()
+    grown = copy.deepcopy(model)
+    grown.resize_token_embeddings(70)
+    pm, adapter = peft_adapter(grown, tmp_path / "a", target_modules=["q_proj"],
+                               modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
+    (adapter / "tokenizer_config.json").write_text('{"from": "adapter"}')
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu")
+    out = tmp_path / "o"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 70
+    state = _state(out)
+    assert state["model.embed_tokens.weight"].shape == (70, 16)
+    _assert_rounded_once(state, _peft_merged64(pm))
+
+
+def test_plan_is_planned_before_writing(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    plan = plan_merge(open_checkpoint(base), [read(adapter)], dtype="fp32")
+    assert plan.bytes_out == sum(e[3] for s in plan.shards for e in s.entries())
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp32")
+    header_size = (tmp_path / "o" / "model.safetensors").stat().st_size
+    assert header_size > plan.bytes_out  # header + exactly the planned bytes
+    assert all(v.dtype == torch.float32 for v in _state(tmp_path / "o").values())
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_killed_merge_leaves_no_output_and_rerun_works(
+    llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    out, marker = tmp_path / "out", tmp_path / "paused"
+    env = dict(os.environ, ADAPTERCTL_TEST_PAUSE_AT="3", ADAPTERCTL_TEST_PAUSE_FILE=str(marker))
+    cmd = [sys.executable, "-m", "adapterctl", "merge", str(base), str(adapter), "-o", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()
+    partial = Path(marker.read_text())
+    assert partial.exists()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "model.safetensors").exists()
+    assert not partial.exists()  # the killed run's leftovers are cleaned up
+
+
+def test_verify_flag(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=True)
+    r = CliRunner().invoke(
+        cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--verify", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["verified"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_agrees_with_cpu(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", target_modules="all-linear")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "cpu", device="cpu")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "gpu", device="cuda")
+    cpu, gpu = _state(tmp_path / "cpu"), _state(tmp_path / "gpu")
+    for k in cpu:
+        torch.testing.assert_close(gpu[k].float(), cpu[k].float(), rtol=1e-2, atol=1e-5)
