@@ -624,6 +624,7 @@ def run_merge(
         )
     tmp = parent / f".{out_path.name}.partial-{os.getpid()}"
     tmp.mkdir()
+    _keep_heap_small()
     start = time.perf_counter()
     read_before = BYTES_READ.value
     try:
@@ -653,6 +654,21 @@ def run_merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _keep_heap_small() -> None:
+    """Make glibc hand big tensor buffers back to the OS when freed.
+
+    glibc raises its mmap threshold after large frees, after which freed tensor memory stays
+    in the heap (per thread) and the process's anonymous memory grows with each tensor;
+    fixing the threshold keeps peak memory at the few tensors actually alive.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 def _remove_stale_partials(out_path: Path) -> None:
@@ -685,6 +701,7 @@ def _write_shards(
     done = 0
     layers: list[LayerError] = []
     factors = _FactorCache(dev)
+    ws = _Workspace(dev)
     pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
     counter = 0
     metadata = {"format": "pt", "adapterctl": json.dumps(plan.provenance, sort_keys=True)}
@@ -704,11 +721,8 @@ def _write_shards(
                         _copy_range(job.source, fh)
                         done += job.source.nbytes
                     else:
-                        stored, layer = _compute(job, inputs, dev, factors)
-                        for name, _dtype, _shape, nbytes in job.stored():
-                            data = stored[name]
-                            fh.write(memoryview(_as_bytes(data)))
-                            done += nbytes
+                        layer = _write_job(job, inputs, fh, dev, factors, ws)
+                        done += job.nbytes_out
                         if layer is not None:
                             layers.append(layer)
                     if progress is not None:
@@ -817,15 +831,6 @@ def _copy_range(info: TensorInfo, fh: Any) -> None:
             offset += n
 
 
-def _as_bytes(t: torch.Tensor) -> Any:
-    import torch
-
-    t = t.detach().to("cpu").contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.view(torch.uint8).numpy() if t.dtype != torch.uint8 else t.numpy()
-
-
 class _FactorCache:
     """Adapter factors moved to the device once, as float32 (out, r) / (r, in) matrices."""
 
@@ -840,10 +845,45 @@ class _FactorCache:
         return self._cache[key]
 
 
-def _compute(
-    job: Job, inputs: dict[str, torch.Tensor], dev: torch.device, factors: _FactorCache
-) -> tuple[dict[str, torch.Tensor], LayerError | None]:
-    """Produce the stored tensors of one job (and the 4-bit delta error, when quantising)."""
+class _Workspace:
+    """Buffers reused across tensors, so merging allocates nothing per chunk: a float32
+    chunk on the device and an output-dtype staging chunk on the host (pinned for CUDA)."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.dev = dev
+        self._work: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None
+
+    def work(self, rows: int, cols: int) -> torch.Tensor:
+        import torch
+
+        n = rows * cols
+        if self._work is None or self._work.numel() < n:
+            self._work = torch.empty(n, dtype=torch.float32, device=self.dev)
+        return self._work[:n].view(rows, cols)
+
+    def host(self, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        nbytes = like.numel() * torch.empty((), dtype=dtype).element_size()
+        if self._host is None or self._host.numel() < nbytes:
+            self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.dev.type == "cuda")
+        return self._host[:nbytes].view(dtype).view(like.shape)
+
+
+def _write_job(
+    job: Job,
+    inputs: dict[str, torch.Tensor],
+    fh: Any,
+    dev: torch.device,
+    factors: _FactorCache,
+    ws: _Workspace,
+) -> LayerError | None:
+    """Merge one job and write its stored bytes; returns the 4-bit delta error when quantising.
+
+    Unquantised outputs stream chunk by chunk (float32 chunk → output dtype → file); a 4-bit
+    output needs the whole merged weight, so it is assembled first.
+    """
     import torch
 
     out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
@@ -853,13 +893,21 @@ def _compute(
         w = nf4.dequantize(inputs, job.name, device=dev)  # float32, logical shape
     else:
         w = inputs["w"]
-    need_base = job.quantize is not None
-    merged = _apply(job, w, dev, factors, keep_float32=need_base)
     if job.quantize is None:
-        return {job.name: merged.to(out_dtype)}, None
+        for chunk in _merged_rows(job, w, dev, factors, ws):
+            host = ws.host(chunk, out_dtype)
+            host.copy_(chunk)  # the one rounding: float32 -> output dtype
+            fh.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+        return None
     from adapterctl import nf4
 
-    base32 = w.to(dev, torch.float32)
+    rows = w.shape[0]
+    merged = torch.empty((rows, w[0].numel()), dtype=torch.float32, device=dev)  # (out, in)
+    r0 = 0
+    for chunk in _merged_rows(job, w, dev, factors, ws):
+        merged[r0 : r0 + chunk.shape[0]] = chunk
+        r0 += chunk.shape[0]
+    merged = merged.reshape(w.shape)
     spec = job.quantize
     stored = nf4.quantize(
         merged, job.name, quant_type=spec.quant_type, blocksize=spec.blocksize,
@@ -868,16 +916,21 @@ def _compute(
     )  # fmt: skip
     state_key = f"{job.name}.quant_state.bitsandbytes__{spec.quant_type}"
     stored[state_key] = _pad_state(stored[state_key])
-    layer = None
-    if job.merged:
-        requant = nf4.dequantize(stored, job.name, device=dev)
-        delta = merged - base32
-        layer = LayerError(
-            name=job.name,
-            delta_norm=float(delta.norm()),
-            delta_error=nf4.delta_error(base32, delta, requant),
-        )
-    return {k: v.cpu() for k, v in stored.items()}, layer
+    for name, _dtype, _shape, nbytes in job.stored():
+        data = stored[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != nbytes:
+            raise OperationalError(f"internal: {name} has {data.numel()} bytes, planned {nbytes}")
+        fh.write(memoryview(data.numpy()))
+    if not job.merged:
+        return None
+    base32 = w.to(dev, torch.float32)
+    requant = nf4.dequantize(stored, job.name, device=dev)
+    delta = merged - base32
+    return LayerError(
+        name=job.name,
+        delta_norm=float(delta.norm()),
+        delta_error=nf4.delta_error(base32, delta, requant),
+    )
 
 
 def _pad_state(state: torch.Tensor) -> torch.Tensor:
@@ -890,32 +943,31 @@ def _pad_state(state: torch.Tensor) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
-def _apply(
-    job: Job, w: torch.Tensor, dev: torch.device, factors: _FactorCache, keep_float32: bool
-) -> torch.Tensor:
-    """W + Σ wᵢ·sᵢ·BᵢAᵢ (or the DoRA update) in float32, chunked over rows.
-
-    Returns a float32 tensor when ``keep_float32`` (or when anything was added), on ``dev``.
-    """
+def _merged_rows(
+    job: Job, w: torch.Tensor, dev: torch.device, factors: _FactorCache, ws: _Workspace
+) -> Iterator[torch.Tensor]:
+    """Yield W' in float32 row chunks, in order: W + Σ wᵢ·sᵢ·BᵢAᵢ, the DoRA update, or W + lora
+    biases. Chunks are views of a reused buffer: consume each before asking for the next."""
     import torch
 
-    out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
-    if job.bias_add:
-        acc = w.to(dev, torch.float32)  # (out,)
-        for bias, coeff in job.bias_add:
-            acc.add_(bias.load().to(dev, torch.float32), alpha=coeff)
-        return acc if keep_float32 else acc.to(out_dtype)
-    if not job.deltas and job.dora is None:
-        return w.to(dev, torch.float32) if keep_float32 else w.to(dev).to(out_dtype)
-    if job.dora is not None:
-        return _apply_dora(job.dora, w, dev, factors, out_dtype, keep_float32)
     rows = w.shape[0]
-    flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k)
-    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
-    result = torch.empty(flat.shape, dtype=torch.float32 if keep_float32 else out_dtype, device=dev)
+    flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
+    cols = flat.shape[1]
+    biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]
+    dora = job.dora
+    if dora is not None and dora.layout == "conv1d":
+        # Stored (in, out): DoRA's per-output norms run down columns, so take it whole.
+        b, a = factors.get(dora.module)  # (out, r), (r, in)
+        v = w.to(dev, torch.float32)  # (in, out)
+        v.addmm_(a.T, b.T, alpha=dora.weight * dora.module.scale)
+        v.mul_((_magnitude(dora, dev) / torch.linalg.vector_norm(v, dim=0))[None, :])
+        yield v
+        return
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        chunk = flat[r0:r1].to(dev, torch.float32, non_blocking=True)  # (rows, cols)
+        chunk = ws.work(r1 - r0, cols)
+        chunk.copy_(flat[r0:r1], non_blocking=True)  # (rows, cols) float32
         for d in job.deltas:
             b, a = factors.get(d.module)  # (out, r), (r, in)
             coeff = d.weight * d.module.scale
@@ -924,37 +976,21 @@ def _apply(
                 chunk.addmm_(a[:, r0:r1].T, b.T, alpha=coeff)  # (rows, r) @ (r, out)
             else:
                 chunk.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, r) @ (r, in)
-        result[r0:r1] = chunk
-    return result.reshape(w.shape)
+        if dora is not None:
+            b, a = factors.get(dora.module)
+            chunk.addmm_(b[r0:r1], a, alpha=dora.weight * dora.module.scale)  # V = W + s·B·A
+            m = _magnitude(dora, dev)[r0:r1]  # (rows,)
+            chunk.mul_((m / torch.linalg.vector_norm(chunk, dim=1))[:, None])
+        for bias, coeff in biases:
+            chunk.add_(bias[r0:r1], alpha=coeff)
+        yield chunk
 
 
-def _apply_dora(
-    d: Delta, w: torch.Tensor, dev: torch.device, factors: _FactorCache,
-    out_dtype: torch.dtype, keep_float32: bool,
-) -> torch.Tensor:  # fmt: skip
-    """W' = m / ‖V‖ · V with V = W + s·B·A, norms per output row (PEFT's weight_norm)."""
+def _magnitude(d: Delta, dev: torch.device) -> torch.Tensor:
     import torch
 
-    b, a = factors.get(d.module)  # (out, r), (r, in)
     assert d.module.magnitude is not None
-    m = d.module.magnitude.load().to(dev, torch.float32).reshape(-1)  # (out,)
-    coeff = d.weight * d.module.scale
-    if d.layout == "conv1d":
-        v = w.to(dev, torch.float32)  # stored (in, out)
-        v.addmm_(a.T, b.T, alpha=coeff)
-        v.mul_((m / torch.linalg.vector_norm(v, dim=0))[None, :])  # norms over in, per out
-        return v if keep_float32 else v.to(out_dtype)
-    rows = w.shape[0]
-    flat = w.reshape(rows, -1)
-    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[1]))
-    result = torch.empty(flat.shape, dtype=torch.float32 if keep_float32 else out_dtype, device=dev)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        v = flat[r0:r1].to(dev, torch.float32)
-        v.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, in)
-        v.mul_((m[r0:r1] / torch.linalg.vector_norm(v, dim=1))[:, None])
-        result[r0:r1] = v
-    return result.reshape(w.shape)
+    return d.module.magnitude.load().to(dev, torch.float32).reshape(-1)  # (out,)
 
 
 # ----------------------------------------------------------------------------- side files
