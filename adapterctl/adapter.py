@@ -143,14 +143,18 @@ class LoraModule:
 
 @dataclass
 class ExtraTensor:
-    """A full tensor saved in the adapter: a ``modules_to_save`` copy or a saved base layer.
+    """A full tensor saved in the adapter: a ``modules_to_save`` copy, a bias trained with
+    ``bias="all"``/``"lora_only"``, or a saved (frozen) base layer.
 
     ``target`` is the base parameter it stands for (``lm_head.weight``,
-    ``model.embed_tokens.weight``); ``kind`` is ``modules_to_save`` or ``base_layer``.
+    ``model.embed_tokens.weight``, ``transformer.h.0.attn.c_attn.bias``); ``kind`` is
+    ``modules_to_save``, ``bias`` (both trained: they replace the base's tensor) or
+    ``base_layer`` (a frozen copy: the base layer PEFT saves next to an embedding LoRA, or
+    the ``original_module`` of a ``modules_to_save`` module).
     """
 
     target: str
-    kind: Literal["modules_to_save", "base_layer"]
+    kind: Literal["modules_to_save", "bias", "base_layer"]
     tensor: TensorSource
 
 
@@ -188,10 +192,11 @@ class Adapter:
 
     @property
     def trainable_parameters(self) -> int:
-        """Parameters trained with the adapter: LoRA factors, DoRA magnitudes, lora biases and
-        ``modules_to_save`` copies (saved base layers are frozen copies and do not count)."""
+        """Parameters trained with the adapter: LoRA factors, DoRA magnitudes, lora biases,
+        ``modules_to_save`` copies and trained biases (saved base layers are frozen copies and
+        do not count), as PEFT's ``get_nb_trainable_parameters`` counts them."""
         n = sum(t.numel for m in self.modules.values() for t in m.tensors)
-        return n + sum(e.tensor.numel for e in self.extras if e.kind == "modules_to_save")
+        return n + sum(e.tensor.numel for e in self.extras if e.kind != "base_layer")
 
     @property
     def size_bytes(self) -> int:

@@ -260,9 +260,15 @@ def _find_shards(p: Path) -> list[Path]:
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
             names = sorted(set(data["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            if not all(isinstance(n, str) and n for n in names):
+                raise TypeError
+        except (
+            UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+            AttributeError,
+        ):  # fmt: skip
             raise BrokenFile(
-                f"{index}: malformed index (needs a weight_map); re-save the model"
+                f"{index}: malformed index (needs a weight_map of tensor name -> shard file); "
+                "re-save the model"
             ) from None
         missing = [n for n in names if not (p / n).exists()]
         if missing:
@@ -284,11 +290,43 @@ def _find_shards(p: Path) -> list[Path]:
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BrokenFile(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
     if not isinstance(data, dict):
         raise BrokenFile(f"{path}: expected a JSON object; fix or re-download it")
+    _check_config_types(path, data)
+    if isinstance(data.get("text_config"), dict):
+        _check_config_types(path, data["text_config"], "text_config.")
     return data
+
+
+# config.json keys the checkpoint reads, with the JSON types they must have.
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "architectures": (list,),
+    "model_type": (str,),
+    "text_config": (dict,),
+    "quantization_config": (dict,),
+    "vocab_size": (int,),
+    "tie_word_embeddings": (bool,),
+    "num_hidden_layers": (int,),
+    "n_layer": (int,),
+    "num_layers": (int,),
+    "n_layers": (int,),
+}
+
+
+def _check_config_types(path: Path, data: dict[str, Any], prefix: str = "") -> None:
+    """Refuse a config whose keys we read have the wrong JSON type (null means absent)."""
+    for key, types in _CONFIG_TYPES.items():
+        v = data.get(key)
+        bad = v is not None and (not isinstance(v, types) or (int in types and isinstance(v, bool)))
+        if key == "architectures" and isinstance(v, list):
+            bad = not all(isinstance(a, str) for a in v)
+        if bad:
+            want = "a list of strings" if key == "architectures" else types[0].__name__
+            raise BrokenFile(
+                f"{path}: {prefix}{key} should be {want}, not {v!r:.40}; fix or re-download it"
+            )
 
 
 def _refuse_quant_method(p: Path, config: dict[str, Any]) -> None:

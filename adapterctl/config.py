@@ -2,7 +2,8 @@
 
 PEFT's ``adapter_config.json`` grew from 13 keys (0.2) to about 40 (0.21). ``AdapterConfig``
 types the fields adapterctl reads and keeps every other key untouched, so a config read and
-written back is the same JSON.
+written back keeps every key with its value (an older config gains the typed fields'
+defaults, which mean what PEFT assumes when they are missing).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class AdapterConfig(BaseModel):
 
     peft_type: str = "LORA"
     r: int = 8
-    lora_alpha: float = 8
+    lora_alpha: int | float = 8  # int stays int, so a config written back is the same JSON
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
@@ -41,7 +42,7 @@ class AdapterConfig(BaseModel):
     bias: str = "none"
     fan_in_fan_out: bool = False
     rank_pattern: dict[str, int] = Field(default_factory=dict)
-    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    alpha_pattern: dict[str, int | float] = Field(default_factory=dict)
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -60,6 +61,36 @@ class AdapterConfig(BaseModel):
     @classmethod
     def _none_is_empty(cls, v: Any) -> Any:
         return v or {}
+
+    @field_validator("r")
+    @classmethod
+    def _positive_rank(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("a rank must be at least 1")
+        return v
+
+    @field_validator("rank_pattern")
+    @classmethod
+    def _positive_ranks(cls, v: dict[str, int]) -> dict[str, int]:
+        for key, r in v.items():
+            if r < 1:
+                raise ValueError(f"rank for {key!r} must be at least 1")
+        return v
+
+    @field_validator("lora_alpha")
+    @classmethod
+    def _finite_alpha(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("alpha must be a finite number")
+        return v
+
+    @field_validator("alpha_pattern")
+    @classmethod
+    def _finite_alphas(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, a in v.items():
+            if not math.isfinite(a):
+                raise ValueError(f"alpha for {key!r} must be a finite number")
+        return v
 
     @field_validator("init_lora_weights", mode="before")
     @classmethod
@@ -105,6 +136,32 @@ class AdapterConfig(BaseModel):
         a = self.alpha_for(module)
         return a / math.sqrt(r) if self.use_rslora else a / r
 
+    def pattern_overlaps(self, modules: list[str]) -> list[str]:
+        """Warnings for modules that several ``rank_pattern``/``alpha_pattern`` keys match with
+        different values.
+
+        The first matching key wins, in the file's order, as PEFT applies a loaded config. But
+        PEFT writes ``adapter_config.json`` with sorted keys, so the model it trained may have
+        used another key's value: such an adapter's scale is ambiguous.
+        """
+        out: list[str] = []
+        for field, patterns in (("rank_pattern", self.rank_pattern),
+                                ("alpha_pattern", self.alpha_pattern)):  # fmt: skip
+            seen: set[tuple[str, ...]] = set()
+            for module in modules:
+                keys = matching_keys(patterns, module)
+                if len({patterns[k] for k in keys}) < 2 or tuple(keys) in seen:
+                    continue
+                seen.add(tuple(keys))
+                names = " and ".join(repr(k) for k in keys)
+                out.append(
+                    f"{field} keys {names} all match {module} with different values; "
+                    f"applying the first, {keys[0]!r} = {patterns[keys[0]]}, as PEFT does on "
+                    "loading, but PEFT saves these keys sorted, so training may have used "
+                    "another; make the keys disjoint"
+                )
+        return out
+
     def to_json_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data, unknown keys included."""
         return self.model_dump(mode="json", by_alias=True)
@@ -116,11 +173,20 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     A key matches when the module name ends with it at a dot boundary; keys may be regular
     expressions (``layers\\.[0-3]\\.q_proj``). Dict order decides ties, as in PEFT.
     """
+    keys = matching_keys(patterns, module, first=True)
+    return keys[0] if keys else None
+
+
+def matching_keys(patterns: dict[str, Any], module: str, *, first: bool = False) -> list[str]:
+    """Every key of ``patterns`` that matches ``module`` (PEFT's rule), in dict order."""
+    out: list[str] = []
     for key in patterns:
         try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return key
+            hit = re.match(rf"(.*\.)?({key})$", module) is not None
         except re.error:
-            if module == key or module.endswith("." + key):
-                return key
-    return None
+            hit = module == key or module.endswith("." + key)
+        if hit:
+            out.append(key)
+            if first:
+                break
+    return out

@@ -19,14 +19,16 @@ class ModuleReport(BaseModel):
     name: str
     layout: str
     shape: list[int]  # the base weight's shape this update applies to
-    rank: int
+    rank: int  # the rank the tensors have
+    config_rank: int | None = None  # the rank the config (or --rank) declares, if it differs
     alpha: float
     scale: float
     norm: float | None  # ‖ΔW‖_F = ‖scale·B·A‖_F (None when the factors hold NaN/Inf)
     stable_rank: float | None
     dora: bool = False
     lora_bias: bool = False
-    zero_b: bool = False
+    zero_a: bool = False  # lora_A (lora_embedding_A) is all zero: the update is zero
+    zero_b: bool = False  # lora_B (lora_embedding_B) is all zero: the update is zero
     nonfinite: bool = False
     base_tensor: str | None = None
     spectrum: list[float] | None = None
@@ -64,11 +66,13 @@ class InspectReport(BaseModel):
     file_size: int
     trainable_parameters: int
     modules_to_save: list[str]
+    trained_biases: list[str] = []  # biases trained with bias="all" / "lora_only"
     saved_base_layers: list[str]
     total_norm: float | None
     base: BaseReport | None = None
     modules: list[ModuleReport]
     zero_b_modules: list[str]
+    zero_update_modules: list[str] = []  # a zero factor (A or B): these modules change nothing
     nonfinite_modules: list[str]
     warnings: list[str]
 
@@ -83,6 +87,9 @@ def module_report(
     a = mod.A(torch.float64)  # (r, in)
     b = mod.B(torch.float64)  # (out, r)
     nonfinite = not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()))
+    # A zero factor is what PEFT's init leaves untrained: lora_B = 0 for linear/conv layers,
+    # lora_embedding_A = 0 for embeddings (and a frozen half of some real adapters).
+    zero_a = not nonfinite and bool((a == 0).all())
     zero_b = not nonfinite and bool((b == 0).all())
     norm: float | None = None
     srank: float | None = None
@@ -98,12 +105,14 @@ def module_report(
         layout=mod.layout,
         shape=list(shape or mod.weight_shape),
         rank=mod.rank,
+        config_rank=mod.config_rank if mod.config_rank != mod.rank else None,
         alpha=mod.alpha,
         scale=mod.scale,
         norm=norm,
         stable_rank=srank,
         dora=mod.is_dora,
         lora_bias=mod.bias is not None,
+        zero_a=zero_a,
         zero_b=zero_b,
         nonfinite=nonfinite,
         spectrum=values,
@@ -175,11 +184,13 @@ def inspect_adapter(
         file_size=adapter.size_bytes,
         trainable_parameters=adapter.trainable_parameters,
         modules_to_save=sorted(e.target for e in adapter.extras if e.kind == "modules_to_save"),
+        trained_biases=sorted(e.target for e in adapter.extras if e.kind == "bias"),
         saved_base_layers=sorted(e.target for e in adapter.extras if e.kind == "base_layer"),
         total_norm=total,
         base=base_report,
         modules=modules,
         zero_b_modules=[m.name for m in modules if m.zero_b],
+        zero_update_modules=[m.name for m in modules if m.zero_a or m.zero_b],
         nonfinite_modules=[m.name for m in modules if m.nonfinite],
         warnings=list(adapter.warnings),
     )

@@ -301,7 +301,7 @@ def plan_merge(
             f"{dora[0].path}: DoRA is not linear (W' = m·V/‖V‖), so a DoRA adapter merges "
             "alone; merge it first, then merge the others into the result"
         )
-    warnings: list[str] = []
+    warnings = _preflight(base, adapters)
     weights_logical = base.weights
     jobs: dict[str, Job] = {}
     force = DTYPE_CHOICES[dtype]
@@ -396,12 +396,6 @@ def plan_merge(
             "the base is 4-bit: writing W_nf4 + ΔW in the compute dtype (the model the adapter "
             "was trained against); pass --quantize nf4 to write 4-bit instead"
         )
-    for a in adapters:
-        named = a.config.base_model_name_or_path
-        if named and not _names_agree(named, base):
-            warnings.append(
-                f"{a.path} names base {named!r}, merging into {base.path} (names are only a hint)"
-            )
     provenance = {
         "tool": "adapterctl",
         "version": __version__,
@@ -429,17 +423,25 @@ def plan_merge(
     )  # fmt: skip
 
 
-def _names_agree(named: str, base: Checkpoint) -> bool:
-    def norm(s: str) -> str:
-        s = s.rstrip("/").rsplit("/", 1)[-1].lower()
-        for suffix in ("-bnb-4bit", "-4bit", "-bnb", "-unsloth"):
-            s = s.removesuffix(suffix)
-        return s
+def _preflight(base: Checkpoint, adapters: list[Adapter]) -> list[str]:
+    """Run ``validate``'s rules against the base before planning: errors refuse the merge
+    (exit 3); warnings (e.g. a differing base name) come back to be reported."""
+    from adapterctl.validate import validate
 
-    candidates = {norm(str(base.path.resolve()))}
-    if base.config.get("_name_or_path"):
-        candidates.add(norm(str(base.config["_name_or_path"])))
-    return norm(named) in candidates
+    warnings: list[str] = []
+    for a in adapters:
+        report = validate(a, base)
+        errors = [f for f in report.findings if f.severity == "error"]
+        if errors:
+            first = errors[0]
+            where = f" {first.module}" if first.module else ""
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise ValidationFailed(
+                f"{a.path} does not fit {base.path}: {first.code}{where}: {first.message}{more}; "
+                f"see: adapterctl validate {a.path} --base {base.path}"
+            )
+        warnings += [f"{f.code}: {f.message}" for f in report.findings if f.severity == "warning"]
+    return warnings
 
 
 def _quant_spec(base: Checkpoint, quantize: str | None, method: str) -> QuantSpec | None:

@@ -199,7 +199,7 @@ def test_wrong_base_is_refused_before_writing(tmp_path: Path) -> None:
     _, adapter = peft_adapter(llama_model(), tmp_path / "a")
     r = CliRunner().invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o")])
     assert r.exit_code == 3
-    assert "right base" in r.output
+    assert "does not fit" in r.output and "AC202" in r.output
     assert not (tmp_path / "o").exists()
 
 

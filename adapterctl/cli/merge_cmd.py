@@ -53,10 +53,6 @@ def parse_size(text: str) -> int:
     help="With --quantize: fail (exit 3) if the delta error is above X.",
 )  # fmt: skip
 @click.option("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: repack shards.")
-@click.option(
-    "--allow-base-mismatch", is_flag=True,
-    help="Merge even if the base's identity differs from the adapter's pin.",
-)  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verify", is_flag=True, help="Re-read OUT and check rows against float64 math.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
@@ -65,7 +61,7 @@ def parse_size(text: str) -> int:
 def merge_command(
     base: str, sources: tuple[str, ...], out: str, weights: tuple[float, ...], device: str,
     dtype: str, quantize: str | None, quant_method: str, max_delta_error: float | None,
-    max_shard_size: str | None, allow_base_mismatch: bool, force: bool, verify: bool,
+    max_shard_size: str | None, force: bool, verify: bool,
     dry_run: bool, alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Merge one or more adapters into BASE, streaming one tensor at a time, into OUT.

@@ -32,6 +32,7 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
 
 
 def render_inspect(r: InspectReport) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     out = console()
@@ -54,11 +55,14 @@ def render_inspect(r: InspectReport) -> None:
     ]
     if r.modules_to_save:
         rows.append(("modules_to_save", ", ".join(r.modules_to_save)))
+    if r.trained_biases:
+        rows.append(("trained biases", str(len(r.trained_biases))))
     if r.saved_base_layers:
         rows.append(("saved base layers", ", ".join(r.saved_base_layers)))
     if r.base:
         rows.append(("base", f"{r.base.path} ({r.base.architecture or '?'})"))
         rows.append(("base fingerprint", r.base.fingerprint))
+        rows.append(("base matches", f"{r.base.matched_modules} of {len(r.modules)} modules"))
         if r.base.quantization:
             rows.append(("base quantization", r.base.quantization))
     width = max(len(k) for k, _ in rows)
@@ -71,10 +75,12 @@ def render_inspect(r: InspectReport) -> None:
     if spectrum:
         table.add_column("singular values", justify="left")
     for m in r.modules:
-        flags = ("  [zero B]" if m.zero_b else "") + ("  [NaN/Inf]" if m.nonfinite else "")
+        flags = ("  [zero A]" if m.zero_a else "") + ("  [zero B]" if m.zero_b else "")
+        flags += "  [NaN/Inf]" if m.nonfinite else ""
         flags += "  [DoRA]" if m.dora else ""
+        flags += f"  [config r={m.config_rank}]" if m.config_rank is not None else ""
         row = [
-            m.name + flags,
+            escape(m.name + flags),  # "[zero B]" is not rich markup
             "×".join(map(str, m.shape)),
             str(m.rank),
             _num(m.scale, "g"),
@@ -86,8 +92,12 @@ def render_inspect(r: InspectReport) -> None:
         table.add_row(*row)
     out.print()
     out.print(table)
-    if r.zero_b_modules:
-        out.print(f"\n{len(r.zero_b_modules)} module(s) have an all-zero lora_B (no update).")
+    if r.zero_update_modules:
+        out.print(
+            f"\n{len(r.zero_update_modules)} module(s) have a zero LoRA factor (no update): "
+            + ", ".join(r.zero_update_modules),
+            markup=False,
+        )
     if r.nonfinite_modules:
         out.print(f"{len(r.nonfinite_modules)} module(s) hold NaN or Inf.")
 

@@ -1,1 +1,206 @@
-"""``adapterctl validate`` (filled in with the validation rules)."""
+"""``adapterctl validate``: findings as text, JSON or GitHub annotations; JUnit XML for CI."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from adapterctl.cli import cli
+from adapterctl.cli.options import base_option, json_option, load_base, load_source, source_options
+from adapterctl.cli.options import warn as warn_stderr
+
+if TYPE_CHECKING:
+    from adapterctl.validate import Finding, ValidationReport
+
+
+@cli.command("validate")
+@click.argument("source")
+@base_option
+@click.option(
+    "--target",
+    type=click.Choice(["peft", "vllm", "llama.cpp"]),
+    default="peft",
+    show_default=True,
+    help="Also check the restrictions of a serving stack (vLLM, llama.cpp's GGUF converter).",
+)
+@click.option(
+    "--max-rank",
+    type=click.IntRange(min=1),
+    default=16,
+    show_default=True,
+    help="The --max-lora-rank vLLM runs with (one of 1, 8, 16, 32, 64, 128, 256, 320, 512).",
+)
+@click.option("--strict", is_flag=True, help="Fail (exit 3) on warnings too.")
+@json_option
+@click.option(
+    "--junit",
+    "junit",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write a JUnit XML report with one testcase per rule.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "github"]),
+    default="text",
+    show_default=True,
+    help="Output: one line per finding, JSON (same as --json) or GitHub workflow annotations.",
+)
+@source_options
+def validate_command(
+    source: str,
+    base: str | None,
+    target: str,
+    max_rank: int,
+    strict: bool,
+    as_json: bool,
+    junit: Path | None,
+    fmt: str,
+    alpha: float | None,
+    rank: int | None,
+) -> None:
+    """Check that an adapter is well formed, fits BASE and can be served by --target.
+
+    Each finding has a stable code (AC1xx structure, AC2xx base, AC3xx serving target) and a
+    severity. Exit 0 when there is no error finding (with --strict: no warning either), 3
+    otherwise. Broken files (invalid config, empty file, Git LFS pointer) stop with exit 3
+    before any rule runs.
+    """
+    from adapterctl.validate import validate
+
+    adapter = load_source(source, alpha, rank)
+    ckpt = load_base(base)
+    report = validate(adapter, base=ckpt, target=target, max_rank=max_rank)
+    for w in adapter.warnings:
+        warn_stderr(w)
+    if as_json or fmt == "json":
+        click.echo(report.model_dump_json(indent=2))
+    elif fmt == "github":
+        for line in github_lines(report, strict):
+            click.echo(line)
+    else:
+        for f in report.findings:
+            click.echo(text_line(f))
+        click.echo(summary(report, strict))
+    if junit is not None:
+        write_atomic(junit, junit_xml(report, strict))
+    if not report.passed(strict):
+        click.get_current_context().exit(3)
+
+
+def text_line(f: Finding) -> str:
+    """``SEVERITY CODE module: message``."""
+    where = f" {f.module}" if f.module else ""
+    return f"{f.severity.upper()} {f.code}{where}: {f.message}"
+
+
+def summary(report: ValidationReport, strict: bool = False) -> str:
+    """One line: verdict, counts, rules checked."""
+    verdict = "ok" if report.passed(strict) else "FAILED"
+    if strict and report.ok and not report.passed(strict):
+        verdict += " (--strict: warnings count as errors)"
+    counts = (
+        f"{report.errors} error(s), {report.warnings} warning(s), {report.infos} info; "
+        f"{len(report.rules_checked)} rules checked (target {report.target}"
+        + (f", base {report.base}, {report.matched_modules} modules matched" if report.base else "")
+        + ")"
+    )
+    return f"{verdict}: {counts}"
+
+
+def _escape_data(s: str) -> str:
+    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _escape_property(s: str) -> str:
+    return _escape_data(s).replace(":", "%3A").replace(",", "%2C")
+
+
+def github_lines(report: ValidationReport, strict: bool = False) -> list[str]:
+    """GitHub workflow commands: ``::error title=AC201::module: message`` (info -> notice)."""
+    lines = []
+    for f in report.findings:
+        level = {"error": "error", "warning": "warning", "info": "notice"}[f.severity]
+        if strict and level == "warning":
+            level = "error"
+        where = f"{f.module}: " if f.module else ""
+        lines.append(
+            f"::{level} title={_escape_property(f.code)}::{_escape_data(where + f.message)}"
+        )
+    lines.append(f"::notice title=adapterctl validate::{_escape_data(summary(report, strict))}")
+    return lines
+
+
+def junit_xml(report: ValidationReport, strict: bool = False) -> str:
+    """A JUnit report: one testcase per rule in ``RULES``; a failure for each failing rule
+    (errors, and warnings with ``strict``), ``<skipped>`` for rules that did not apply."""
+    import xml.etree.ElementTree as ET
+
+    from adapterctl.validate import RULES, skip_reason
+
+    has_base = report.base is not None
+    suite = ET.Element("testsuite", name=f"adapterctl validate {report.source}")
+    failures = skipped = 0
+    for code, rule in sorted(RULES.items()):
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"adapterctl.validate.{rule.scope}",
+            name=f"{code} {rule.name}: {rule.description}",
+        )
+        if code not in report.rules_checked:
+            ET.SubElement(case, "skipped", message=skip_reason(rule, report.target, has_base))
+            skipped += 1
+            continue
+        found = report.findings_for(code)
+        failing = [
+            f for f in found if f.severity == "error" or (strict and f.severity == "warning")
+        ]
+        body = "\n".join(text_line(f) for f in found)
+        if failing:
+            failures += 1
+            el = ET.SubElement(case, "failure", message=failing[0].message, type=rule.severity)
+            el.text = body
+        elif found:
+            ET.SubElement(case, "system-out").text = body
+    suite.set("tests", str(len(RULES)))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    suite.set("skipped", str(skipped))
+    root = ET.Element("testsuites", name="adapterctl validate")
+    root.set("tests", str(len(RULES)))
+    root.set("failures", str(failures))
+    root.set("errors", "0")
+    root.set("skipped", str(skipped))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling of ``path``, then rename it into place."""
+    from adapterctl.errors import OperationalError
+
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OperationalError(
+            f"{path}: cannot write the JUnit report ({exc.strerror or exc}); check the folder"
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

@@ -7,12 +7,15 @@ trained ``rank``); we never assume alpha = r.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from adapterctl.adapter import Adapter, TensorSource
 from adapterctl.config import AdapterConfig
-from adapterctl.errors import UsageError
+from adapterctl.errors import BrokenFile, UsageError
 from adapterctl.formats import ReadOptions
 from adapterctl.formats.peft import _LORA_KEY, parse_tensors
 from adapterctl.hookspecs import hookimpl
@@ -40,7 +43,9 @@ class BareSafetensors:
             {
                 t.shape[0]
                 for k, t in tensors.items()
-                if (m := _LORA_KEY.match(k)) and m["part"] in ("lora_A", "lora_embedding_A")
+                if (m := _LORA_KEY.match(k))
+                and m["part"] in ("lora_A", "lora_embedding_A")
+                and t.shape  # a 0-d factor is refused with the shape check below
             }
         )
         if options.alpha is None:
@@ -48,6 +53,8 @@ class BareSafetensors:
                 f"{path}: a bare .safetensors has no adapter_config.json, so its scale "
                 "(alpha/r) is unknown; pass --alpha (and --rank) or add the config"
             )
+        if not math.isfinite(options.alpha):
+            raise UsageError(f"--alpha {options.alpha} is not a finite number; pass a real alpha")
         rank = options.rank if options.rank is not None else (ranks[0] if ranks else 8)
         # Without --rank, each module's rank comes from its tensors; alpha scales each as
         # alpha/r. With --rank, the declared rank is checked against the tensors (validate).
@@ -56,15 +63,19 @@ class BareSafetensors:
             m = _LORA_KEY.match(k)
             if options.rank is not None or not m:
                 continue
-            if m["part"] in ("lora_A", "lora_embedding_A") and t.shape[0] != rank:
+            if m["part"] in ("lora_A", "lora_embedding_A") and t.shape and t.shape[0] != rank:
                 rank_pattern[f"^{_escape(m['module'])}"] = int(t.shape[0])
-        config = AdapterConfig(
-            r=rank,
-            lora_alpha=options.alpha,
-            rank_pattern=rank_pattern,
-            use_dora=any("lora_magnitude_vector" in k for k in tensors),
-            base_model_name_or_path=_meta_base(header.metadata),
-        )
+        try:
+            config = AdapterConfig(
+                r=rank,
+                lora_alpha=options.alpha,
+                rank_pattern=rank_pattern,
+                use_dora=any("lora_magnitude_vector" in k for k in tensors),
+                base_model_name_or_path=_meta_base(header.metadata),
+            )
+        except ValidationError as exc:
+            msg = exc.errors()[0]["msg"]
+            raise BrokenFile(f"{path}: {msg} (a lora_A has rank 0?); re-save the adapter") from None
         return parse_tensors(tensors, config, path, self.name, [path])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ _LORA_KEY = re.compile(
     r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?P<adapter>(?!weight$|bias$)[^.]+))?(?:\.(?P<param>weight|bias))?$"
 )
-_SAVED_COPY = re.compile(r"\.modules_to_save\.[^.]+\.|\.original_module\.")
+# ``….modules_to_save[.<adapter>].weight`` (the trained copy; bias="all" also saves it with
+# the adapter name stripped) and ``….original_module.weight`` (the frozen original).
+_SAVED_COPY = re.compile(r"\.modules_to_save\.(?:[^.]+\.(?=[^.]+$))?")
+_ORIGINAL = ".original_module."
 
 
 def read_config(path: Path) -> AdapterConfig:
@@ -35,7 +39,7 @@ def read_config(path: Path) -> AdapterConfig:
     check_not_pointer(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BrokenFile(f"{path}: invalid JSON ({exc}); fix or re-save the config") from None
     if not isinstance(data, dict):
         raise BrokenFile(f"{path}: expected a JSON object; fix or re-save the config")
@@ -72,10 +76,24 @@ def parse_tensors(
         target = key.removeprefix("base_model.model.")
         if ".lora_" in target or not target.endswith((".weight", ".bias")):
             unknown.append(key)
+            continue
+        base = _SAVED_COPY.sub(".", target).replace(".base_layer.", ".").replace(_ORIGINAL, ".")
+        if _SAVED_COPY.search(target) and (
+            base in tensors or "base_model.model." + base in tensors
+        ):
+            continue  # a second name for a trained copy saved under its plain name too
+        if _ORIGINAL in target:
+            extras.append(ExtraTensor(base, "base_layer", src))  # frozen, not trained
+        elif _in_modules_to_save(base, config.modules_to_save):
+            extras.append(ExtraTensor(base, "modules_to_save", src))
+        elif base.endswith(".bias") and config.bias != "none":
+            # bias="all"/"lora_only" trains biases in place, those of wrapped layers too
+            # (saved as ``….base_layer.bias``): trained, not frozen copies.
+            extras.append(ExtraTensor(base, "bias", src))
         elif ".base_layer." in target:
-            extras.append(ExtraTensor(target.replace(".base_layer.", "."), "base_layer", src))
+            extras.append(ExtraTensor(base, "base_layer", src))
         else:
-            extras.append(ExtraTensor(_SAVED_COPY.sub(".", target), "modules_to_save", src))
+            extras.append(ExtraTensor(base, "modules_to_save", src))
 
     modules: dict[str, LoraModule] = {}
     incomplete: list[str] = []
@@ -86,6 +104,7 @@ def parse_tensors(
         if a is None or b is None:
             incomplete.append(name)
             continue
+        _check_factor_shapes(path, name, a, b)
         layout: Layout
         if embedding:
             layout = "embedding"
@@ -106,10 +125,32 @@ def parse_tensors(
             magnitude=p.get("lora_magnitude_vector"),
             bias=p.get("lora_B.bias"),
         )
+    notes = list(warnings or []) + config.pattern_overlaps(list(modules))
     return Adapter(
         path=path, format=fmt, config=config, modules=modules, extras=extras, files=files,
-        warnings=list(warnings or []), unknown_tensors=unknown, incomplete=incomplete,
+        warnings=notes, unknown_tensors=unknown, incomplete=incomplete,
     )  # fmt: skip
+
+
+def _check_factor_shapes(path: Path, module: str, a: TensorSource, b: TensorSource) -> None:
+    """A is (r, in, …) and B is (out, r, …) with the same r ≥ 1; anything else is broken."""
+    ok = len(a.shape) >= 2 and len(b.shape) >= 2 and all(d > 0 for d in (*a.shape, *b.shape))
+    if not ok or a.shape[0] != b.shape[1]:
+        # 1-D or empty factors are what DeepSpeed ZeRO-3 / FSDP save when shards were not
+        # gathered first: say so, it is the usual cause.
+        hint = "" if ok else " (ungathered ZeRO-3/FSDP shards?)"
+        raise BrokenFile(
+            f"{path}: module {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
+            f"not (r, in) and (out, r) with one rank r >= 1{hint}; re-save the adapter"
+            + (" with gathered parameters" if hint else "")
+        )
+
+
+def _in_modules_to_save(param: str, names: list[str] | None) -> bool:
+    """True if ``param`` (``classifier.weight``) belongs to a ``modules_to_save`` module,
+    matched as PEFT matches them: the whole module name or its dotted suffix."""
+    module = param.rsplit(".", 1)[0]
+    return any(module == n or module.endswith("." + n) for n in names or [])
 
 
 def load_bin(path: Path) -> dict[str, TensorSource]:
@@ -120,21 +161,48 @@ def load_bin(path: Path) -> dict[str, TensorSource]:
 
     check_not_pointer(path)
     try:
-        obj: Any = torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols on stderr; the error below says all there is.
+            warnings.simplefilter("ignore")
+            obj: Any = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
         raise BrokenFile(
-            f"{path}: not a loadable tensor checkpoint ({first[:120]}); "
-            "re-save the adapter as safetensors"
+            f"{path}: refused by torch.load(weights_only=True) ({_unpickler_reason(exc)}): it "
+            "holds more than tensors or is not a torch file; re-save the adapter as safetensors"
         ) from None
-    if not isinstance(obj, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
+    except (RuntimeError, EOFError, ValueError, OSError, RecursionError) as exc:
+        raise BrokenFile(
+            f"{path}: truncated or not a torch checkpoint ({_first_sentence(exc)}); "
+            "re-download it or re-save the adapter as safetensors"
+        ) from None
+    if not isinstance(obj, dict):
         raise BrokenFile(
             f"{path}: holds a {type(obj).__name__}, not a dict of tensors; "
             "re-save the adapter as safetensors"
         )
+    for k, v in obj.items():
+        if not (isinstance(k, str) and isinstance(v, torch.Tensor)):
+            raise BrokenFile(
+                f"{path}: entry {k!r} holds a {type(v).__name__}, not a tensor; "
+                "re-save the adapter as safetensors"
+            )
     return {k: MemoryTensor(k, v) for k, v in obj.items()}
+
+
+def _first_sentence(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text.split(". ")[0].rstrip(".")[:160]) or type(exc).__name__
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The one informative line of torch's long weights-only refusal."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = [ln.strip() for ln in text.split(marker, 1)[1].splitlines() if ln.strip()]
+        if rest:
+            return rest[0].split(". ")[0].rstrip(".")[:160]
+    return _first_sentence(exc)
 
 
 class PeftFolder:
