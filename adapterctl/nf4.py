@@ -419,11 +419,14 @@ def _quantize_optimal(
 ) -> tuple[torch.Tensor, torch.Tensor, _Nested]:
     """Per-block error-minimising scales (see :func:`quantize`)."""
     blocks = _blocks(weight.detach(), blocksize)  # (n_blocks, blocksize)
-    scales = _search_scales(blocks, quant_type, grid)  # (n_blocks,)
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    scales = absmax * _search_ratios(blocks, absmax, quant_type, grid)  # (n_blocks,)
     nested: _Nested = None
     if double_quant:
         nested_absmax, nested_code, q8, offset = _double_quantize(scales)
-        q8 = _refine_nested_codes(blocks, quant_type, nested_absmax, nested_code, q8, offset)
+        q8 = _refine_nested_codes(
+            blocks, absmax, quant_type, nested_absmax, nested_code, q8, offset
+        )
         nested = (nested_absmax, nested_code, q8, offset)
         scales = _dequantize_nested(q8, nested_absmax, nested_code, NESTED_BLOCKSIZE, offset)
     q = torch.empty(blocks.shape, dtype=torch.uint8, device=blocks.device)  # (n_blocks, bs)
@@ -433,36 +436,41 @@ def _quantize_optimal(
     return packed, (nested[2] if nested is not None else scales), nested
 
 
-def _search_scales(blocks: torch.Tensor, quant_type: str, grid: int) -> torch.Tensor:
-    """Per block, the scale with the least squared error over a grid, then refined."""
-    scales = torch.empty(blocks.shape[0], dtype=torch.float32, device=blocks.device)
-    ts = torch.linspace(0.5, 1.0, grid) if grid > 1 else torch.ones(1)
+def _search_ratios(
+    blocks: torch.Tensor, absmax: torch.Tensor, quant_type: str, grid: int
+) -> torch.Tensor:
+    """Per block, the ratio t = scale / absmax with the least squared error.
+
+    A coarse grid of ``grid`` ratios in [0.5, 1], two halvings of the step around each block's
+    best, then two Lloyd steps (the least-squares scale for the chosen codes). Errors are
+    measured on ``u = x / absmax`` (the same per-block ordering as on ``x``).
+    """
+    lut = _lut(quant_type, blocks.device)
+    ratios = torch.ones_like(absmax)  # (n_blocks,)
+    coarse = torch.linspace(0.5, 1.0, grid).tolist() if grid > 1 else [1.0]
+    step = 0.5 / max(grid - 1, 1)
     for sl in _chunks(blocks.shape[0], blocks.shape[1]):
-        x = blocks[sl]  # (chunk, blocksize)
-        absmax = x.abs().amax(dim=1)  # (chunk,)
-        best_s = absmax.clone()
-        best_err = torch.full_like(absmax, math.inf)  # (chunk,)
-        for t in ts.tolist():
-            s = absmax * t  # (chunk,)
-            err = _block_error(x, s, quant_type)
-            better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.where(better, err, best_err)
-        # Lloyd steps: the least-squares scale for the chosen codes, then codes for that scale.
-        code = _code(quant_type, x.device)
-        for _ in range(3):
-            c = code[_nearest(x, best_s, quant_type).long()]  # (chunk, blocksize)
-            s = (x * c).sum(dim=1) / (c * c).sum(dim=1).clamp(min=1e-30)  # (chunk,)
-            err = _block_error(x, s, quant_type)
-            better = err < best_err
-            best_s = torch.where(better, s, best_s)
-            best_err = torch.where(better, err, best_err)
-        scales[sl] = best_s
-    return scales
+        u = _normalised(blocks[sl], absmax[sl])  # (chunk, blocksize)
+        best_t = torch.ones(u.shape[0], 1, device=u.device)  # (chunk, 1)
+        best_err = torch.full_like(best_t, math.inf)
+        for t in coarse:
+            best_t, best_err = _keep_better(u, lut, torch.full_like(best_t, t), best_t, best_err)
+        for half in (step / 2, step / 4):
+            for sign in (-1.0, 1.0):
+                cand = best_t + sign * half
+                best_t, best_err = _keep_better(u, lut, cand, best_t, best_err)
+        for _ in range(2):
+            c = _lookup(u, best_t, lut)  # (chunk, blocksize)
+            cand = (u * c).sum(dim=1, keepdim=True) / (c * c).sum(dim=1, keepdim=True)
+            cand = torch.nan_to_num(cand, nan=1.0)
+            best_t, best_err = _keep_better(u, lut, cand, best_t, best_err)
+        ratios[sl] = best_t.squeeze(1)
+    return ratios
 
 
 def _refine_nested_codes(
     blocks: torch.Tensor,
+    absmax: torch.Tensor,
     quant_type: str,
     nested_absmax: torch.Tensor,
     nested_code: torch.Tensor,
@@ -475,24 +483,83 @@ def _refine_nested_codes(
     The nested absmax and offset are stored as they are, so any 8-bit code is a legal scale;
     the neighbours of the rounded one are the scales the reader can get near the ideal one.
     """
-    n_blocks = q8.numel()
-    nested_of = torch.arange(n_blocks, device=q8.device) // NESTED_BLOCKSIZE  # (n_blocks,)
+    lut = _lut(quant_type, blocks.device)
+    nested_of = torch.arange(q8.numel(), device=q8.device) // NESTED_BLOCKSIZE  # (n_blocks,)
     off = torch.tensor(offset, dtype=torch.float32, device=q8.device)
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # (n_blocks,)
     best_q = q8.clone()
-    for sl in _chunks(n_blocks, blocks.shape[1]):
-        x = blocks[sl]  # (chunk, blocksize)
+    for sl in _chunks(q8.numel(), blocks.shape[1]):
+        u = _normalised(blocks[sl], absmax[sl])  # (chunk, blocksize)
         a2 = nested_absmax[nested_of[sl]]  # (chunk,)
         q0 = q8[sl].long()  # (chunk,)
-        best_err = _block_error(x, nested_code[q0] * a2 + off, quant_type)  # (chunk,)
+
+        def ratio(k: torch.Tensor, sl: slice = sl, a2: torch.Tensor = a2) -> torch.Tensor:
+            return ((nested_code[k] * a2 + off) * inv[sl]).unsqueeze(1)  # (chunk, 1)
+
+        best_t = ratio(q0)
+        best_err = _ratio_error(u, best_t, lut)  # (chunk, 1)
+        chosen = q0
         for step in range(-radius, radius + 1):
             if step == 0:
                 continue
             k = (q0 + step).clamp(0, nested_code.numel() - 1)  # (chunk,)
-            err = _block_error(x, nested_code[k] * a2 + off, quant_type)
+            err = _ratio_error(u, ratio(k), lut)
             better = err < best_err
-            best_q[sl] = torch.where(better, k.to(torch.uint8), best_q[sl])
+            chosen = torch.where(better.squeeze(1), k, chosen)
             best_err = torch.where(better, err, best_err)
+        best_q[sl] = chosen.to(torch.uint8)
     return best_q
+
+
+# Bins of the round-to-nearest lookup table used by the scale search (not by the final codes,
+# which use exact rounding): a value within 1/_LUT_BINS of a rounding boundary may get the
+# other neighbour, which changes its error by a second-order amount.
+_LUT_BINS = 4096
+_LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _lut(quant_type: str, device: torch.device) -> torch.Tensor:
+    """Nearest code value for u = p / (_LUT_BINS / 2) − 1, p = 0.._LUT_BINS: (_LUT_BINS + 1,)."""
+    key = (quant_type, device)
+    if key not in _LUTS:
+        _, values, _ = _codes(quant_type, device)
+        u = torch.arange(_LUT_BINS + 1, dtype=torch.float32, device=device) / (_LUT_BINS / 2) - 1
+        _LUTS[key] = values[torch.bucketize(u, (values[:-1] + values[1:]) / 2)]
+    return _LUTS[key]
+
+
+def _normalised(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """x / absmax per block (all-zero blocks stay zero): (chunk, blocksize)."""
+    inv = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))  # (chunk,)
+    return x * inv.unsqueeze(1)
+
+
+def _lookup(u: torch.Tensor, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """The nearest code value of u / t (t > 0), via the lookup table: (chunk, blocksize)."""
+    h = (lut.numel() - 1) / 2
+    v = (u * (h / t)).clamp_(-h, h).add_(h + 0.5)  # (chunk, blocksize)
+    return lut.index_select(0, v.to(torch.int32).view(-1)).view_as(u)
+
+
+def _ratio_error(u: torch.Tensor, t: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """Σ (u − t·code(u / t))² per block, +inf where t ≤ 0: (chunk, 1)."""
+    ok = t > 0
+    t_safe = torch.where(ok, t, torch.ones_like(t))  # (chunk, 1)
+    d = _lookup(u, t_safe, lut).mul_(-t_safe).add_(u)  # (chunk, blocksize)
+    err = (d * d).sum(dim=1, keepdim=True)
+    return torch.where(ok, err, torch.full_like(err, math.inf))
+
+
+def _keep_better(
+    u: torch.Tensor,
+    lut: torch.Tensor,
+    cand: torch.Tensor,
+    best: torch.Tensor,
+    best_err: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    err = _ratio_error(u, cand, lut)  # (chunk, 1)
+    better = err < best_err
+    return torch.where(better, cand, best), torch.where(better, err, best_err)
 
 
 def _double_quantize(
@@ -549,13 +616,6 @@ def _nearest(x: torch.Tensor, scales: torch.Tensor, quant_type: str) -> torch.Te
     if quant_type != "nf4":  # NF4's table is already sorted
         idx = order[idx]
     return idx.to(torch.uint8)
-
-
-def _block_error(x: torch.Tensor, scales: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Squared reconstruction error per block with nearest codes at ``scales``: (n_blocks,)."""
-    code = _code(quant_type, x.device)
-    recon = code[_nearest(x, scales, quant_type).long()] * scales.unsqueeze(1)  # (n_blocks, bs)
-    return (x - recon).square().sum(dim=1)
 
 
 def _sq_error(
