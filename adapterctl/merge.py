@@ -149,7 +149,7 @@ class QuantSpec:
         for d in shape:
             numel *= d
         blocks = -(-numel // self.blocksize)
-        out = [(name, "U8", ((numel + 1) // 2, 1))]
+        out: list[tuple[str, str, tuple[int, ...]]] = [(name, "U8", ((numel + 1) // 2, 1))]
         if self.double_quant:
             out += [
                 (f"{name}.absmax", "U8", (blocks,)),
@@ -791,7 +791,7 @@ def _read_tensor(info: TensorInfo, pin: bool) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
     with open(info.path, "rb", buffering=0) as fh:
         fh.seek(info.start)
-        view = memoryview(buf.numpy()) if info.nbytes else memoryview(b"")
+        view = _buffer(buf.numpy()) if info.nbytes else memoryview(b"")
         got = 0
         while got < info.nbytes:
             n = fh.readinto(view[got:])
@@ -899,7 +899,7 @@ def _write_job(
         for chunk in _merged_rows(job, w, dev, factors, ws):
             host = ws.host(chunk, out_dtype)
             host.copy_(chunk)  # the one rounding: float32 -> output dtype
-            fh.write(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
+            fh.write(_buffer(host.reshape(-1).view(torch.uint8).numpy()))
         return None
     from adapterctl import nf4
 
@@ -922,7 +922,7 @@ def _write_job(
         data = stored[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
             raise OperationalError(f"internal: {name} has {data.numel()} bytes, planned {nbytes}")
-        fh.write(memoryview(data.numpy()))
+        fh.write(_buffer(data.numpy()))
     if not job.merged:
         return None
     base32 = w.to(dev, torch.float32)
@@ -933,6 +933,11 @@ def _write_job(
         delta_norm=float(delta.norm()),
         delta_error=nf4.delta_error(base32, delta, requant),
     )
+
+
+def _buffer(array: Any) -> memoryview:
+    """A numpy array's bytes as a memoryview (no copy)."""
+    return memoryview(array)
 
 
 def _pad_state(state: torch.Tensor) -> torch.Tensor:

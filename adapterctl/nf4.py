@@ -49,7 +49,8 @@ _STORAGE_DTYPES = ("uint8", "int8", "float16", "bfloat16", "float32", "float64")
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 
 # The 4-bit code tables as bitsandbytes builds them (get_4bit_type): NF4 holds quantiles of
-# N(0, 1); FP4 is listed in bit-pattern order (sign, 2 exponent bits, 1 mantissa bit), / 12.
+# N(0, 1); FP4 is listed in bit-pattern order (sign, 2 exponent bits, 1 mantissa bit), / 12,
+# with +0.0 for the negative zero code, as bitsandbytes has it.
 _NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -57,7 +58,7 @@ _NF4_VALUES = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )  # fmt: skip
 _FP4_VALUES = (
-    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0
+    0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0
 )  # fmt: skip
 
 # Chunk size (values) for the scale search: bounds the search's temporaries to a few MB.
@@ -295,7 +296,7 @@ def quantize(
     quant_storage: torch.dtype | str = torch.uint8,
     dtype: torch.dtype | str | None = None,
     method: str = "absmax",
-    grid: int = 32,
+    grid: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Quantise one weight to 4 bits and return its tensors as transformers serialises them.
 
@@ -303,13 +304,14 @@ def quantize(
     (each block scaled by its absolute maximum, codes rounded to nearest), which is what
     transformers does when loading with ``load_in_4bit`` and what PEFT's ``merge_and_unload``
     does for a 4-bit base. ``method="optimal"`` picks, per block, the stored scale that
-    minimises the block's squared reconstruction error: a grid of ``grid`` scales
-    ``absmax · t`` for ``t`` in [0.5, 1], refined by alternating least-squares scale and
-    nearest codes; with double quantisation the scales are then 8-bit quantised as
-    bitsandbytes does, each block's 8-bit scale code is re-chosen among its neighbours for the
-    least error *after* that round trip, and the codes are re-picked for the scale the reader
-    will actually use. It falls back to the absmax result for the rare weight where that is
-    better, so it is never worse than ``absmax``.
+    minimises the block's squared reconstruction error: ``grid`` ratios ``t`` in [0.5, 1] of the
+    block's absmax, two halvings of the grid step around the best, and two Lloyd steps (the
+    least-squares scale for the chosen codes). With double quantisation the scales are then
+    8-bit quantised as bitsandbytes does, each block's 8-bit scale code is re-chosen among its
+    ±2 neighbours for the least error *after* that round trip, and the 4-bit codes are rounded
+    for the scale the reader will actually use. The absmax result is kept for the rare weight
+    where it is better, so ``optimal`` is never worse than ``absmax``. It costs about eight
+    times as much (a 4096×4096 weight: ~3 s on two CPU cores, ~0.4 s for absmax).
 
     Args:
         weight: the weight (any float dtype, any device), in its logical shape.
@@ -323,7 +325,7 @@ def quantize(
             (default: the weight's dtype if 16/32-bit float, else float32). The weight's
             values are quantised as given (in float32), whatever this says.
         method: ``"absmax"`` or ``"optimal"``.
-        grid: number of candidate scales per block for ``"optimal"``.
+        grid: number of coarse candidate ratios per block for ``"optimal"``.
 
     Returns:
         ``{prefix: packed, prefix.absmax, prefix.quant_map, [prefix.nested_absmax,
@@ -335,7 +337,8 @@ def quantize(
 
     Example:
         >>> out = quantize(w, "model.layers.0.mlp.up_proj.weight", method="optimal")
-        >>> torch.equal(dequantize(out, "model.layers.0.mlp.up_proj.weight").shape, w.shape)
+        >>> dequantize(out, "model.layers.0.mlp.up_proj.weight").shape == w.shape
+        True
     """
     if compress_statistics is not None:
         double_quant = compress_statistics

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from typing import Any
 
 import pluggy
@@ -56,7 +55,7 @@ def collect(hook_name: str) -> list[Any]:
             names[name] = item
         items.append(item)
 
-    hook: Callable[..., Any] = getattr(manager().hook, hook_name)
+    hook: Any = getattr(manager().hook, hook_name)
     # pluggy calls the most recently registered first; reverse so built-ins come first.
     for impl in reversed(hook.get_hookimpls()):
         impl.function(register=register)

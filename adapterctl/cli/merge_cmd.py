@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -108,8 +110,8 @@ class _progress:
     """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
 
     def __init__(self, quiet: bool) -> None:
-        self.bar = None
-        self.task = None
+        self.bar: Any = None
+        self.task: Any = None
         if not quiet and sys.stderr.isatty():
             from rich.progress import (
                 BarColumn,
@@ -126,7 +128,7 @@ class _progress:
                 TimeRemainingColumn(), console=console(stderr=True), transient=True,
             )  # fmt: skip
 
-    def __enter__(self) -> object:
+    def __enter__(self) -> Callable[[int, int], None] | None:
         if self.bar is None:
             return None
         self.bar.__enter__()
@@ -134,7 +136,7 @@ class _progress:
 
         def update(done: int, total: int) -> None:
             assert self.bar is not None
-            self.bar.update(self.task, completed=done, total=total)  # type: ignore[arg-type]
+            self.bar.update(self.task, completed=done, total=total)
 
         return update
 

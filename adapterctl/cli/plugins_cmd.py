@@ -17,13 +17,11 @@ def plugins_command(as_json: bool) -> None:
     from adapterctl.formats import formats
     from adapterctl.plugins import plugin_names
 
-    data = {
-        "plugins": plugin_names(),
-        "formats": [{"name": f.name, "description": f.description} for f in formats()],
-    }
+    names = plugin_names()
+    fmts = [{"name": f.name, "description": f.description} for f in formats()]
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(json.dumps({"plugins": names, "formats": fmts}, indent=2))
         return
-    click.echo("plugins: " + ", ".join(data["plugins"]))
-    for f in data["formats"]:
+    click.echo("plugins: " + ", ".join(names))
+    for f in fmts:
         click.echo(f"format {f['name']}: {f['description']}")

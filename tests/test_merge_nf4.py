@@ -1,0 +1,197 @@
+"""Merging into bitsandbytes NF4 bases: dequantised output, and 4-bit output (--quantize nf4).
+
+The oracle for a 4-bit base is bitsandbytes' own dequantisation of the weights transformers
+loads; PEFT's ``merge_and_unload`` into the same 4-bit model is the peer to beat on delta error.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from builders import llama_model, peft_adapter, save_base
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from adapterctl import nf4
+from adapterctl.checkpoint import open_checkpoint
+from adapterctl.cli import cli
+from adapterctl.formats import read
+from adapterctl.merge import merge
+
+pytest.importorskip("bitsandbytes")
+
+
+def _load_4bit(path: Path, compute: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cfg = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=cfg, device_map="cpu"
+        ).eval()
+
+
+def _dequantized_linears(model: Any) -> dict[str, torch.Tensor]:
+    """name.weight -> float32 weight, dequantised by bitsandbytes, for every 4-bit layer."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            out[f"{name}.weight"] = bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return out
+
+
+@pytest.fixture(scope="module")
+def nf4_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny Llama (hidden 64 so blocks are real), its NF4 checkpoint (compute dtype bf16 and
+    fp32) and a QLoRA-style adapter trained on it (random factors)."""
+    d = tmp_path_factory.mktemp("nf4")
+    model = llama_model(hidden=64, vocab=96)
+    base16 = save_base(model, d / "base16")
+    out: dict[str, Any] = {"dir": d, "base16": base16}
+    for name, compute in (("nf4_bf16", torch.bfloat16), ("nf4_fp32", torch.float32)):
+        q = _load_4bit(base16, compute)
+        q.save_pretrained(d / name)
+        out[name] = d / name
+    pm, adapter = peft_adapter(copy.deepcopy(model), d / "adapter", target_modules="all-linear")
+    out["adapter"] = adapter
+    out["deltas"] = {
+        f"{name.removeprefix('base_model.model.')}.weight": m.get_delta_weight("default").detach()
+        for name, m in copy.deepcopy(pm).double().named_modules()
+        if hasattr(m, "get_delta_weight") and "default" in getattr(m, "lora_A", {})
+    }
+    return out
+
+
+def test_default_output_is_dequantised_plus_delta_rounded_once(
+    nf4_setup: dict[str, Any], tmp_path: Path
+) -> None:
+    base = nf4_setup["nf4_bf16"]
+    ckpt = open_checkpoint(base)
+    assert ckpt.quantization == "nf4"
+    report = merge(ckpt, [read(nf4_setup["adapter"])], tmp_path / "o", device="cpu")
+    assert any("4-bit" in w for w in report.warnings)
+    ours = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert not any(".absmax" in k or "quant_state" in k for k in ours)
+    deq = _dequantized_linears(_load_4bit(base, torch.bfloat16))
+    assert deq
+    for name, w in deq.items():
+        want = (w.double() + nf4_setup["deltas"][name]).to(torch.bfloat16)
+        got = ours[name]
+        assert got.dtype == torch.bfloat16
+        # rounded once: within half a bf16 ulp of the float64 value (plus float32 noise)
+        exact = w.double() + nf4_setup["deltas"][name]
+        err = (got.double() - exact).abs()
+        tol = exact.abs() * 2**-8 + exact.abs().max() * 2e-6  # bf16: eps/2 = 2^-8
+        assert bool((err <= tol).all()), name
+        assert float((got != want).float().mean()) < 1e-3, name
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert "quantization_config" not in config
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "o")  # loads as a plain 16-bit model
+
+
+def test_quantize_nf4_loads_and_gives_the_logits_its_weights_imply(
+    nf4_setup: dict[str, Any], tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = nf4_setup["nf4_fp32"]
+    r = CliRunner().invoke(
+        cli,
+        ["merge", str(base), str(nf4_setup["adapter"]), "-o", str(tmp_path / "o"),
+         "--quantize", "nf4", "--json"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["quantize"] == "nf4" and report["delta_error"] is not None
+    assert len(report["layers"]) == len(nf4_setup["deltas"])
+    q = _load_4bit(tmp_path / "o", torch.float32)
+    stored = load_file(str(tmp_path / "o" / "model.safetensors"))
+    deq = _dequantized_linears(q)
+    for name, w in deq.items():
+        assert torch.equal(w, nf4.dequantize(stored, name)), name
+    # A float32 model holding exactly those weights gives the same logits as the 4-bit one.
+    plain = AutoModelForCausalLM.from_pretrained(nf4_setup["base16"]).eval()
+    state = plain.state_dict()
+    for name, w in deq.items():
+        state[name] = w
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+        state[name] = stored[name].float()
+    plain.load_state_dict(state)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_delta_error_no_worse_than_peft(nf4_setup: dict[str, Any], tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    base = nf4_setup["nf4_fp32"]
+    before = _dequantized_linears(_load_4bit(base, torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = PeftModel.from_pretrained(
+            _load_4bit(base, torch.float32), nf4_setup["adapter"]
+        ).merge_and_unload()
+    after_peft = _dequantized_linears(peft_merged)
+    report = merge(
+        open_checkpoint(base), [read(nf4_setup["adapter"])], tmp_path / "o", quantize="nf4"
+    )
+    stored = load_file(str(tmp_path / "o" / "model.safetensors"))
+
+    def total(after: dict[str, torch.Tensor]) -> float:
+        num = den = 0.0
+        for name, w in before.items():
+            d = nf4_setup["deltas"][name]
+            num += float(((after[name].double() - w.double()) - d).square().sum())
+            den += float(d.square().sum())
+        return (num / den) ** 0.5
+
+    ours = total({n: nf4.dequantize(stored, n) for n in before})
+    peft = total(after_peft)
+    assert ours <= peft + 1e-9, (ours, peft)
+    assert report.delta_error == pytest.approx(ours, rel=1e-3)
+
+
+def test_quantize_from_16bit_base_loads(nf4_setup: dict[str, Any], tmp_path: Path) -> None:
+    report = merge(
+        open_checkpoint(nf4_setup["base16"]), [read(nf4_setup["adapter"])], tmp_path / "o",
+        quantize="nf4", quant_method="absmax",
+    )  # fmt: skip
+    assert report.delta_error is not None
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["bnb_4bit_quant_type"] == "nf4" and qc["load_in_4bit"]
+    q = _load_4bit(tmp_path / "o", torch.float32)
+    stored = load_file(str(tmp_path / "o" / "model.safetensors"))
+    for name, w in _dequantized_linears(q).items():
+        assert torch.equal(w, nf4.dequantize(stored, name))
+
+
+def test_max_delta_error_fails_and_leaves_nothing(
+    nf4_setup: dict[str, Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    r = CliRunner().invoke(
+        cli,
+        ["merge", str(nf4_setup["nf4_fp32"]), str(nf4_setup["adapter"]), "-o", str(out),
+         "--quantize", "nf4", "--max-delta-error", "0.0001"],
+    )  # fmt: skip
+    assert r.exit_code == 3
+    assert "--max-delta-error" in r.output
+    assert not out.exists()
+    assert not list(tmp_path.glob(".o.partial-*"))
