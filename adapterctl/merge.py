@@ -68,6 +68,7 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "spiece.model", "vocab.txt",
 )  # fmt: skip
+_QUANT_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _VOCAB_TENSORS = ("embed_tokens", "wte", "word_embeddings", "lm_head")
 PAUSE_ENV = "ADAPTERCTL_TEST_PAUSE_AT"  # test-only: pause before writing tensor N (see tests)
 
@@ -90,6 +91,7 @@ class Job:
     out_dtype: str  # logical output dtype (the compute dtype when quantised)
     source: TensorInfo | None = None  # the base tensor as stored
     quant_in: QuantInfo | None = None  # the base stores this weight in 4-bit
+    quant_aux: list[TensorInfo] = field(default_factory=list)  # its 4-bit statistics
     replace: TensorSource | None = None  # a full copy saved in the adapter replaces the base's
     deltas: list[Delta] = field(default_factory=list)
     dora: Delta | None = None
@@ -128,8 +130,8 @@ class Job:
     def nbytes_in(self) -> int:
         if self.replace is not None:
             return 0
-        if self.quant_in is not None:
-            return self.source.nbytes * 2 if self.source else 0  # packed weight + statistics
+        if self.quant_in is not None and self.source is not None:
+            return self.source.nbytes + sum(t.nbytes for t in self.quant_aux)
         return self.source.nbytes if self.source else 0
 
 
@@ -313,7 +315,14 @@ def plan_merge(
                 continue  # 4-bit statistics travel with their weight
             shape, logical = weights_logical[name]
             out = force if (force and logical in FLOAT_DTYPES) else logical
-            jobs[name] = Job(name, shape, out, source=info, quant_in=base.quant.get(name))
+            quant = base.quant.get(name)
+            jobs[name] = Job(name, shape, out, source=info, quant_in=quant)
+            if quant is not None:
+                jobs[name].quant_aux = [
+                    base.tensors[f"{name}{suffix}"]
+                    for suffix in _QUANT_AUX_SUFFIXES
+                    if f"{name}{suffix}" in base.tensors
+                ] + [base.tensors[f"{name}.quant_state.bitsandbytes__{quant.quant_type}"]]
     added: list[str] = []
     extra_owner: dict[str, Path] = {}
     for adapter, w in zip(adapters, weights, strict=True):
@@ -772,16 +781,7 @@ def _load_inputs(job: Job, pin: bool) -> dict[str, torch.Tensor]:
     assert job.source is not None
     if job.quant_in is None:
         return {"w": _read_tensor(job.source, pin)}
-    base_dir = job.source.path
-    from adapterctl.tensorfile import read_header
-
-    header = read_header(base_dir)
-    prefix = job.name
-    return {
-        name: _read_tensor(info, pin)
-        for name, info in header.tensors.items()
-        if name == prefix or name.startswith(prefix + ".")
-    }
+    return {info.name: _read_tensor(info, pin) for info in (job.source, *job.quant_aux)}
 
 
 def _read_tensor(info: TensorInfo, pin: bool) -> torch.Tensor:
