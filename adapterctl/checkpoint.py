@@ -170,7 +170,12 @@ class Checkpoint:
                 continue
             shape, dtype = weights[tname]
             targets[name] = Target(
-                name, tname, shape, dtype, self._layout(mod, shape), self.quant.get(tname)
+                name,
+                tname,
+                shape,
+                dtype,
+                self._layout(mod, shape, tname in self.quant),
+                self.quant.get(tname),
             )
         extras = {}
         for e in adapter.extras:
@@ -178,7 +183,7 @@ class Checkpoint:
             extras[e.target] = tname if tname in weights else None
         return Binding(targets=targets, extras=extras, strip=strip, add=add)
 
-    def _layout(self, mod: LoraModule, shape: tuple[int, ...]) -> Layout:
+    def _layout(self, mod: LoraModule, shape: tuple[int, ...], quantized: bool = False) -> Layout:
         if mod.layout not in ("linear", "conv1d"):
             return mod.layout
         out_in = (mod.out_features, mod.in_features)
@@ -190,7 +195,9 @@ class Checkpoint:
             if tuple(shape) == out_in:
                 return "linear"
             return mod.layout
-        return "conv1d" if self.model_type in CONV1D_MODEL_TYPES else "linear"
+        # transformers quantises Conv1D layers into 4-bit Linear ones, stored (out, in).
+        conv1d_model = self.model_type in CONV1D_MODEL_TYPES and not quantized
+        return "conv1d" if conv1d_model else "linear"
 
 
 def _best_transform(

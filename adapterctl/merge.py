@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from adapterctl import __version__
 from adapterctl.adapter import Adapter, Layout, LoraModule, TensorSource
-from adapterctl.checkpoint import INDEX_NAME, Checkpoint, QuantInfo
+from adapterctl.checkpoint import CONV1D_MODEL_TYPES, INDEX_NAME, Checkpoint, QuantInfo
 from adapterctl.errors import (
     Conflict,
     OperationalError,
@@ -92,6 +92,7 @@ class Job:
     source: TensorInfo | None = None  # the base tensor as stored
     quant_in: QuantInfo | None = None  # the base stores this weight in 4-bit
     quant_aux: list[TensorInfo] = field(default_factory=list)  # its 4-bit statistics
+    transpose_out: bool = False  # written transposed (a 4-bit Conv1D weight back to in×out)
     replace: TensorSource | None = None  # a full copy saved in the adapter replaces the base's
     deltas: list[Delta] = field(default_factory=list)
     dora: Delta | None = None
@@ -395,6 +396,10 @@ def plan_merge(
                 job.out_dtype = "BF16"
         elif job.quant_in is not None:
             job.out_dtype = force or job.quant_in.dtype
+            if base.model_type in CONV1D_MODEL_TYPES and len(job.shape) == 2:
+                # 4-bit Conv1D layers are stored as Linear (out, in); a 16-bit Conv1D is (in, out).
+                job.transpose_out = True
+                job.shape = (job.shape[1], job.shape[0])
     shards = _shard(base, list(jobs.values()), max_shard_size, added)
     config = _output_config(base, jobs, spec, skip, force)
     tokenizer_from = next(
@@ -895,6 +900,10 @@ def _write_job(
         w = nf4.dequantize(inputs, job.name, device=dev)  # float32, logical shape
     else:
         w = inputs["w"]
+    if job.transpose_out:
+        merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, factors, ws)]).T
+        fh.write(_buffer(merged_t.to(out_dtype).cpu().contiguous().view(torch.uint8).numpy()))
+        return None
     if job.quantize is None:
         for chunk in _merged_rows(job, w, dev, factors, ws):
             host = ws.host(chunk, out_dtype)
@@ -1125,6 +1134,8 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
             continue
         info = stored[job.name]
         got = info.load().to(torch.float64)
+        if job.transpose_out:
+            got = got.T
         w = _reference_base(job)
         ref = _reference(job, w)
         n = ref.shape[0]

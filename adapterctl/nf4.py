@@ -22,8 +22,9 @@ computed in float32, and :func:`quantize` with ``method="absmax"`` equals
 ``method="optimal"`` searches each block's stored scale to minimise the reconstruction error
 after the double-quantisation round trip, which matters when a merge re-quantises ``W + ΔW``.
 
-Functions work on one weight at a time and on whatever device its tensors are on: bitsandbytes
-kernels where it has them, pure torch otherwise.
+Functions work on one weight at a time and on whatever device its tensors are on. Absmax
+quantisation calls bitsandbytes (pure torch where it has no kernel); dequantisation and the
+optimal search are pure torch, which is bit-exact with bitsandbytes' single float32 product.
 """
 
 from __future__ import annotations
@@ -385,22 +386,17 @@ def _quantize_absmax(
         w = w.float()
     try:
         from bitsandbytes.functional import quantize_4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        quantize_4bit = None
-    if quantize_4bit is not None:
-        try:
-            packed, qs = quantize_4bit(
-                w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
-                quant_type=quant_type, quant_storage=torch.uint8,
-            )  # fmt: skip
-        except NotImplementedError:  # pragma: no cover - device bitsandbytes lacks
-            pass
-        else:
-            nested: _Nested = None
-            if double_quant:
-                nested = (qs.state2.absmax, qs.state2.code, qs.absmax, float(qs.offset.item()))
-            return packed.reshape(-1), qs.absmax, nested
-    return _quantize_absmax_torch(w, quant_type, blocksize, double_quant)
+
+        packed, qs = quantize_4bit(
+            w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
+            quant_type=quant_type, quant_storage=torch.uint8,
+        )  # fmt: skip
+    except (ImportError, NotImplementedError):  # pragma: no cover - no bitsandbytes kernel
+        return _quantize_absmax_torch(w, quant_type, blocksize, double_quant)
+    nested: _Nested = None
+    if double_quant:
+        nested = (qs.state2.absmax, qs.state2.code, qs.absmax, float(qs.offset.item()))
+    return packed.reshape(-1), qs.absmax, nested
 
 
 def _quantize_absmax_torch(
@@ -634,9 +630,11 @@ def _sq_error(
         nested_absmax, nested_code, q8, offset = nested
         scales = _dequantize_nested(q8, nested_absmax, nested_code, NESTED_BLOCKSIZE, offset)
     blocks = _blocks(weight.detach(), blocksize)  # (n_blocks, blocksize)
-    q = unpack(packed, weight.numel())
-    q = torch.nn.functional.pad(q, (0, blocks.numel() - q.numel())).view(blocks.shape)
     code = _code(quant_type, blocks.device)
+    zero = int(torch.nonzero(code == 0)[0])  # the padding reconstructs to 0, like its input
+    q = unpack(packed, weight.numel())
+    q = torch.nn.functional.pad(q, (0, blocks.numel() - q.numel()), value=zero)
+    q = q.view(blocks.shape)  # (n_blocks, blocksize)
     total = 0.0
     for sl in _chunks(blocks.shape[0], blocksize):
         recon = code[q[sl].long()] * scales[sl].unsqueeze(1)  # (chunk, blocksize)

@@ -195,3 +195,31 @@ def test_max_delta_error_fails_and_leaves_nothing(
     assert "--max-delta-error" in r.output
     assert not out.exists()
     assert not list(tmp_path.glob(".o.partial-*"))
+
+
+def test_gpt2_4bit_conv1d_is_written_back_in_conv1d_layout(tmp_path: Path) -> None:
+    """transformers stores 4-bit GPT-2 Conv1D layers as Linear (out, in); the dequantised
+    merge must write them back as Conv1D (in, out), square c_proj included."""
+    import bitsandbytes as bnb
+    from builders import gpt2_model
+    from transformers import GPT2LMHeadModel
+
+    base16 = save_base(gpt2_model(hidden=64), tmp_path / "base")
+    q = _load_4bit(base16, torch.float32)
+    q.save_pretrained(tmp_path / "nf4")
+    pm, adapter = peft_adapter(
+        gpt2_model(hidden=64), tmp_path / "a", target_modules=["c_attn", "c_proj", "c_fc"],
+        fan_in_fan_out=True,
+    )  # fmt: skip
+    merge(open_checkpoint(tmp_path / "nf4"), [read(adapter)], tmp_path / "o", verify=True)
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "o").state_dict()
+    ref = dict(copy.deepcopy(pm).double().named_modules())
+    checked = 0
+    for name, mod in q.named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit) and ".h." in f".{name}":
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)  # (out, in)
+            delta = ref[f"base_model.model.{name}"].get_delta_weight("default")  # (in, out)
+            want = (w.double().T + delta).float()
+            torch.testing.assert_close(merged[f"{name}.weight"], want, rtol=0, atol=1e-6)
+            checked += 1
+    assert checked == 8
