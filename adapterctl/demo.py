@@ -348,10 +348,58 @@ def _merge_steps(f: DemoFiles) -> list[Step]:
     ]  # fmt: skip
 
 
+def _registry_steps(f: DemoFiles) -> list[Step]:
+    chat, code = (str(f.adapters[n]) for n in ("chat-lora", "code-rslora"))
+    base = str(f.base)
+    return [
+        Step(
+            ["add", chat, "--name", "chat", "--base", base, "--tag", "prod", "-m", "baseline"],
+            "Register an adapter: validated against the base first (a misfit is refused, exit 3), "
+            "then pinned to its fingerprint.",
+        ),
+        Step(
+            ["add", code, "--name", "code", "--base", base, "--hash-base"],
+            "--hash-base also pins the base's content digest (sha256 of each weight file).",
+        ),
+        Step(["list"], "What the registry holds: latest version, base, pin, size, aliases."),
+        Step(["tag", "code@1", "stable"], "Aliases move; their history is kept (adapterctl log)."),
+        Step(["show", "chat@prod"], "Everything about a version: digests, base pin, files."),
+        Step(
+            ["inspect", "chat@prod"],
+            "Every command takes a registry reference: name, name@3, name@alias, sha256:<prefix>.",
+        ),
+        Step(["registry", "verify"], "Re-hash every stored file and check the database."),
+    ]
+
+
+def _compose_steps(f: DemoFiles) -> list[Step]:
+    chat, code = (str(f.adapters[n]) for n in ("chat-lora", "code-rslora"))
+    return [
+        Step(
+            ["compose", chat, code, "-w", "0.7", "-w", "0.3", "--method", "svd", "--rank", "8",
+             "-o", "composed/chat-code"],
+            "Compose two adapters (r=8 and rsLoRA r=16, different targets) into one r=8 "
+            "adapter: the best rank-8 approximation of 0.7·ΔW₁ + 0.3·ΔW₂, from the small core.",
+        ),
+    ]  # fmt: skip
+
+
+def _diff_steps(f: DemoFiles) -> list[Step]:
+    return [
+        Step(
+            ["diff", str(f.adapters["chat-lora"]), "composed/chat-code"],
+            "How does the composition differ from chat-lora? Norms, cosines, subspace overlap.",
+        ),
+    ]
+
+
 STEPS: list[tuple[str, StepFactory]] = [
     ("adapterctl.introspect", _inspect_steps),
     ("adapterctl.validate", _validate_steps),
     ("adapterctl.merge", _merge_steps),
+    ("adapterctl.compose", _compose_steps),
+    ("adapterctl.diff", _diff_steps),
+    ("adapterctl.registry", _registry_steps),
 ]
 
 

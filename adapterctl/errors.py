@@ -49,6 +49,10 @@ class NotFound(AdapterctlError, LookupError):
     exit_code = 4
 
 
+class VersionRemoved(NotFound):
+    """A registry reference names a version that was removed (it left a tombstone) (exit 4)."""
+
+
 class Conflict(AdapterctlError):
     """Base identity differs from a pin, something already exists, a name clashes (exit 5)."""
 

@@ -22,3 +22,10 @@ hookimpl = pluggy.HookimplMarker("adapterctl")
 def register_formats(register: Callable[[Any], None]) -> None:
     """Register adapter formats: objects with ``name``, ``description``, ``detect(path)`` and
     ``read(path, options)`` (see ``adapterctl.formats.AdapterFormat``)."""
+
+
+@hookspec
+def register_methods(register: Callable[[Any], None]) -> None:
+    """Register composition methods: objects with ``name``, ``description``, ``reference``,
+    ``options_model``, ``factored``, ``truncates`` and ``combine_dense(deltas, weights,
+    options, generator)`` (see ``adapterctl.methods.Method``)."""

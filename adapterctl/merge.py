@@ -80,6 +80,7 @@ class Delta:
     module: LoraModule
     weight: float
     layout: Layout
+    index: int = 0  # which input adapter (for --method, which combines all inputs per module)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Job:
     quant_in: QuantInfo | None = None  # the base stores this weight in 4-bit
     quant_aux: list[TensorInfo] = field(default_factory=list)  # its 4-bit statistics
     transpose_out: bool = False  # written transposed (a 4-bit Conv1D weight back to in×out)
+    combine: Combine | None = None  # --method: combine the dense deltas of all inputs
     replace: TensorSource | None = None  # a full copy saved in the adapter replaces the base's
     deltas: list[Delta] = field(default_factory=list)
     dora: Delta | None = None
@@ -253,6 +255,8 @@ class MergeReport(BaseModel):
     delta_error: float | None = None
     layers: list[LayerError] = []
     verified: int | None = None
+    base_pin_checks: list[str] = []
+    registered: str | None = None  # the registry version the output was recorded as
     warnings: list[str]
     provenance: dict[str, Any]
 
@@ -269,6 +273,8 @@ def plan_merge(
     quantize: str | None = None,
     quant_method: str = "optimal",
     max_shard_size: int | None = None,
+    method: str | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> MergePlan:
     """Decide every output tensor, shard and header before anything is written.
 
@@ -281,6 +287,11 @@ def plan_merge(
         quantize: ``"nf4"``/``"fp4"`` writes the linear weights in bitsandbytes 4-bit.
         quant_method: ``optimal`` (per-block scale minimising the error) or ``absmax``.
         max_shard_size: repack the output into shards of at most this many bytes.
+        method: a composition method applied to each module's dense deltas at full rank
+            (``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``; ``linear`` or None
+            is the exact weighted sum); see ``adapterctl methods``.
+        method_options: the method's options (``density``, ``majority_sign``,
+            ``convention``, ``seed``).
 
     Raises:
         UsageError: mismatched weights, unknown dtype, DoRA combined with other adapters.
@@ -304,6 +315,7 @@ def plan_merge(
             f"{dora[0].path}: DoRA is not linear (W' = m·V/‖V‖), so a DoRA adapter merges "
             "alone; merge it first, then merge the others into the result"
         )
+    combine = _method(method, method_options, adapters, weights)
     warnings = _preflight(base, adapters)
     weights_logical = base.weights
     jobs: dict[str, Job] = {}
@@ -326,7 +338,7 @@ def plan_merge(
                 ] + [base.tensors[f"{name}.quant_state.bitsandbytes__{quant.quant_type}"]]
     added: list[str] = []
     extra_owner: dict[str, Path] = {}
-    for adapter, w in zip(adapters, weights, strict=True):
+    for index, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
         binding = base.bind(adapter)
         missing = [t.module for t in binding.targets.values() if t.tensor is None]
         if missing:
@@ -370,7 +382,7 @@ def plan_merge(
                         f"{adapter.path}: {name} has {mod.in_features} embedding rows, "
                         f"its saved layer {rows}"
                     )
-            delta = Delta(mod, w, mod.layout)
+            delta = Delta(mod, w, mod.layout, index)
             if mod.is_dora:
                 if mod.layout == "embedding":
                     raise UnsupportedAdapter(
@@ -431,10 +443,55 @@ def plan_merge(
         "dtype": dtype,
         "quantize": None if spec is None else {"type": spec.quant_type, "method": spec.method},
     }
+    if combine is not None:
+        provenance["method"] = {"name": combine.method.name, **combine.options.model_dump()}
+        for job in jobs.values():
+            job.combine = combine if job.deltas else None
     return MergePlan(
         base=base, adapters=adapters, weights=weights, shards=shards, config=config,
         quantize=spec, tokenizer_from=tokenizer_from, warnings=warnings, provenance=provenance,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Combine:
+    """A composition method applied at full rank to each module's dense deltas."""
+
+    method: Any  # adapterctl.methods.Method
+    options: Any  # its options model instance
+    weights: tuple[float, ...]
+
+    def generator(self, module: str) -> torch.Generator:
+        """The per-module random stream (the same one ``compose`` uses for that module)."""
+        import torch
+
+        from adapterctl.compose import module_seed
+
+        seed = int(getattr(self.options, "seed", 0))
+        return torch.Generator().manual_seed(module_seed(seed, module))
+
+
+def _method(
+    name: str | None,
+    options: dict[str, Any] | None,
+    adapters: list[Adapter],
+    weights: list[float],
+) -> Combine | None:
+    if name is None or name == "linear":
+        if options and any(v is not None for v in options.values()):
+            raise UsageError("--density/--majority-sign/--convention/--seed need --method")
+        return None
+    from adapterctl.methods import get_method, parse_options
+
+    method = get_method(name)
+    if method.factored:
+        raise UsageError(
+            f"--method {name} only makes sense for low-rank adapters: use "
+            f"`adapterctl compose --method {name}`, or --method linear to merge the exact sum"
+        )
+    if any(m.is_dora for a in adapters for m in a.modules.values()):
+        raise UsageError("DoRA adapters cannot be combined by --method (DoRA is not linear)")
+    return Combine(method, parse_options(method, options), tuple(weights))
 
 
 def _preflight(base: Checkpoint, adapters: list[Adapter]) -> list[str]:
@@ -970,6 +1027,20 @@ def _merged_rows(
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]
     biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]
+    if job.combine is not None:
+        # The method needs every input's whole dense ΔW (TIES trims by global magnitude).
+        v = w.to(dev, torch.float32)  # the weight's own shape
+        deltas = [torch.zeros_like(v) for _ in job.combine.weights]
+        for d in job.deltas:
+            deltas[d.index] = _dense_delta(d, factors).reshape(v.shape)
+        gen = job.combine.generator(job.deltas[0].module.name)
+        v.add_(
+            job.combine.method.combine_dense(deltas, job.combine.weights, job.combine.options, gen)
+        )
+        for bias, coeff in biases:
+            v.add_(bias.reshape(v.shape), alpha=coeff)
+        yield v.reshape(rows, cols)
+        return
     dora = job.dora
     if dora is not None and dora.layout == "conv1d":
         # Stored (in, out): DoRA's per-output norms run down columns, so take it whole.
@@ -1000,6 +1071,15 @@ def _merged_rows(
         for bias, coeff in biases:
             chunk.add_(bias[r0:r1], alpha=coeff)
         yield chunk
+
+
+def _dense_delta(d: Delta, factors: _FactorCache) -> torch.Tensor:
+    """scale·B·A in the weight's layout, on the factors' device (float32)."""
+    b, a = factors.get(d.module)  # (out, r), (r, in)
+    delta = d.module.scale * (b @ a)  # (out, in)
+    if d.layout in ("conv1d", "embedding"):
+        return delta.T  # (in, out)
+    return delta
 
 
 def _magnitude(d: Delta, dev: torch.device) -> torch.Tensor:
@@ -1184,9 +1264,53 @@ def _reference(job: Job, w: torch.Tensor) -> torch.Tensor:
             return v * (m / torch.linalg.vector_norm(v, dim=0))[None, :]
         flat = v.reshape(v.shape[0], -1)
         return (flat * (m / torch.linalg.vector_norm(flat, dim=1))[:, None]).reshape(v.shape)
+    if job.combine is not None:
+        deltas = [torch.zeros_like(w) for _ in job.combine.weights]
+        for d in job.deltas:
+            deltas[d.index] = d.module.delta(torch.float64).reshape(w.shape)
+        gen = job.combine.generator(job.deltas[0].module.name)
+        return w + job.combine.method.combine_dense(
+            deltas, job.combine.weights, job.combine.options, gen
+        )
     for d in job.deltas:
         w = w + d.weight * d.module.delta(torch.float64).reshape(w.shape)
     return w
+
+
+def check_base_pins(
+    versions: list[Any], base: Checkpoint, *, allow_mismatch: bool = False
+) -> tuple[list[str], list[str]]:
+    """Check each registry input's base pin against ``base`` (DESIGN: "Identity").
+
+    Args:
+        versions: ``adapterctl.refs.registry_versions`` of the SOURCEs (None: a local path,
+            which has no pin to check).
+        base: the checkpoint about to be merged into.
+        allow_mismatch: report a mismatch as a warning instead of refusing.
+
+    Returns:
+        (what was checked, one line per input; warnings for allowed mismatches).
+
+    Raises:
+        Conflict: a pin differs from ``base`` and ``allow_mismatch`` is False (exit 5).
+    """
+    if not any(v is not None for v in versions):
+        return [], []
+    from adapterctl.registry import Registry
+
+    checks: list[str] = []
+    warnings: list[str] = []
+    with Registry(create=False) as reg:
+        for v in versions:
+            if v is None:
+                continue
+            try:
+                checks.append(f"{v.ref}: base pin checked by {reg.check_base_pin(v, base)}")
+            except Conflict as exc:
+                if not allow_mismatch:
+                    raise
+                warnings.append(f"--allow-base-mismatch: {exc}")
+    return checks, warnings
 
 
 def merge(
@@ -1205,7 +1329,7 @@ def merge(
         >>> report.tensors_merged[:1]
         ['model.layers.0.self_attn.q_proj.weight']
     """
-    plan_keys = {"dtype", "quantize", "quant_method", "max_shard_size"}
+    plan_keys = {"dtype", "quantize", "quant_method", "max_shard_size", "method", "method_options"}
     plan = plan_merge(
         base, adapters, weights, **{k: v for k, v in options.items() if k in plan_keys}
     )

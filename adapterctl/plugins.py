@@ -13,7 +13,11 @@ from adapterctl.errors import Conflict, OperationalError
 
 _manager: pluggy.PluginManager | None = None
 
-BUILTIN_PLUGINS = ("adapterctl.formats.peft", "adapterctl.formats.bare")
+BUILTIN_PLUGINS = (
+    "adapterctl.formats.peft",
+    "adapterctl.formats.bare",
+    "adapterctl.methods.builtin",
+)
 
 
 def manager() -> pluggy.PluginManager:

@@ -288,3 +288,114 @@ def test_cuda_agrees_with_cpu(llama_base: tuple[Any, Path], tmp_path: Path) -> N
     cpu, gpu = _state(tmp_path / "cpu"), _state(tmp_path / "gpu")
     for k in cpu:
         torch.testing.assert_close(gpu[k].float(), cpu[k].float(), rtol=1e-2, atol=1e-5)
+
+
+def _dense_ties(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """TIES written out in float64 (adapterctl convention: weight, elect by total, disjoint
+    mean over the agreeing weights' magnitudes)."""
+    trimmed = []
+    for d in deltas:
+        k = int(density * d.numel())
+        threshold = d.abs().reshape(-1).sort(descending=True).values[k - 1]
+        trimmed.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    tasks = [w * t for w, t in zip(weights, trimmed, strict=True)]
+    sign = torch.where(sum(tasks) >= 0, 1.0, -1.0).double()
+    num = sum(t * (t.sign() == sign) for t in tasks)
+    den = sum(abs(w) * (t.sign() == sign) for w, t in zip(weights, tasks, strict=True))
+    return num / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def test_merge_method_ties_equals_base_plus_dense_ties(
+    llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    pm1, a1 = peft_adapter(copy.deepcopy(model32), tmp_path / "a1", seed=1)
+    pm2, a2 = peft_adapter(copy.deepcopy(model32), tmp_path / "a2", seed=2, r=2)
+    r = CliRunner().invoke(
+        cli,
+        ["merge", str(base), str(a1), str(a2), "-w", "0.6", "-w", "0.4", "-o",
+         str(tmp_path / "o"), "--method", "ties", "--density", "0.5", "--verify"],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    base64 = {k: v.double() for k, v in model32.state_dict().items()}
+    d1 = {k: v - base64[k] for k, v in _peft_merged64(pm1).items()}
+    d2 = {k: v - base64[k] for k, v in _peft_merged64(pm2).items()}
+    ref = {}
+    for k, w in base64.items():
+        touched = bool(d1[k].abs().max() > 0 or d2[k].abs().max() > 0)
+        ref[k] = w + _dense_ties([d1[k], d2[k]], [0.6, 0.4], 0.5) if touched else w
+    _assert_rounded_once(_state(tmp_path / "o"), ref)
+    provenance = json.loads((tmp_path / "o" / "adapterctl.json").read_text())
+    assert provenance["method"]["name"] == "ties"
+
+
+def test_merge_method_dare_is_reproducible_with_seed(
+    llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    _, a1 = peft_adapter(copy.deepcopy(model32), tmp_path / "a1", seed=1)
+    _, a2 = peft_adapter(copy.deepcopy(model32), tmp_path / "a2", seed=2)
+    outs = []
+    for name, seed in (("x", 3), ("y", 3), ("z", 4)):
+        merge(
+            open_checkpoint(base), [read(a1), read(a2)], tmp_path / name,
+            method="dare_linear", method_options={"density": 0.3, "seed": seed},
+        )  # fmt: skip
+        outs.append((tmp_path / name / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--method", "cat"], ["--density", "0.5"], ["--method", "ties", "--seed", "1", "--rank", "2"],
+     ["--method", "nope"]],
+)  # fmt: skip
+def test_merge_method_bad_flags(
+    args: list[str], llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    r = CliRunner().invoke(
+        cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "o"), *args]
+    )
+    assert r.exit_code in (2, 4), r.output
+    assert r.output.startswith("Error") or "Usage:" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_registry_sources_pin_check_and_register(
+    llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home"))
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["add", str(adapter), "--name", "chat", "--base", str(base)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "o"
+    r = runner.invoke(
+        cli, ["merge", str(base), "chat@1", "-o", str(out), "--register", "chat-merged", "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["base_pin_checks"] == ["chat@1: base pin checked by fingerprint"]
+    assert report["registered"] == "chat-merged@1"
+    shown = json.loads(runner.invoke(cli, ["show", "chat-merged@1", "--json"]).stdout)
+    assert [p["ref"] for p in shown["parents"]] == ["chat@1"]
+    assert shown["method"] == "merge:linear"
+    # Same shapes, other dtype: a different fingerprint, so the pin refuses it.
+    other = save_base(llama_model(), tmp_path / "other")  # float32
+    r = runner.invoke(cli, ["merge", str(other), "chat@1", "-o", str(tmp_path / "x")])
+    assert r.exit_code == 5, r.output
+    assert "--allow-base-mismatch" in r.output
+    assert not (tmp_path / "x").exists()
+    r = runner.invoke(
+        cli, ["merge", str(other), "chat@1", "-o", str(tmp_path / "x"), "--allow-base-mismatch"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "--allow-base-mismatch" in r.stderr
+    r = runner.invoke(cli, ["merge", str(base), str(adapter), "-o", str(tmp_path / "y"),
+                            "--register", "nope"])  # fmt: skip
+    assert r.exit_code == 2
+    assert "registry reference" in r.output

@@ -76,11 +76,19 @@ def main() -> None:
 
 # Commands attach themselves to ``cli`` on import.
 from adapterctl.cli import (  # noqa: E402
+    compose_cmd,
     demo_cmd,
+    diff_cmd,
     inspect_cmd,
     merge_cmd,
+    methods_cmd,
     plugins_cmd,
+    registry_cmd,
+    resize_cmd,
     validate_cmd,
 )
 
-__all__ = ["cli", "demo_cmd", "inspect_cmd", "main", "merge_cmd", "plugins_cmd", "validate_cmd"]
+__all__ = [
+    "cli", "compose_cmd", "demo_cmd", "diff_cmd", "inspect_cmd", "main", "merge_cmd",
+    "methods_cmd", "plugins_cmd", "registry_cmd", "resize_cmd", "validate_cmd",
+]  # fmt: skip

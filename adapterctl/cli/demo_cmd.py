@@ -47,7 +47,8 @@ def demo_command(keep: Path | None) -> None:
         for f in sorted(p for p in root.rglob("*") if p.is_file()):
             click.echo(f"  {f.relative_to(root).as_posix():<52} {human_bytes(f.stat().st_size)}")
         unexpected: list[str] = []
-        with _cwd(root):
+        # The registry steps use a registry inside the demo folder, never the user's.
+        with _cwd(root), _env("ADAPTERCTL_HOME", str(root / "registry")):
             for step in steps(files):
                 code = _run_step(step)
                 if code != step.expect_exit:
@@ -84,6 +85,20 @@ def _run_step(step: Step) -> int:
         expected = " (expected)" if code == step.expect_exit else ""
         click.echo(f"[exit {code}{expected}]")
     return code
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the steps, then put back what was there."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 @contextlib.contextmanager

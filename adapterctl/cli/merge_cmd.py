@@ -37,6 +37,21 @@ def parse_size(text: str) -> int:
     "-w", "--weight", "weights", type=float, multiple=True,
     help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each).",
 )  # fmt: skip
+@click.option(
+    "--method", default="linear", show_default=True,
+    help="linear (exact Σ wᵢ·ΔWᵢ), or ties, dare_linear, dare_ties, magnitude_prune applied "
+    "to each module's dense deltas at full rank (see: adapterctl methods).",
+)  # fmt: skip
+@click.option("--density", type=float, default=None, help="Fraction kept by ties/dare/prune.")
+@click.option(
+    "--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+    help="TIES sign election.",
+)  # fmt: skip
+@click.option(
+    "--convention", type=click.Choice(["adapterctl", "peft"]), default=None,
+    help="TIES/DARE weighting convention (see README).",
+)  # fmt: skip
+@click.option("--seed", type=int, default=None, help="Seed of DARE's drop masks.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option(
     "--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
@@ -55,16 +70,27 @@ def parse_size(text: str) -> int:
     help="With --quantize: fail (exit 3) if the delta error is above X.",
 )  # fmt: skip
 @click.option("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: repack shards.")
+@click.option(
+    "--allow-base-mismatch", is_flag=True,
+    help="Merge even if BASE differs from a registry SOURCE's base pin (exit 5 otherwise).",
+)  # fmt: skip
+@click.option(
+    "--register", "register_as", metavar="NAME", default=None,
+    help="Record OUT in the registry as the next version of NAME, with its lineage "
+    "(every SOURCE must be a registry reference).",
+)  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--verify", is_flag=True, help="Re-read OUT and check rows against float64 math.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha for bare .safetensors sources.")
 @json_option
 def merge_command(
-    base: str, sources: tuple[str, ...], out: str, weights: tuple[float, ...], device: str,
+    base: str, sources: tuple[str, ...], out: str, weights: tuple[float, ...], method: str,
+    density: float | None, majority_sign: str | None, convention: str | None, seed: int | None,
+    device: str,
     dtype: str, quantize: str | None, quant_method: str, max_delta_error: float | None,
-    max_shard_size: str | None, force: bool, verify: bool,
-    dry_run: bool, alpha: float | None, as_json: bool,
+    max_shard_size: str | None, allow_base_mismatch: bool, register_as: str | None,
+    force: bool, verify: bool, dry_run: bool, alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Merge one or more adapters into BASE, streaming one tensor at a time, into OUT.
 
@@ -72,13 +98,21 @@ def merge_command(
     dequantised (exactly W_nf4 + ΔW, in the compute dtype) unless --quantize nf4.
     The output is written to a temporary sibling and renamed into place when complete.
     """
-    from adapterctl.merge import dry_run_report, plan_merge, run_merge
+    from adapterctl.merge import check_base_pins, dry_run_report, plan_merge, run_merge
+    from adapterctl.refs import registry_versions
 
     if weights and len(weights) != len(sources):
         raise UsageError(
             f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
         )
+    versions = registry_versions(list(sources))
+    if register_as and any(v is None for v in versions):
+        raise UsageError(
+            "--register records lineage, so every SOURCE must be a registry reference; "
+            "add local adapters first with: adapterctl add PATH --name NAME"
+        )
     ckpt = load_base(base)
+    pin_checks, pin_warnings = check_base_pins(versions, ckpt, allow_mismatch=allow_base_mismatch)
     adapters = [load_source(s, alpha, None) for s in sources]
     for a in adapters:
         for w in a.warnings:
@@ -87,6 +121,11 @@ def merge_command(
         ckpt, adapters, list(weights) or None, dtype=dtype, quantize=quantize,
         quant_method=quant_method,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+        method=method,
+        method_options={
+            "density": density, "majority_sign": majority_sign, "convention": convention,
+            "seed": seed,
+        },
     )  # fmt: skip
     if dry_run:
         report = dry_run_report(plan, out)
@@ -96,6 +135,21 @@ def merge_command(
                 plan, out, device=device, force=force, verify=verify,
                 max_delta_error=max_delta_error, progress=progress,
             )  # fmt: skip
+    report.base_pin_checks = pin_checks
+    report.warnings = pin_warnings + report.warnings
+    if register_as and not dry_run:
+        from adapterctl.registry import Registry
+
+        with Registry() as reg:
+            registered = reg.record_lineage(
+                register_as,
+                [(v, w) for v, w in zip(versions, plan.weights, strict=True) if v is not None],
+                f"merge:{method}",
+                {k: v for k, v in plan.provenance.get("method", {}).items() if k != "name"},
+                out,
+                base=ckpt,
+            )
+        report.registered = registered.ref
     for w in report.warnings:
         warn(w)
     if as_json:

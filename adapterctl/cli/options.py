@@ -37,10 +37,12 @@ def base_option(f: F) -> F:
 
 
 def load_source(source: str, alpha: float | None, rank: int | None) -> Any:
-    """Read SOURCE as an adapter (imports the library lazily)."""
+    """Read SOURCE (a path, a registry reference or hf://…) as an adapter (imports the
+    library lazily)."""
     from adapterctl.formats import read
+    from adapterctl.refs import resolve
 
-    return read(source, alpha=alpha, rank=rank)
+    return read(resolve(source), alpha=alpha, rank=rank)
 
 
 def load_base(base: str | None) -> Any:
@@ -55,3 +57,24 @@ def load_base(base: str | None) -> Any:
 def warn(message: str) -> None:
     """A warning, on stderr."""
     click.echo(f"Warning: {message}", err=True)
+
+
+def device_option(f: F) -> F:
+    """``--device auto|cpu|cuda[:N]``: where the float32 math runs."""
+    return click.option(
+        "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."
+    )(f)
+
+
+def force_option(f: F) -> F:
+    """``--force``: allow replacing an existing OUT (and nothing else)."""
+    return click.option("--force", is_flag=True, help="Replace OUT if it exists.")(f)
+
+
+def allow_base_mismatch_option(f: F) -> F:
+    """``--allow-base-mismatch``: override a base-identity refusal."""
+    return click.option(
+        "--allow-base-mismatch", is_flag=True,
+        help="Go on although the inputs name different base models (compared loosely by "
+        "name for now; registry base pins come later).",
+    )(f)  # fmt: skip

@@ -120,6 +120,8 @@ def render_merge(r: Any, plan: Any) -> None:
         f"{human_bytes(r.peak_memory_estimate)}",
         markup=False,
     )
+    for line in r.base_pin_checks:
+        out.print(line, markup=False)
     if r.dry_run:
         for name in r.tensors_merged:
             out.print(f"  merge    {name}", markup=False)
@@ -137,3 +139,112 @@ def render_merge(r: Any, plan: Any) -> None:
             out.print(f"  {layer.name}: {layer.delta_error:.3f}", markup=False)
     if r.verified is not None:
         out.print(f"verified {r.verified} rows against float64 math", markup=False)
+    if r.registered:
+        out.print(f"registered as {r.registered}", markup=False)
+
+
+def _pct(x: float) -> str:
+    return "100%" if x >= 1.0 else f"{100 * x:.2f}%"
+
+
+def render_compose(r: Any) -> None:
+    """Summary of a composition: what was written and how much of ΔW it keeps."""
+    from rich.table import Table
+
+    out = console()
+    opts = ", ".join(f"{k}={v}" for k, v in r.options.items() if v is not None)
+    weights = ", ".join(_num(w, "g") for w in r.weights)
+    out.print(f"wrote {r.out}: {len(r.modules)} module(s), rank {_ranks(r.ranks)}", markup=False)
+    out.print(f"method {r.method}" + (f" ({opts})" if opts else "") + f", weights {weights}",
+              markup=False)  # fmt: skip
+    kept = "exact (Σ wᵢ·ΔWᵢ, factors concatenated)" if r.exact else _pct(r.energy_kept)
+    out.print(f"energy kept: {kept}; device {r.device}, {r.seconds:.2f} s", markup=False)
+    if r.carried:
+        out.print("carried: " + ", ".join(r.carried), markup=False)
+    if r.exact:
+        return
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    for col in ("module", "inputs", "rank", "‖ΔW‖_F", "energy kept"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in r.modules:
+        table.add_row(m.name, str(m.inputs), str(m.rank), _num(m.norm), _pct(m.energy_kept))
+    out.print()
+    out.print(table)
+
+
+def _ranks(ranks: list[int]) -> str:
+    return str(ranks[0]) if len(ranks) == 1 else f"{min(ranks)}–{max(ranks)} (rank_pattern)"
+
+
+def render_resize(r: Any) -> None:
+    """Summary of a resize: ranks before and after, energy kept per module."""
+    from rich.table import Table
+
+    out = console()
+    out.print(
+        f"wrote {r.out}: rank {_ranks(r.ranks)}, energy kept {_pct(r.energy_kept)}, "
+        f"{r.parameters_after:,} parameters (was {r.parameters_before:,})",
+        markup=False,
+    )
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    for col in ("module", "r before", "r", "‖ΔW‖_F", "energy kept"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in r.modules:
+        table.add_row(m.name, str(m.rank_before), str(m.rank), _num(m.norm), _pct(m.energy_kept))
+    out.print()
+    out.print(table)
+
+
+def render_diff(r: Any) -> None:
+    """Config differences, the per-module comparison, and the one-line verdict last."""
+    from rich.table import Table
+
+    out = console()
+    out.print(f"A  {r.a}\nB  {r.b}", markup=False)
+    if r.config:
+        out.print()
+        width = max(len(c.field) for c in r.config)
+        for c in r.config:
+            out.print(f"{c.field:<{width}}  {c.a!s}  →  {c.b!s}", markup=False)
+    if r.modules:
+        table = Table(show_edge=False, pad_edge=False, box=None)
+        for col in ("module", "‖ΔW_A‖", "‖ΔW_B‖", "‖A−B‖/‖A‖", "cosine", "subspace overlap"):
+            table.add_column(col, justify="left" if col == "module" else "right")
+        for m in r.modules:
+            table.add_row(
+                m.name, _num(m.norm_a), _num(m.norm_b),
+                "-" if m.relative_difference is None else f"{m.relative_difference:.3g}",
+                "-" if m.cosine is None else f"{m.cosine:.4f}",
+                "-" if m.subspace_overlap is None else f"{m.subspace_overlap:.3f}",
+            )  # fmt: skip
+        out.print()
+        out.print(table)
+    for side, names in (("A", r.only_in_a), ("B", r.only_in_b)):
+        if names:
+            out.print(f"\nonly in {side} ({len(names)}): " + ", ".join(names), markup=False)
+    out.print()
+    worst = "-" if r.max_relative_difference is None else f"{r.max_relative_difference:.3g}"
+    if r.verdict == "identical":
+        out.print(f"identical (max relative difference {worst} ≤ tol {r.tol:g})", markup=False)
+        return
+    top = ", ".join(r.most_different[:5]) + (" …" if len(r.most_different) > 5 else "")
+    out.print(
+        f"different: {len(r.most_different)} module(s) beyond tol {r.tol:g} "
+        f"(max relative difference {worst}); most different: {top}",
+        markup=False,
+    )
+
+
+def render_methods(infos: list[Any]) -> None:
+    """Each method: name, what it computes, its options and its reference."""
+    out = console()
+    for i, m in enumerate(infos):
+        if i:
+            out.print()
+        out.print(f"{m.name}: {m.description}", markup=False)
+        out.print(f"  reference: {m.reference}", markup=False)
+        for o in m.options:
+            kind = "|".join(map(str, o.choices)) if o.choices else o.type
+            need = "required" if o.required else f"default {o.default}"
+            flag = "--" + o.name.replace("_", "-")
+            out.print(f"  {flag} {kind} ({need}): {o.description}", markup=False)

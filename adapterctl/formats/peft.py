@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -247,3 +248,146 @@ def _hidden(f: Path, root: Path) -> bool:
 @hookimpl
 def register_formats(register: Any) -> None:
     register(PeftFolder())
+
+
+def unit_scale_config(adapter: Adapter) -> AdapterConfig:
+    """A config under which every module of ``adapter`` loads with scale exactly 1.
+
+    r is the most common rank and lora_alpha = r; modules of another rank get a
+    ``rank_pattern`` and an ``alpha_pattern`` entry (alpha = rank) whose key is the module's
+    full name, escaped and anchored with ``^``, so PEFT's ``(.*\\.)?(key)$`` matches that
+    module and no other. rsLoRA and DoRA are off; ``target_modules`` lists the full module
+    names. Only keys that describe the same update are carried from ``adapter.config`` (base
+    name, revision, task type, auto mapping, bias mode and ``modules_to_save`` when full
+    tensors are carried); anything that would change which modules PEFT wraps or how it
+    scales them (layers_to_transform, exclude_modules, init schemes…) is dropped.
+    """
+    from collections import Counter
+
+    ranks = {name: m.rank for name, m in adapter.modules.items()}
+    counts = Counter(ranks.values())
+    r = min(counts, key=lambda k: (-counts[k], k)) if counts else 8
+    rank_pattern = {"^" + re.escape(n): k for n, k in sorted(ranks.items()) if k != r}
+    template = adapter.config
+    extra = template.model_extra or {}
+    kinds = {e.kind for e in adapter.extras}
+    fields: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": dict(rank_pattern),
+        "target_modules": sorted(adapter.modules),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": any(m.bias is not None for m in adapter.modules.values()),
+        "fan_in_fan_out": any(m.layout == "conv1d" for m in adapter.modules.values()),
+        "bias": template.bias if "bias" in kinds else "none",
+        "modules_to_save": template.modules_to_save if "modules_to_save" in kinds else None,
+        "base_model_name_or_path": template.base_model_name_or_path,
+        "revision": template.revision,
+        "task_type": template.task_type,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "lora_dropout": 0.0,
+        "auto_mapping": extra.get("auto_mapping"),
+    }
+    return AdapterConfig.model_validate(fields)
+
+
+def write_peft(
+    adapter: Adapter,
+    out: str | Path,
+    *,
+    force: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write ``adapter`` as a standard PEFT folder that ``PeftModel.from_pretrained`` loads.
+
+    Each module's scale is folded into lora_B (and its lora bias), and the config is
+    ``unit_scale_config(adapter)``: the ΔW PEFT applies is exactly scale·B·A of each module,
+    whatever rank/alpha/rsLoRA scheme the adapter came with. Tensors are written as float32
+    (PEFT upcasts adapters to float32 on loading anyway). Full tensors (``modules_to_save``
+    copies, trained biases, saved base layers) are written under their original keys.
+
+    The folder is written to a hidden temporary sibling and renamed into place when complete.
+
+    Args:
+        adapter: the adapter (read from disk or composed in memory); no DoRA modules.
+        out: the folder to create.
+        force: replace ``out`` if it exists.
+        metadata: extra string metadata for the safetensors header (provenance).
+
+    Returns:
+        ``out`` as a Path.
+
+    Raises:
+        Conflict: ``out`` exists and ``force`` is False.
+        UnsupportedAdapter: a DoRA module (its magnitude would need the base weights).
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from adapterctl.errors import Conflict
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
+    dora = [n for n, m in adapter.modules.items() if m.is_dora]
+    if dora:
+        raise UnsupportedAdapter(
+            f"{adapter.path}: {dora[0]} is a DoRA module; writing DoRA adapters is not supported"
+        )
+    config = unit_scale_config(adapter)
+    embeddings = [n for n, m in adapter.modules.items() if m.layout == "embedding"]
+    if config.lora_bias and embeddings:
+        raise UnsupportedAdapter(
+            f"{adapter.path}: lora biases together with an embedding module ({embeddings[0]}): "
+            "PEFT cannot load lora_bias on embeddings; leave one of them out"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in sorted(adapter.modules.items()):
+        if abs(config.scale_for(name) - 1.0) > 1e-12:  # pragma: no cover - a bug, not input
+            raise RuntimeError(f"config would not load {name} with scale 1")
+        a = m.a.load().to(torch.float32)  # (r, in) or (r, in, *kernel)
+        b = m.b.load().to(torch.float32) * m.scale  # (out, r) or (out, r, 1…)
+        key = f"base_model.model.{name}"
+        if m.layout == "embedding":
+            tensors[f"{key}.lora_embedding_A"] = a.contiguous()
+            tensors[f"{key}.lora_embedding_B"] = b.contiguous()
+            continue
+        tensors[f"{key}.lora_A.weight"] = a.contiguous()
+        tensors[f"{key}.lora_B.weight"] = b.contiguous()
+        if config.lora_bias:
+            bias = (
+                m.bias.load().to(torch.float32) * m.scale
+                if m.bias is not None
+                else torch.zeros(m.out_features)
+            )
+            tensors[f"{key}.lora_B.bias"] = bias.contiguous()  # (out,)
+    for e in adapter.extras:
+        key = e.tensor.name
+        if not key.startswith("base_model.model."):
+            key = f"base_model.model.{e.target}"
+        tensors[key] = e.tensor.load().contiguous()
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        text = json.dumps(config.to_json_dict(), indent=2, sort_keys=True) + "\n"
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        meta = {"format": "pt", **(metadata or {})}
+        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,121 @@
+"""``adapterctl compose``."""
+
+from __future__ import annotations
+
+import click
+
+from adapterctl.cli import cli
+from adapterctl.cli.options import (
+    allow_base_mismatch_option,
+    device_option,
+    force_option,
+    json_option,
+    load_source,
+    warn,
+)
+from adapterctl.errors import UsageError
+
+
+@cli.command("compose")
+@click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
+@click.option(
+    "-w", "--weight", "weights", type=float, multiple=True,
+    help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each; may be negative).",
+)  # fmt: skip
+@click.option(
+    "--method", "method", required=True, metavar="M",
+    help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (adapterctl methods).",
+)  # fmt: skip
+@click.option(
+    "--density", type=float, default=None, metavar="D",
+    help="ties/dare/magnitude_prune: fraction of each delta's entries kept, in (0, 1].",
+)  # fmt: skip
+@click.option(
+    "--rank", type=click.IntRange(min=1), default=None, metavar="R",
+    help="Output rank (SVD of the result). linear: default exact (rank Σrᵢ); svd and the "
+    "dense methods: default the largest input rank.",
+)  # fmt: skip
+@click.option(
+    "--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+    help="ties/dare_ties: elect each entry's sign by the sum (default) or the count of signs.",
+)  # fmt: skip
+@click.option(
+    "--convention", type=click.Choice(["adapterctl", "peft"]), default=None,
+    help="ties/dare_ties: adapterctl (default; weight, then elect; divide by the agreeing "
+    "weights, as mergekit) or peft (elect on unweighted deltas; divide by the agreeing count).",
+)  # fmt: skip
+@click.option("--seed", type=int, default=None, help="dare_*: seed of the drop masks (default 0).")
+@device_option
+@allow_base_mismatch_option
+@force_option
+@click.option("--alpha", type=float, default=None, help="LoRA alpha for bare .safetensors sources.")
+@json_option
+def compose_command(
+    sources: tuple[str, ...], out: str, weights: tuple[float, ...], method: str,
+    density: float | None, rank: int | None, majority_sign: str | None, convention: str | None,
+    seed: int | None, device: str, allow_base_mismatch: bool, force: bool,
+    alpha: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Combine adapters into one PEFT adapter at OUT, by a method defined on ΔW.
+
+    linear/cat write Σ wᵢ·ΔWᵢ exactly (factors concatenated, scale folded into B);
+    svd (or linear --rank R) the best rank-R approximation of that sum, from the small core
+    (never a dense SVD); ties, dare_* and magnitude_prune apply the method to each module's
+    dense ΔWᵢ and compress the result to --rank, reporting the energy kept.
+
+    Inputs may differ in rank, targets (a missing module counts as zero), rsLoRA and
+    rank/alpha patterns. DoRA inputs are refused (exit 3). Inputs whose configs name
+    different base models are refused (exit 5) unless --allow-base-mismatch; base names are
+    compared loosely, as a stand-in until registry pins exist. modules_to_save copies are
+    carried over unweighted (different copies of one tensor: exit 3).
+    """
+    from pathlib import Path
+
+    from adapterctl.compose import compose
+    from adapterctl.errors import Conflict
+    from adapterctl.formats.peft import write_peft
+
+    if weights and len(weights) != len(sources):
+        raise UsageError(
+            f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
+        )
+    if Path(out).exists() and not force:
+        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
+    adapters = [load_source(s, alpha, None) for s in sources]
+    for a in adapters:
+        for w in a.warnings:
+            warn(w)
+    options = {
+        "density": density, "rank": rank, "majority_sign": majority_sign,
+        "convention": convention, "seed": seed,
+    }  # fmt: skip
+    result = compose(
+        adapters, list(weights) or None, method, options, device=device,
+        allow_base_mismatch=allow_base_mismatch,
+    )  # fmt: skip
+    write_peft(result.adapter, out, force=force, metadata=_provenance(result.report))
+    result.report.out = str(out)
+    for w in result.report.warnings:
+        warn(w)
+    if as_json:
+        click.echo(result.report.model_dump_json(indent=2))
+        return
+    from adapterctl.cli.render import render_compose
+
+    render_compose(result.report)
+
+
+def _provenance(report: object) -> dict[str, str]:
+    import json
+
+    from adapterctl import __version__
+
+    data = {
+        "adapterctl": __version__,
+        "method": getattr(report, "method", None),
+        "options": getattr(report, "options", None),
+        "weights": getattr(report, "weights", None),
+        "inputs": getattr(report, "inputs", None),
+    }
+    return {"adapterctl": json.dumps(data, sort_keys=True)}

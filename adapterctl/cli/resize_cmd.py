@@ -1,0 +1,60 @@
+"""``adapterctl resize``."""
+
+from __future__ import annotations
+
+import click
+
+from adapterctl.cli import cli
+from adapterctl.cli.options import force_option, json_option, load_source, warn
+from adapterctl.errors import UsageError
+
+
+@cli.command("resize")
+@click.argument("source", metavar="SOURCE")
+@click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
+@click.option(
+    "--rank", type=click.IntRange(min=1), default=None, metavar="R",
+    help="Target rank of every module (modules already below it are kept exactly).",
+)  # fmt: skip
+@click.option(
+    "--energy", type=float, default=None, metavar="E",
+    help="Per module, the smallest rank keeping fraction E of ‖ΔW‖² (e.g. 0.99).",
+)  # fmt: skip
+@force_option
+@click.option("--alpha", type=float, default=None, help="LoRA alpha of a bare .safetensors SOURCE.")
+@json_option
+def resize_command(
+    source: str, out: str, rank: int | None, energy: float | None, force: bool,
+    alpha: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    """Re-factor every module of SOURCE to rank R (--rank), or to the smallest rank that keeps
+    fraction E of its energy (--energy; per-module ranks are written as rank_pattern).
+
+    Uses the SVD of each module's r×r core (best rank-R approximation, never a dense SVD);
+    reports the energy kept. The output is a standard PEFT folder with the scale folded
+    into lora_B (alpha = r).
+    """
+    from pathlib import Path
+
+    from adapterctl.errors import Conflict
+    from adapterctl.formats.peft import write_peft
+    from adapterctl.resize import resize
+
+    if (rank is None) == (energy is None):
+        raise UsageError("pass exactly one of --rank R or --energy E")
+    if Path(out).exists() and not force:
+        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
+    adapter = load_source(source, alpha, None)
+    for w in adapter.warnings:
+        warn(w)
+    result = resize(adapter, rank=rank, energy=energy)
+    write_peft(result.adapter, out, force=force)
+    result.report.out = str(out)
+    for w in result.report.warnings:
+        warn(w)
+    if as_json:
+        click.echo(result.report.model_dump_json(indent=2))
+        return
+    from adapterctl.cli.render import render_resize
+
+    render_resize(result.report)

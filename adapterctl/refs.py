@@ -1,0 +1,96 @@
+"""Turning a SOURCE string into a local adapter path.
+
+A SOURCE is, in this order:
+
+1. ``hf://owner/repo[@revision]``: a Hub adapter (Hub sync comes with a later release).
+2. A local path that exists: a PEFT folder or a bare ``.safetensors``. A local folder wins
+   over a registry name spelled the same.
+3. A registry reference: ``name`` (newest live version), ``name@3``, ``name@prod`` (an
+   alias), ``sha256:<prefix>`` (of a version digest or an adapter digest). It resolves to a
+   read-only checkout of the version under ``$ADAPTERCTL_HOME/checkouts/``.
+4. Anything else is returned unchanged, for the reader to report as a missing path.
+
+Resolving never creates a registry: with no database, a reference is simply not found.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterctl.errors import NotFound
+
+if TYPE_CHECKING:
+    from adapterctl.registry import Registry, Version
+
+HUB_SCHEME = "hf://"
+
+
+def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None) -> Path:
+    """The local path to read SOURCE from.
+
+    Args:
+        source: a local path, a registry reference or an ``hf://`` reference.
+        registry: the registry to resolve references in (default: the one at
+            ``$ADAPTERCTL_HOME``, opened only if it exists).
+
+    Returns:
+        A local folder or file: the path itself, or the checkout of a registry version.
+        A path that does not exist and is not spelled like a reference comes back
+        unchanged (the format reader reports it).
+
+    Raises:
+        NotFound: an unknown name, version or alias, or an ambiguous digest prefix (the
+            message lists what exists); an ``hf://`` reference (not available yet).
+        VersionRemoved: the reference names a removed version (the message names the
+            tombstone).
+
+    Example:
+        >>> resolve("out/checkpoint-500")
+        PosixPath('out/checkpoint-500')
+        >>> resolve("chat@prod")
+        PosixPath('/home/me/.local/share/adapterctl/checkouts/5f0c…')
+    """
+    text = os.fspath(source)
+    if text.startswith(HUB_SCHEME):
+        raise NotFound(
+            f"{text}: Hub sync is not available yet; download the adapter "
+            "(huggingface-cli download REPO --local-dir DIR) and pass the folder"
+        )
+    path = Path(text)
+    if path.exists():
+        return path
+    from adapterctl.registry import Registry, is_ref
+
+    if not is_ref(text):
+        return path
+    if registry is None:
+        try:
+            registry = Registry(create=False)
+        except NotFound:
+            raise NotFound(
+                f"{text}: no such adapter file or folder, and the registry is empty; "
+                "check the path, or add it with: adapterctl add PATH --name NAME"
+            ) from None
+        with registry:
+            return registry.checkout(text)
+    return registry.checkout(text)
+
+
+def registry_versions(
+    sources: list[str], *, registry: Registry | None = None
+) -> list[Version | None]:
+    """The registry version each SOURCE names (None for a local path).
+
+    Raises:
+        NotFound: a reference that does not resolve.
+    """
+    from adapterctl.registry import Registry, is_ref
+
+    refs = [s for s in sources if not Path(s).exists() and is_ref(s)]
+    if not refs:
+        return [None] * len(sources)
+    reg = registry or Registry(create=False)
+    by_ref = {r: reg.resolve(r) for r in refs}
+    return [by_ref.get(s) for s in sources]
