@@ -48,7 +48,6 @@ from adapterctl.errors import (
     NotFound,
     OperationalError,
     UsageError,
-    ValidationFailed,
     VersionRemoved,
 )
 from adapterctl.identity import (
@@ -1777,18 +1776,9 @@ def _open_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
 
 def _preflight(adapter: Adapter, ckpt: Checkpoint, source: str) -> None:
     """``validate``'s rules against the base; an error refuses the add (exit 3)."""
-    from adapterctl.validate import validate
+    from adapterctl.validate import require_fit
 
-    report = validate(adapter, ckpt)
-    errors = [f for f in report.findings if f.severity == "error"]
-    if errors:
-        first = errors[0]
-        where = f" {first.module}" if first.module else ""
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ValidationFailed(
-            f"{source} does not fit {ckpt.path}: {first.code}{where}: {first.message}{more}; "
-            f"see: adapterctl validate {source} --base {ckpt.path}"
-        )
+    require_fit(adapter, ckpt, source)
 
 
 def _artifact_files(path: Path) -> list[Path]:

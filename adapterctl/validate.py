@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, computed_field
 
 from adapterctl.adapter import Adapter, LoraModule
 from adapterctl.checkpoint import Binding, Checkpoint, layer_index
-from adapterctl.errors import UsageError
+from adapterctl.errors import UsageError, ValidationFailed
 
 if TYPE_CHECKING:
     import torch
@@ -280,6 +280,36 @@ def validate(
         rules_checked=checked,
         findings=findings,
     )
+
+
+def require_fit(adapter: Adapter, base: Checkpoint, source: str | None = None) -> ValidationReport:
+    """The pre-flight of merge, add (and anything that writes): ``validate`` against ``base``,
+    refusing on the first error.
+
+    Args:
+        adapter: the adapter about to be used.
+        base: the base it must fit.
+        source: how the user named the adapter (default: its path), for the message.
+
+    Returns:
+        The report (its warnings are for the caller to show).
+
+    Raises:
+        ValidationFailed: an error finding (exit 3), naming the rule and the command that
+            lists every finding.
+    """
+    report = validate(adapter, base)
+    errors = [f for f in report.findings if f.severity == "error"]
+    if errors:
+        first = errors[0]
+        where = f" {first.module}" if first.module else ""
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        name = source or str(adapter.path)
+        raise ValidationFailed(
+            f"{name} does not fit {base.path}: {first.code}{where}: {first.message}{more}; "
+            f"see: adapterctl validate {name} --base {base.path}"
+        )
+    return report
 
 
 def _applies(rule: Rule, target: str, has_base: bool) -> bool:

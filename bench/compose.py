@@ -11,11 +11,12 @@ factors for both tools, alpha = r) are combined with weights 0.7 and 0.3 into ra
   error is ‖result − M‖_F / ‖M‖_F. PEFT's dense SVD gives the optimal truncation, ours a
   randomized one; both report how little of a TIES result fits in rank 16.
 
-Times are wall-clock per module, median of ``--rounds``, end to end (ours: reading the
-adapters, validating them, composing, after one untimed warm-up call; PEFT: one
-``add_weighted_adapter`` call on a one-module model, whose dense SVD dominates).
+Times are wall-clock per module, end to end. Ours: median of ``--rounds`` calls after one
+untimed warm-up call (reading the adapters, validating them, composing). PEFT: one
+``add_weighted_adapter`` call on a one-module model (its dense SVD dominates; too slow to
+repeat).
 
-    python bench/compose.py --workdir /tmp/adapterctl-bench-compose --rounds 1
+    python bench/compose.py --workdir /tmp/adapterctl-bench-compose --rounds 5
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def run(workdir: Path, rounds: int, shapes: list[str], peft_kinds: list[str]) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/adapterctl-bench-compose"))
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5, help="Rounds of ours (median).")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--peft", nargs="*", default=["svd", "ties_svd"],
                         choices=["svd", "ties_svd"], help="PEFT combinations to time.")  # fmt: skip

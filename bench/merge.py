@@ -4,7 +4,9 @@ Builds a bf16 checkpoint with Llama-7B layer shapes (hidden 4096, intermediate 1
 32000; 6 layers by default: about 2.5 GB, sharded) and an r=16 all-linear PEFT adapter, with
 torch + safetensors only, then times whole processes (start-up included) and samples their
 anonymous memory (RssAnon from /proc) every 5 ms. Rounds run in alternating order; the
-median is reported. The page cache is warm (the machine has room for the checkpoint).
+median is reported. The page cache is warm (the machine has room for the checkpoint). Plain
+runs leave written data in the page cache (as `cp` and `save_pretrained` do); the `sync` /
+`--fsync` pair measures the same with the data flushed to disk.
 
     python bench/merge.py --workdir /tmp/adapterctl-bench --rounds 3
 """
@@ -165,6 +167,11 @@ def main() -> None:
         "adapterctl merge": [
             py, "-m", "adapterctl", "merge", str(base), str(adapter), "-o",
             str(args.workdir / "out"), "--device", args.device,
+        ],
+        "cp -r && sync": ["sh", "-c", f"cp -r {base} {args.workdir / 'out'} && sync"],
+        "adapterctl merge --fsync": [
+            py, "-m", "adapterctl", "merge", str(base), str(adapter), "-o",
+            str(args.workdir / "out"), "--device", args.device, "--fsync",
         ],
         "PEFT merge_and_unload": [
             py, str(peft_script), str(base), str(adapter), str(args.workdir / "out"),

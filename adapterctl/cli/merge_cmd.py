@@ -80,6 +80,9 @@ def parse_size(text: str) -> int:
     "(every SOURCE must be a registry reference).",
 )  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option(
+    "--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (slower)."
+)
 @click.option("--verify", is_flag=True, help="Re-read OUT and check rows against float64 math.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha for bare .safetensors sources.")
@@ -90,7 +93,7 @@ def merge_command(
     device: str,
     dtype: str, quantize: str | None, quant_method: str, max_delta_error: float | None,
     max_shard_size: str | None, allow_base_mismatch: bool, register_as: str | None,
-    force: bool, verify: bool, dry_run: bool, alpha: float | None, as_json: bool,
+    force: bool, fsync: bool, verify: bool, dry_run: bool, alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Merge one or more adapters into BASE, streaming one tensor at a time, into OUT.
 
@@ -133,7 +136,7 @@ def merge_command(
         with _progress(as_json) as progress:
             report = run_merge(
                 plan, out, device=device, force=force, verify=verify,
-                max_delta_error=max_delta_error, progress=progress,
+                max_delta_error=max_delta_error, progress=progress, fsync=fsync,
             )  # fmt: skip
     report.base_pin_checks = pin_checks
     report.warnings = pin_warnings + report.warnings
