@@ -7,45 +7,31 @@ import click
 from adapterctl.cli import cli
 from adapterctl.cli.options import (
     allow_base_mismatch_option,
+    check_weights,
     device_option,
     force_option,
     json_option,
     load_source,
+    method_options,
     warn,
+    weights_option,
 )
-from adapterctl.errors import UsageError
 
 
 @cli.command("compose")
 @click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
-@click.option(
-    "-w", "--weight", "weights", type=float, multiple=True,
-    help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each; may be negative).",
-)  # fmt: skip
+@weights_option
 @click.option(
     "--method", "method", required=True, metavar="M",
     help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (adapterctl methods).",
 )  # fmt: skip
-@click.option(
-    "--density", type=float, default=None, metavar="D",
-    help="ties/dare/magnitude_prune: fraction of each delta's entries kept, in (0, 1].",
-)  # fmt: skip
+@method_options
 @click.option(
     "--rank", type=click.IntRange(min=1), default=None, metavar="R",
     help="Output rank (SVD of the result). linear: default exact (rank Σrᵢ); svd and the "
     "dense methods: default the largest input rank.",
 )  # fmt: skip
-@click.option(
-    "--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
-    help="ties/dare_ties: elect each entry's sign by the sum (default) or the count of signs.",
-)  # fmt: skip
-@click.option(
-    "--convention", type=click.Choice(["adapterctl", "peft"]), default=None,
-    help="ties/dare_ties: adapterctl (default; weight, then elect; divide by the agreeing "
-    "weights, as mergekit) or peft (elect on unweighted deltas; divide by the agreeing count).",
-)  # fmt: skip
-@click.option("--seed", type=int, default=None, help="dare_*: seed of the drop masks (default 0).")
 @device_option
 @allow_base_mismatch_option
 @force_option
@@ -76,10 +62,7 @@ def compose_command(
     from adapterctl.errors import Conflict
     from adapterctl.formats.peft import write_peft
 
-    if weights and len(weights) != len(sources):
-        raise UsageError(
-            f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
-        )
+    weight_list = check_weights(weights, sources)
     if Path(out).exists() and not force:
         raise Conflict(f"{out}: already exists; choose another -o or pass --force")
     adapters = [load_source(s, alpha, None) for s in sources]
@@ -91,7 +74,7 @@ def compose_command(
         "convention": convention, "seed": seed,
     }  # fmt: skip
     result = compose(
-        adapters, list(weights) or None, method, options, device=device,
+        adapters, weight_list, method, options, device=device,
         allow_base_mismatch=allow_base_mismatch,
     )  # fmt: skip
     write_peft(result.adapter, out, force=force, metadata=_provenance(result.report))

@@ -10,7 +10,17 @@ from typing import Any
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option, load_base, load_source, warn
+from adapterctl.cli.options import (
+    check_weights,
+    device_option,
+    force_option,
+    json_option,
+    load_base,
+    load_source,
+    method_options,
+    warn,
+    weights_option,
+)
 from adapterctl.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
@@ -33,26 +43,14 @@ def parse_size(text: str) -> int:
 @click.argument("base", metavar="BASE")
 @click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output checkpoint folder.")
-@click.option(
-    "-w", "--weight", "weights", type=float, multiple=True,
-    help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each).",
-)  # fmt: skip
+@weights_option
 @click.option(
     "--method", default="linear", show_default=True,
     help="linear (exact Σ wᵢ·ΔWᵢ), or ties, dare_linear, dare_ties, magnitude_prune applied "
     "to each module's dense deltas at full rank (see: adapterctl methods).",
 )  # fmt: skip
-@click.option("--density", type=float, default=None, help="Fraction kept by ties/dare/prune.")
-@click.option(
-    "--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
-    help="TIES sign election.",
-)  # fmt: skip
-@click.option(
-    "--convention", type=click.Choice(["adapterctl", "peft"]), default=None,
-    help="TIES/DARE weighting convention (see README).",
-)  # fmt: skip
-@click.option("--seed", type=int, default=None, help="Seed of DARE's drop masks.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@method_options
+@device_option
 @click.option(
     "--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
     show_default=True, help="Output dtype; auto keeps each tensor's (4-bit → compute dtype).",
@@ -79,7 +77,7 @@ def parse_size(text: str) -> int:
     help="Record OUT in the registry as the next version of NAME, with its lineage "
     "(every SOURCE must be a registry reference).",
 )  # fmt: skip
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@force_option
 @click.option(
     "--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (slower)."
 )
@@ -104,10 +102,7 @@ def merge_command(
     from adapterctl.merge import check_base_pins, dry_run_report, plan_merge, run_merge
     from adapterctl.refs import registry_versions
 
-    if weights and len(weights) != len(sources):
-        raise UsageError(
-            f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
-        )
+    weight_list = check_weights(weights, sources)
     versions = registry_versions(list(sources))
     if register_as and any(v is None for v in versions):
         raise UsageError(
@@ -121,7 +116,7 @@ def merge_command(
         for w in a.warnings:
             warn(w)
     plan = plan_merge(
-        ckpt, adapters, list(weights) or None, dtype=dtype, quantize=quantize,
+        ckpt, adapters, weight_list, dtype=dtype, quantize=quantize,
         quant_method=quant_method,
         max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
         method=method,

@@ -75,6 +75,50 @@ def allow_base_mismatch_option(f: F) -> F:
     """``--allow-base-mismatch``: override a base-identity refusal."""
     return click.option(
         "--allow-base-mismatch", is_flag=True,
-        help="Go on although the inputs name different base models (compared loosely by "
-        "name for now; registry base pins come later).",
+        help="Go on although the inputs' base identities differ (compose: the base names in "
+        "their configs, compared loosely).",
     )(f)  # fmt: skip
+
+
+def weights_option(f: F) -> F:
+    """``-w/--weight W``, once per SOURCE."""
+    return click.option(
+        "-w", "--weight", "weights", type=float, multiple=True,
+        help="Weight of each SOURCE, once per SOURCE in order (default 1.0 each; may be "
+        "negative).",
+    )(f)  # fmt: skip
+
+
+def check_weights(weights: tuple[float, ...], sources: tuple[str, ...]) -> list[float] | None:
+    """The weights as a list (None: 1.0 each); refuse a count that does not match SOURCE."""
+    from adapterctl.errors import UsageError
+
+    if weights and len(weights) != len(sources):
+        raise UsageError(
+            f"got {len(weights)} -w for {len(sources)} SOURCE(s); pass -w once per SOURCE"
+        )
+    return list(weights) or None
+
+
+def method_options(f: F) -> F:
+    """The options of the task-arithmetic methods: ``--density``, ``--majority-sign``,
+    ``--convention``, ``--seed`` (see ``adapterctl methods``)."""
+    f = click.option(
+        "--seed", type=int, default=None, help="dare_*: seed of the drop masks (default 0)."
+    )(f)
+    f = click.option(
+        "--convention", type=click.Choice(["adapterctl", "peft"]), default=None,
+        help="ties/dare_ties: adapterctl (default; weight, then elect; divide by the agreeing "
+        "weights, as mergekit) or peft (elect on unweighted deltas; divide by the agreeing "
+        "count).",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--majority-sign", type=click.Choice(["total", "frequency"]), default=None,
+        help="ties/dare_ties: elect each entry's sign by the sum (default) or the count of "
+        "signs.",
+    )(f)  # fmt: skip
+    f = click.option(
+        "--density", type=float, default=None, metavar="D",
+        help="ties/dare/magnitude_prune: fraction of each delta's entries kept, in (0, 1].",
+    )(f)  # fmt: skip
+    return f
