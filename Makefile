@@ -17,7 +17,7 @@ lint:
 typecheck:
 	$(PYTHON) -m mypy
 
-test: install lint
+test: install lint typecheck
 	$(PYTHON) -m pytest
 
 format:
