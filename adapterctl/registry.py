@@ -1749,6 +1749,36 @@ def _pin_from_row(row: dict) -> BasePin:
     )
 
 
+def check_same_base(versions: Sequence[Version], *, allow_mismatch: bool = False) -> list[str]:
+    """Refuse combining versions pinned to different bases (DESIGN: "Identity").
+
+    Fingerprints are compared, and content digests where every pin has one; name-only pins
+    cannot be compared and are skipped.
+
+    Args:
+        versions: the registry inputs of a compose or merge.
+        allow_mismatch: report a mismatch as a warning instead of refusing.
+
+    Returns:
+        Warnings (a mismatch that was allowed).
+
+    Raises:
+        Conflict: the pins differ and ``allow_mismatch`` is False (exit 5).
+    """
+    pinned = [v for v in versions if v.base.fingerprint]
+    fps = {v.base.fingerprint for v in pinned}
+    contents = {v.base.content_digest for v in pinned}
+    if len(fps) <= 1 and (None in contents or len(contents) <= 1):
+        return []
+    listing = ", ".join(
+        f"{v.ref} → {_short(v.base.content_digest or v.base.fingerprint)}" for v in pinned
+    )
+    message = f"the inputs are pinned to different bases ({listing})"
+    if not allow_mismatch:
+        raise Conflict(f"{message}; combine adapters of one base, or pass --allow-base-mismatch")
+    return [f"--allow-base-mismatch: {message}"]
+
+
 def _shared_pin(pins: Sequence[BasePin]) -> BasePin | None:
     """The pin all ``pins`` agree on: their fingerprint, with their content digest when they
     all have the same one; None when they name different bases (or none)."""

@@ -13,6 +13,8 @@ from adapterctl.cli.options import (
     json_option,
     load_source,
     method_options,
+    register_option,
+    registry_inputs,
     warn,
     weights_option,
 )
@@ -35,12 +37,14 @@ from adapterctl.cli.options import (
 @device_option
 @allow_base_mismatch_option
 @force_option
+@register_option
 @click.option("--alpha", type=float, default=None, help="LoRA alpha for bare .safetensors sources.")
 @json_option
 def compose_command(
     sources: tuple[str, ...], out: str, weights: tuple[float, ...], method: str,
     density: float | None, rank: int | None, majority_sign: str | None, convention: str | None,
     seed: int | None, device: str, allow_base_mismatch: bool, force: bool,
+    register_as: str | None,
     alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Combine adapters into one PEFT adapter at OUT, by a method defined on ΔW.
@@ -52,8 +56,8 @@ def compose_command(
 
     Inputs may differ in rank, targets (a missing module counts as zero), rsLoRA and
     rank/alpha patterns. DoRA inputs are refused (exit 3). Inputs whose configs name
-    different base models are refused (exit 5) unless --allow-base-mismatch; base names are
-    compared loosely, as a stand-in until registry pins exist. modules_to_save copies are
+    different base models (compared loosely), or registry inputs pinned to different bases,
+    are refused (exit 5) unless --allow-base-mismatch. modules_to_save copies are
     carried over unweighted (different copies of one tensor: exit 3).
     """
     from pathlib import Path
@@ -65,6 +69,14 @@ def compose_command(
     weight_list = check_weights(weights, sources)
     if Path(out).exists() and not force:
         raise Conflict(f"{out}: already exists; choose another -o or pass --force")
+    versions = registry_inputs(sources, register_as)
+    pin_warnings: list[str] = []
+    if any(v is not None for v in versions):
+        from adapterctl.registry import check_same_base
+
+        pin_warnings = check_same_base(
+            [v for v in versions if v is not None], allow_mismatch=allow_base_mismatch
+        )
     adapters = [load_source(s, alpha, None) for s in sources]
     for a in adapters:
         for w in a.warnings:
@@ -79,6 +91,20 @@ def compose_command(
     )  # fmt: skip
     write_peft(result.adapter, out, force=force, metadata=_provenance(result.report))
     result.report.out = str(out)
+    result.report.warnings = pin_warnings + result.report.warnings
+    if register_as:
+        from adapterctl.registry import Registry
+
+        weights_used = weight_list or [1.0] * len(sources)
+        with Registry() as reg:
+            registered = reg.record_lineage(
+                register_as,
+                [(v, w) for v, w in zip(versions, weights_used, strict=True) if v is not None],
+                method,
+                {k: v for k, v in options.items() if v is not None},
+                out,
+            )
+        click.echo(f"registered as {registered.ref}", err=True)
     for w in result.report.warnings:
         warn(w)
     if as_json:

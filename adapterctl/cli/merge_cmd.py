@@ -18,6 +18,8 @@ from adapterctl.cli.options import (
     load_base,
     load_source,
     method_options,
+    register_option,
+    registry_inputs,
     warn,
     weights_option,
 )
@@ -72,11 +74,7 @@ def parse_size(text: str) -> int:
     "--allow-base-mismatch", is_flag=True,
     help="Merge even if BASE differs from a registry SOURCE's base pin (exit 5 otherwise).",
 )  # fmt: skip
-@click.option(
-    "--register", "register_as", metavar="NAME", default=None,
-    help="Record OUT in the registry as the next version of NAME, with its lineage "
-    "(every SOURCE must be a registry reference).",
-)  # fmt: skip
+@register_option
 @force_option
 @click.option(
     "--fsync", is_flag=True, help="Flush OUT to disk before renaming it into place (slower)."
@@ -100,15 +98,9 @@ def merge_command(
     The output is written to a temporary sibling and renamed into place when complete.
     """
     from adapterctl.merge import check_base_pins, dry_run_report, plan_merge, run_merge
-    from adapterctl.refs import registry_versions
 
     weight_list = check_weights(weights, sources)
-    versions = registry_versions(list(sources))
-    if register_as and any(v is None for v in versions):
-        raise UsageError(
-            "--register records lineage, so every SOURCE must be a registry reference; "
-            "add local adapters first with: adapterctl add PATH --name NAME"
-        )
+    versions = registry_inputs(sources, register_as)
     ckpt = load_base(base)
     pin_checks, pin_warnings = check_base_pins(versions, ckpt, allow_mismatch=allow_base_mismatch)
     adapters = [load_source(s, alpha, None) for s in sources]

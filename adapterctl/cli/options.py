@@ -122,3 +122,27 @@ def method_options(f: F) -> F:
         help="ties/dare/magnitude_prune: fraction of each delta's entries kept, in (0, 1].",
     )(f)  # fmt: skip
     return f
+
+
+def register_option(f: F) -> F:
+    """``--register NAME``: record OUT in the registry with its lineage."""
+    return click.option(
+        "--register", "register_as", metavar="NAME", default=None,
+        help="Record OUT in the registry as the next version of NAME, with its lineage "
+        "(every SOURCE must be a registry reference).",
+    )(f)  # fmt: skip
+
+
+def registry_inputs(sources: tuple[str, ...], register_as: str | None) -> list[Any]:
+    """The registry version of each SOURCE (None for a local path); with ``--register``,
+    every SOURCE must be one, since lineage links versions."""
+    from adapterctl.errors import UsageError
+    from adapterctl.refs import registry_versions
+
+    versions = registry_versions(list(sources))
+    if register_as and any(v is None for v in versions):
+        raise UsageError(
+            "--register records lineage, so every SOURCE must be a registry reference; "
+            "add local adapters first with: adapterctl add PATH --name NAME"
+        )
+    return versions
