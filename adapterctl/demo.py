@@ -368,8 +368,15 @@ def _registry_steps(f: DemoFiles) -> list[Step]:
             ["inspect", "chat@prod"],
             "Every command takes a registry reference: name, name@3, name@alias, sha256:<prefix>.",
         ),
+        Step(
+            ["merge", base, "chat@prod", "code@stable", "-w", "0.6", "-w", "0.4", "--method",
+             "ties", "--density", "0.5", "-o", "merged/ties", "--register", "chat-code-merged"],
+            "Merge registry versions with TIES at full rank: each input's base pin is checked "
+            "first, and --register records the result with its lineage.",
+        ),
+        Step(["show", "chat-code-merged@1"], "The lineage: parents, weights, method, options."),
         Step(["registry", "verify"], "Re-hash every stored file and check the database."),
-    ]
+    ]  # fmt: skip
 
 
 def _compose_steps(f: DemoFiles) -> list[Step]:

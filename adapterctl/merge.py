@@ -444,7 +444,8 @@ def plan_merge(
         "quantize": None if spec is None else {"type": spec.quant_type, "method": spec.method},
     }
     if combine is not None:
-        provenance["method"] = {"name": combine.method.name, **combine.options.model_dump()}
+        chosen = {k: v for k, v in combine.options.model_dump().items() if v is not None}
+        provenance["method"] = {"name": combine.method.name, **chosen}
         for job in jobs.values():
             job.combine = combine if job.deltas else None
     return MergePlan(

@@ -58,10 +58,14 @@ def test_demo_validates_and_survives_the_broken_adapter(demo_output: str) -> Non
 
 @pytest.mark.skipif("merge" not in cli.commands, reason="no merge command yet")
 def test_demo_merges(demo_output: str) -> None:
-    merge = demo_output.split("$ adapterctl merge ")
-    assert len(merge) == 2
-    assert "wrote merged/tiny-llama" in merge[1]
-    assert "[exit" not in merge[1]
+    steps = demo_output.split("\n$ adapterctl ")
+    merges = [s for s in steps if s.startswith("merge ")]
+    assert len(merges) == 2
+    assert "wrote merged/tiny-llama" in merges[0]
+    assert "wrote merged/ties" in merges[1]
+    assert "base pin checked by fingerprint" in merges[1]
+    assert "registered as chat-code-merged@1" in merges[1]
+    assert not any("[exit" in m for m in merges)
 
 
 def test_demo_keep(tmp_path: Path) -> None:
