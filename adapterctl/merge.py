@@ -827,14 +827,16 @@ def _read_ahead(
 ) -> Iterator[tuple[Job, dict[str, torch.Tensor]]]:
     """Yield (job, its input tensors), reading the next jobs' inputs while this one computes.
 
-    Base tensors are read into a ring of reused buffers (one more than the read-ahead depth,
-    so the buffer being merged is never the one being filled): fresh memory for every tensor
-    costs page faults that dominate a read from the page cache.
+    On the CPU, base tensors are views into the memory-mapped shards (no copy out of the
+    page cache). For CUDA they are read into a ring of reused pinned buffers (one more than
+    the read-ahead depth, so the buffer being merged is never the one being filled): fresh
+    memory for every tensor costs page faults that dominate a read from the page cache.
     """
     pending: list[tuple[Job, Future[dict[str, torch.Tensor]] | None]] = []
     it = iter(jobs)
     depth = 2
     ring: list[torch.Tensor | None] = [None] * (depth + 1)
+    maps: dict[Path, Any] | None = {} if dev.type == "cpu" else None
     turn = 0
 
     def submit() -> None:
@@ -844,7 +846,7 @@ def _read_ahead(
             return
         fut = None
         if not job.copy_bytes:
-            fut = pool.submit(_load_inputs, job, dev.type == "cuda", ring, turn)
+            fut = pool.submit(_load_inputs, job, dev.type == "cuda", ring, turn, maps)
             turn = (turn + 1) % len(ring)
         pending.append((job, fut))
 
@@ -857,16 +859,23 @@ def _read_ahead(
 
 
 def _load_inputs(
-    job: Job, pin: bool, ring: list[torch.Tensor | None] | None = None, slot: int = 0
+    job: Job,
+    pin: bool,
+    ring: list[torch.Tensor | None] | None = None,
+    slot: int = 0,
+    maps: dict[Path, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read one job's input tensors from disk (in the read-ahead thread); a plain base
-    tensor goes into ``ring[slot]`` (grown when too small)."""
+    """Read one job's input tensors (in the read-ahead thread). A plain base tensor is a
+    view into the memory-mapped shard when ``maps`` is given (the CPU path: no copy), else
+    it is read into ``ring[slot]`` (pinned, for CUDA; grown when too small)."""
     if job.replace is not None:
         return {"w": job.replace.load()}
     assert job.source is not None
     if job.quant_in is None:
         if ring is None:
             return {"w": _read_tensor(job.source, pin)}
+        if maps is not None:
+            return {"w": _mapped_tensor(job.source, maps)}
         import torch
 
         buf = ring[slot]
@@ -875,6 +884,33 @@ def _load_inputs(
             ring[slot] = buf
         return {"w": _read_tensor(job.source, pin, buf[: job.source.nbytes])}
     return {info.name: _read_tensor(info, pin) for info in (job.source, *job.quant_aux)}
+
+
+def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
+    """A read-only view of a tensor's bytes in the page cache (no copy), its pages faulted in
+    here, in the read-ahead thread, so the merging thread reads them without a fault.
+
+    The shard's size was checked against its header when it was opened; a file truncated
+    while the merge runs is outside what this guards against.
+    """
+    import mmap
+    import warnings
+
+    import torch
+
+    mm = maps.get(info.path)
+    if mm is None:
+        with open(info.path, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        maps[info.path] = mm
+    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only buffer: we never write through it
+        raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
+    if info.nbytes:
+        raw[:: mmap.PAGESIZE].max()  # touch one byte per page: fault the mapping in now
+    BYTES_READ.value += info.nbytes
+    return raw.view(dtype).reshape(info.shape)
 
 
 def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -> torch.Tensor:
