@@ -1149,7 +1149,7 @@ def _merged_rows(
     biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]
     if job.combine is not None:
         # The method needs every input's whole dense ΔW (TIES trims by global magnitude).
-        v = w.to(dev, torch.float32)  # the weight's own shape
+        v = w.to(dev, torch.float32, copy=True)  # own copy: w may be a read-only map
         deltas = [torch.zeros_like(v) for _ in job.combine.weights]
         for d in job.deltas:
             deltas[d.index] = _dense_delta(d, factors).reshape(v.shape)
@@ -1165,7 +1165,7 @@ def _merged_rows(
     if dora is not None and dora.layout == "conv1d":
         # Stored (in, out): DoRA's per-output norms run down columns, so take it whole.
         b, a = factors.get(dora.module)  # (out, r), (r, in)
-        v = w.to(dev, torch.float32)  # (in, out)
+        v = w.to(dev, torch.float32, copy=True)  # (in, out); w may be a read-only map
         v.addmm_(a.T, b.T, alpha=dora.weight * dora.module.scale)
         v.mul_((_magnitude(dora, dev) / torch.linalg.vector_norm(v, dim=0))[None, :])
         yield v

@@ -399,3 +399,19 @@ def test_registry_sources_pin_check_and_register(
                             "--register", "nope"])  # fmt: skip
     assert r.exit_code == 2
     assert "registry reference" in r.output
+
+
+def test_float32_base_is_never_written_through(tmp_path: Path) -> None:
+    """float32 bases are read through read-only memory maps: the DoRA-on-Conv1D and --method
+    paths, which work on a whole float32 weight in place, must copy it first."""
+    base = save_base(gpt2_model(), tmp_path / "base")  # float32
+    before = (base / "model.safetensors").read_bytes()
+    pm, dora = peft_adapter(gpt2_model(), tmp_path / "d", target_modules=["c_attn", "c_proj"],
+                            fan_in_fan_out=True, use_dora=True)  # fmt: skip
+    merge(open_checkpoint(base), [read(dora)], tmp_path / "o1", verify=True)
+    _assert_rounded_once(_state(tmp_path / "o1"), _peft_merged64(pm))
+    _, a1 = peft_adapter(gpt2_model(), tmp_path / "a1", target_modules=["c_attn"], seed=1)
+    _, a2 = peft_adapter(gpt2_model(), tmp_path / "a2", target_modules=["c_attn"], seed=2)
+    merge(open_checkpoint(base), [read(a1), read(a2)], tmp_path / "o2", method="ties",
+          method_options={"density": 0.5}, verify=True)  # fmt: skip
+    assert (base / "model.safetensors").read_bytes() == before
