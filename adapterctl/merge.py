@@ -791,6 +791,7 @@ def _write_shards(
                 _write_all(fh, header)
                 done += len(header)
                 writer = _Writer(fh, wpool)
+                ws.writer = writer
                 for job, inputs in _read_ahead(pool, shard.jobs, dev):
                     if counter == pause_at:
                         writer.drain()
@@ -978,59 +979,89 @@ class _FactorCache:
 
 
 class _Workspace:
-    """Buffers reused across tensors, so merging allocates nothing per chunk: a float32
-    chunk on the device and a ring of output-dtype staging chunks on the host (pinned for
-    CUDA), each reused only once the writer has finished with it."""
+    """Buffers reused across tensors, so merging allocates nothing per chunk: rings of float32
+    chunks on the device (small enough to stay in cache) and of output-dtype staging chunks
+    on the host (pinned for CUDA). A slot is reused only once the writer thread, which rounds
+    each chunk into its staging buffer and writes it, is done with it."""
 
     RING = 3
 
     def __init__(self, dev: torch.device) -> None:
         self.dev = dev
-        self._work: torch.Tensor | None = None
+        self.writer: _Writer | None = None  # the current shard's writer
+        self._work: list[torch.Tensor | None] = [None] * self.RING
         self._host: list[torch.Tensor | None] = [None] * self.RING
-        self._next = 0
+        self._next_work = self._next_host = 0
+        self.work_slot: int | None = None
+
+    def _wait(self, key: tuple[str, int]) -> None:
+        if self.writer is not None:
+            self.writer.wait_for(key)
 
     def work(self, rows: int, cols: int) -> torch.Tensor:
         import torch
 
+        i = self._next_work
+        self._next_work = (i + 1) % self.RING
+        self._wait(("work", i))
         n = rows * cols
-        if self._work is None or self._work.numel() < n:
-            self._work = torch.empty(n, dtype=torch.float32, device=self.dev)
-        return self._work[:n].view(rows, cols)
+        buf = self._work[i]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32, device=self.dev)
+            self._work[i] = buf
+        self.work_slot = i
+        return buf[:n].view(rows, cols)
 
-    def host(self, like: torch.Tensor, dtype: torch.dtype, writer: _Writer) -> torch.Tensor:
+    def is_work(self, t: torch.Tensor) -> bool:
+        """True if ``t`` is the chunk ``work`` handed out last (so its slot must be held)."""
+        slot = self.work_slot
+        buf = self._work[slot] if slot is not None else None
+        return buf is not None and t.data_ptr() == buf.data_ptr()
+
+    def host(self, like: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
         import torch
 
-        i = self._next
-        self._next = (i + 1) % self.RING
-        writer.wait_for(i)
+        i = self._next_host
+        self._next_host = (i + 1) % self.RING
+        self._wait(("host", i))
         nbytes = like.numel() * torch.empty((), dtype=dtype).element_size()
         buf = self._host[i]
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.dev.type == "cuda")
             self._host[i] = buf
-        return buf[:nbytes].view(dtype).view(like.shape)
+        return buf[:nbytes].view(dtype).view(like.shape), i
 
 
 class _Writer:
-    """Writes staged chunks in a background thread, in order, so merging the next chunk
-    overlaps with writing this one. ``wait_for(slot)`` blocks until the staging buffer
-    ``slot`` is free again; ``drain()`` until everything queued is on its way to the file."""
+    """Rounds chunks into their output dtype and writes them, in order, in a background
+    thread, so merging the next chunk overlaps with this one's rounding and writing.
+    ``wait_for(key)`` blocks until the buffer ``key`` is free again; ``drain()`` until
+    everything queued is written."""
 
     def __init__(self, fh: Any, pool: ThreadPoolExecutor) -> None:
         self.fh = fh
         self.pool = pool
-        self.pending: dict[int, Future[Any]] = {}
+        self.pending: dict[tuple[str, int], Future[Any]] = {}
         self.last: Future[Any] | None = None
 
-    def write(self, data: Any, slot: int | None = None) -> None:
-        fut = self.pool.submit(_write_all, self.fh, data)
-        self.last = fut
-        if slot is not None:
-            self.pending[slot] = fut
+    def write(self, data: Any, keys: tuple[tuple[str, int], ...] = ()) -> None:
+        self._submit(_write_all, self.fh, data, keys=keys)
 
-    def wait_for(self, slot: int) -> None:
-        fut = self.pending.pop(slot, None)
+    def round_and_write(
+        self, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
+    ) -> None:
+        self._submit(_round_and_write, self.fh, chunk, host, keys=keys)
+
+    def _submit(
+        self, fn: Callable[..., None], *args: Any, keys: tuple[tuple[str, int], ...]
+    ) -> None:
+        fut = self.pool.submit(fn, *args)
+        self.last = fut
+        for key in keys:
+            self.pending[key] = fut
+
+    def wait_for(self, key: tuple[str, int]) -> None:
+        fut = self.pending.pop(key, None)
         if fut is not None:
             fut.result()
 
@@ -1041,6 +1072,13 @@ class _Writer:
         if self.last is not None:
             self.last.result()
             self.last = None
+
+
+def _round_and_write(fh: Any, chunk: torch.Tensor, host: torch.Tensor) -> None:
+    import torch
+
+    host.copy_(chunk)  # the one rounding: float32 -> output dtype
+    _write_all(fh, host.reshape(-1).view(torch.uint8).numpy())
 
 
 def _write_job(
@@ -1073,10 +1111,11 @@ def _write_job(
         return None
     if job.quantize is None:
         for chunk in _merged_rows(job, w, dev, factors, ws):
-            slot = ws._next
-            host = ws.host(chunk, out_dtype, writer)
-            host.copy_(chunk)  # the one rounding: float32 -> output dtype
-            writer.write(_buffer(host.reshape(-1).view(torch.uint8).numpy()), slot)
+            host, slot = ws.host(chunk, out_dtype)
+            keys: tuple[tuple[str, int], ...] = (("host", slot),)
+            if ws.is_work(chunk) and ws.work_slot is not None:
+                keys += (("work", ws.work_slot),)
+            writer.round_and_write(chunk, host, keys)
         return None
     writer.drain()
     from adapterctl import nf4
