@@ -60,8 +60,8 @@ def collect(hook_name: str) -> list[Any]:
         items.append(item)
 
     hook: Any = getattr(manager().hook, hook_name)
-    # pluggy calls the most recently registered first; reverse so built-ins come first.
-    for impl in reversed(hook.get_hookimpls()):
+    # In registration order (pluggy's call order is the reverse): built-ins first.
+    for impl in hook.get_hookimpls():
         impl.function(register=register)
     return items
 
