@@ -9,6 +9,7 @@ from adapterctl.cli.options import (
     allow_base_mismatch_option,
     check_weights,
     device_option,
+    emit,
     force_option,
     json_option,
     load_source,
@@ -105,14 +106,9 @@ def compose_command(
                 out,
             )
         click.echo(f"registered as {registered.ref}", err=True)
-    for w in result.report.warnings:
-        warn(w)
-    if as_json:
-        click.echo(result.report.model_dump_json(indent=2))
-        return
     from adapterctl.cli.render import render_compose
 
-    render_compose(result.report)
+    emit(result.report, as_json, render_compose)
 
 
 def _provenance(report: object) -> dict[str, str]:

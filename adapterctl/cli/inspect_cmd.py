@@ -7,11 +7,11 @@ import click
 from adapterctl.cli import cli
 from adapterctl.cli.options import (
     base_option,
+    emit,
     json_option,
     load_base,
     load_source,
     source_options,
-    warn,
 )
 from adapterctl.cli.render import render_inspect
 
@@ -41,9 +41,4 @@ def inspect_command(
     adapter = load_source(source, alpha, rank)
     ckpt = load_base(base)
     report = inspect_adapter(adapter, base=ckpt, spectrum=spectrum)
-    for w in report.warnings:
-        warn(w)
-    if as_json:
-        click.echo(report.model_dump_json(indent=2))
-        return
-    render_inspect(report)
+    emit(report, as_json, render_inspect)

@@ -146,3 +146,13 @@ def registry_inputs(sources: tuple[str, ...], register_as: str | None) -> list[A
             "add local adapters first with: adapterctl add PATH --name NAME"
         )
     return versions
+
+
+def emit(report: Any, as_json: bool, render: Callable[[Any], None]) -> None:
+    """Show a report: its warnings on stderr, then its JSON (``--json``) or ``render(report)``."""
+    for w in getattr(report, "warnings", []):
+        warn(w)
+    if as_json:
+        click.echo(report.model_dump_json(indent=2))
+    else:
+        render(report)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import force_option, json_option, load_source, warn
+from adapterctl.cli.options import emit, force_option, json_option, load_source, warn
 from adapterctl.errors import UsageError
 
 
@@ -50,11 +50,6 @@ def resize_command(
     result = resize(adapter, rank=rank, energy=energy)
     write_peft(result.adapter, out, force=force)
     result.report.out = str(out)
-    for w in result.report.warnings:
-        warn(w)
-    if as_json:
-        click.echo(result.report.model_dump_json(indent=2))
-        return
     from adapterctl.cli.render import render_resize
 
-    render_resize(result.report)
+    emit(result.report, as_json, render_resize)
