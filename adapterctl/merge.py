@@ -211,21 +211,29 @@ class MergePlan:
         return sum(j.nbytes_in for j in self.jobs)
 
     def peak_memory_estimate(self) -> int:
-        """Bytes of tensor memory the merge holds at once: the largest changed tensor as read,
-        its float32 working copy (whole when quantising or for DoRA on Conv1D, a chunk
-        otherwise), its output, the read-ahead of the next one, and the adapters' factors."""
-        worst = 0
+        """Bytes of working memory the merge holds at once on the CPU, where base tensors are
+        read through memory maps (page cache, not counted here): the rings of float32 work
+        chunks and output staging chunks, the whole float32 tensors of the jobs that need
+        them (4-bit in or out, DoRA on Conv1D, ``--method``, a 4-bit Conv1D written back),
+        and the adapters' factors. On CUDA add three pinned copies of the largest input."""
+        rings = _Workspace.RING * CHUNK_ELEMENTS * (4 + 4)
+        whole = 0
         for j in self.jobs:
             if j.copy_bytes:
                 continue
             numel = 1
             for d in j.shape:
                 numel *= d
-            whole = j.quantize is not None or j.quant_in is not None or j.dora is not None
-            work = 4 * (numel if whole else min(numel, CHUNK_ELEMENTS)) * (3 if j.quantize else 1)
-            worst = max(worst, 2 * j.nbytes_in + work + tensor_nbytes(j.out_dtype, j.shape))
+            copies = 0
+            if j.quantize is not None or j.quant_in is not None or j.transpose_out:
+                copies = 3  # the merged weight, the base in float32, its re-quantised copy
+            if j.dora is not None and j.dora.layout == "conv1d":
+                copies = max(copies, 2)
+            if j.combine is not None:
+                copies = max(copies, len(j.combine.weights) + 2)  # W', each ΔWᵢ, the result
+            whole = max(whole, 4 * numel * copies + (j.nbytes_in if j.quant_in else 0))
         factors = sum(t.numel * 4 for a in self.adapters for t in a.all_tensors)
-        return worst + factors
+        return rings + whole + factors
 
 
 class LayerError(BaseModel):
