@@ -135,7 +135,12 @@ class LoraModule:
         Use for merging one module at a time; prefer ``adapterctl.lowrank`` for norms and
         spectra, which never form this matrix.
         """
-        d = self.scale * (self.B(dtype) @ self.A(dtype))  # (out, r) @ (r, in) -> (out, in)
+        return self.dense(self.B(dtype), self.A(dtype))
+
+    def dense(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """scale·``b``·``a`` (this module's factors as matrices, on any device and dtype) in
+        the base weight's layout and shape."""
+        d = self.scale * (b @ a)  # (out, r) @ (r, in) -> (out, in)
         if self.layout in ("conv1d", "embedding"):
             return d.T.contiguous()  # (in, out)
         return d.reshape(self.weight_shape)

@@ -36,6 +36,7 @@ from adapterctl.errors import (
     UsageError,
     ValidationFailed,
 )
+from adapterctl.files import fsync_dir, replace_dir
 from adapterctl.identity import adapter_digest, base_fingerprint
 from adapterctl.tensorfile import (
     BYTES_READ,
@@ -723,14 +724,8 @@ def run_merge(
             report.verified = verify_output(plan, tmp)
             (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
         if fsync:
-            _fsync_dir(tmp)
-        if out_path.exists():
-            trash = parent / f".{out_path.name}.old-{os.getpid()}"
-            out_path.rename(trash)
-            tmp.rename(out_path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_path)
+            fsync_dir(tmp)
+        replace_dir(tmp, out_path)
         return report
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1075,18 +1070,10 @@ class _Writer:
         self.pending: dict[tuple[str, int], Future[Any]] = {}
         self.last: Future[Any] | None = None
 
-    def write(self, data: Any, keys: tuple[tuple[str, int], ...] = ()) -> None:
-        self._submit(_write_all, self.fh, data, keys=keys)
-
     def round_and_write(
         self, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
     ) -> None:
-        self._submit(_round_and_write, self.fh, chunk, host, keys=keys)
-
-    def _submit(
-        self, fn: Callable[..., None], *args: Any, keys: tuple[tuple[str, int], ...]
-    ) -> None:
-        fut = self.pool.submit(fn, *args)
+        fut = self.pool.submit(_round_and_write, self.fh, chunk, host)
         self.last = fut
         for key in keys:
             self.pending[key] = fut
@@ -1222,7 +1209,7 @@ def _merged_rows(
         v = w.to(dev, torch.float32, copy=True)  # own copy: w may be a read-only map
         deltas = [torch.zeros_like(v) for _ in job.combine.weights]
         for d in job.deltas:
-            deltas[d.index] = _dense_delta(d, factors).reshape(v.shape)
+            deltas[d.index] = d.module.dense(*factors.get(d.module)).reshape(v.shape)
         gen = job.combine.generator(job.deltas[0].module.name)
         v.add_(
             job.combine.method.combine_dense(deltas, job.combine.weights, job.combine.options, gen)
@@ -1261,15 +1248,6 @@ def _merged_rows(
         for bias, coeff in biases:
             chunk.add_(bias[r0:r1], alpha=coeff)
         yield chunk
-
-
-def _dense_delta(d: Delta, factors: _FactorCache) -> torch.Tensor:
-    """scale·B·A in the weight's layout, on the factors' device (float32)."""
-    b, a = factors.get(d.module)  # (out, r), (r, in)
-    delta = d.module.scale * (b @ a)  # (out, in)
-    if d.layout in ("conv1d", "embedding"):
-        return delta.T  # (in, out)
-    return delta
 
 
 def _magnitude(d: Delta, dev: torch.device) -> torch.Tensor:
@@ -1320,17 +1298,6 @@ def _provenance_json(plan: MergePlan, report: MergeReport) -> str:
         "verified_rows": report.verified,
     }
     return json.dumps(data, indent=2) + "\n"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _report(

@@ -50,6 +50,7 @@ from adapterctl.errors import (
     UsageError,
     VersionRemoved,
 )
+from adapterctl.files import fsync_dir
 from adapterctl.identity import (
     base_content_digest,
     base_fingerprint,
@@ -354,16 +355,6 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pause(point: str) -> None:
     """Test-only: stop at ``point`` when ``ADAPTERCTL_TEST_REGISTRY_PAUSE`` names it."""
     if os.environ.get(PAUSE_ENV) != point:
@@ -567,7 +558,7 @@ class Registry:
             os.chmod(tmp, 0o444)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         finally:
             if tmp.exists():
                 tmp.unlink()

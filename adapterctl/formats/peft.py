@@ -331,6 +331,7 @@ def write_peft(
     from safetensors.torch import save_file
 
     from adapterctl.errors import Conflict
+    from adapterctl.files import replace_dir
 
     out = Path(out)
     if out.exists() and not force:
@@ -380,13 +381,7 @@ def write_peft(
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         meta = {"format": "pt", **(metadata or {})}
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
