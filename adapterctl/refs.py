@@ -86,9 +86,12 @@ def registry_versions(
     Raises:
         NotFound: a reference that does not resolve.
     """
+    missing = [s for s in sources if not Path(s).exists()]
+    if not missing:  # all local paths: no need to load the registry at all
+        return [None] * len(sources)
     from adapterctl.registry import Registry, is_ref
 
-    refs = [s for s in sources if not Path(s).exists() and is_ref(s)]
+    refs = [s for s in missing if is_ref(s)]
     if not refs:
         return [None] * len(sources)
     reg = registry or Registry(create=False)
