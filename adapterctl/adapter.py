@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from adapterctl.config import AdapterConfig
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Layout = Literal["linear", "conv1d", "embedding", "conv"]
@@ -30,6 +31,7 @@ class TensorSource(Protocol):
     @property
     def numel(self) -> int: ...
     def load(self) -> torch.Tensor: ...
+    def array(self) -> np.ndarray[Any, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,18 @@ class MemoryTensor:
 
     def load(self) -> torch.Tensor:
         return self.tensor
+
+    def array(self) -> np.ndarray[Any, Any]:
+        """The tensor as a numpy array of the same dtype (bfloat16 via ml_dtypes), on the CPU."""
+        import torch
+
+        from adapterctl.tensorfile import numpy_dtype
+
+        t = self.tensor.detach().cpu().contiguous()
+        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            bits = torch.int16 if t.element_size() == 2 else torch.int8
+            return t.view(bits).numpy().view(numpy_dtype(self.dtype))
+        return t.numpy()
 
 
 @dataclass
@@ -128,6 +142,14 @@ class LoraModule:
 
         b = self.b.load()
         return b.reshape(b.shape[0], -1).to(dtype or torch.float32)
+
+    def arrays(self, dtype: str = "float32") -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype``, without torch."""
+        b, a = self.b.array(), self.a.array()
+        return (
+            b.reshape(b.shape[0], -1).astype(dtype),  # (out, r)
+            a.reshape(a.shape[0], -1).astype(dtype),  # (r, in)
+        )
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ΔW = scale·B·A in the base weight's layout and shape.

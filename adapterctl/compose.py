@@ -134,7 +134,7 @@ def compose(
         raise UsageError(f"got {len(w)} weights for {len(adapters)} SOURCE(s); pass one per SOURCE")
     warnings = check_inputs(adapters, allow_base_mismatch=allow_base_mismatch)
     extras = _carry_extras(adapters)
-    dev = resolve_device(device)
+    dev = torch.device(resolve_device(device))
     modules = _union(adapters)
     rank_opt = getattr(opts, "rank", None)
     default_rank = max(mod.rank for a in adapters for mod in a.modules.values())

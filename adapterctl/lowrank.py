@@ -7,9 +7,10 @@ values of ΔW. Norms, spectra and stable ranks all come from that core.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -31,10 +32,13 @@ def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> tor
     return torch.linalg.svdvals(core(B, A, scale))
 
 
-def frobenius_norm(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> float:
-    """‖s·B·A‖_F = |s|·sqrt(tr((BᵀB)(AAᵀ))), from r×r Gram matrices."""
+def frobenius_norm(B: Any, A: Any, scale: float = 1.0) -> float:
+    """‖s·B·A‖_F = |s|·sqrt(tr((BᵀB)(AAᵀ))), from r×r Gram matrices.
+
+    ``B`` (out, r) and ``A`` (r, in) may be torch tensors or numpy arrays.
+    """
     g = (B.T @ B) * (A @ A.T)  # (r, r) ⊙ (r, r): tr(XY) = Σ X⊙Yᵀ, both symmetric
-    return float(abs(scale) * g.sum().clamp_min(0).sqrt())
+    return abs(scale) * math.sqrt(max(float(g.sum()), 0.0))
 
 
 def stable_rank(sv: torch.Tensor) -> float:

@@ -36,7 +36,7 @@ from adapterctl.errors import (
     UsageError,
     ValidationFailed,
 )
-from adapterctl.files import fsync_dir, replace_dir
+from adapterctl.files import copy_range, fsync_dir, replace_dir
 from adapterctl.identity import adapter_digest, base_fingerprint
 from adapterctl.tensorfile import (
     BYTES_READ,
@@ -210,6 +210,11 @@ class MergePlan:
     @property
     def bytes_in(self) -> int:
         return sum(j.nbytes_in for j in self.jobs)
+
+    @property
+    def header_metadata(self) -> dict[str, str]:
+        """The ``__metadata__`` of every output shard: the format and the provenance."""
+        return {"format": "pt", "adapterctl": json.dumps(self.provenance, sort_keys=True)}
 
     def peak_memory_estimate(self) -> int:
         """Bytes of working memory the merge holds at once on the CPU, where base tensors are
@@ -635,12 +640,21 @@ def _has_tokenizer(path: Path) -> bool:
 # ----------------------------------------------------------------------------- execution
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` → the first CUDA device when there is one, else the CPU."""
+def resolve_device(device: str) -> str:
+    """``auto`` → the first CUDA device when there is one, else ``cpu``; checks the others.
+
+    Returns a device string (``cpu``, ``cuda``, ``cuda:1``). torch is imported only when the
+    answer could be CUDA: on a machine without an NVIDIA driver, ``auto`` and ``cpu`` cost
+    nothing (importing torch takes seconds, as long as a whole CPU merge of a small model).
+    """
+    if device == "cpu":
+        return "cpu"
+    if device == "auto" and not _nvidia_driver_present():
+        return "cpu"
     import torch
 
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -649,7 +663,17 @@ def resolve_device(device: str) -> torch.device:
         raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise UsageError(f"unsupported --device {device!r}; use auto, cpu or cuda[:N]")
-    return dev
+    return str(dev)
+
+
+def _nvidia_driver_present() -> bool:
+    """False only where CUDA surely cannot work: Linux without the NVIDIA driver's device
+    files (native or WSL2). Elsewhere, ask torch."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return True
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
 
 
 def run_merge(
@@ -708,8 +732,7 @@ def run_merge(
     start = time.perf_counter()
     read_before = BYTES_READ.value
     try:
-        with _one_compute_thread(dev):
-            layers = _write_shards(plan, tmp, dev, progress, fsync)
+        layers = _execute(plan, tmp, dev, progress, fsync)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
         err = report.delta_error
@@ -730,6 +753,27 @@ def run_merge(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _execute(
+    plan: MergePlan,
+    tmp: Path,
+    dev: str,
+    progress: Callable[[int, int], None] | None,
+    durable: bool,
+) -> list[LayerError]:
+    """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
+    plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise."""
+    from adapterctl import merge_cpu
+
+    if dev == "cpu" and merge_cpu.supports(plan):
+        merge_cpu.write_shards(plan, tmp, progress, durable)
+        return []
+    import torch
+
+    device = torch.device(dev)
+    with _one_compute_thread(device):
+        return _write_shards(plan, tmp, device, progress, durable)
 
 
 @contextmanager
@@ -805,7 +849,7 @@ def _write_shards(
     ws = _Workspace(dev)
     pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
     counter = 0
-    metadata = {"format": "pt", "adapterctl": json.dumps(plan.provenance, sort_keys=True)}
+    metadata = plan.header_metadata
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-write") as wpool,
@@ -825,8 +869,9 @@ def _write_shards(
                     counter += 1
                     if job.copy_bytes:
                         assert job.source is not None
-                        writer.drain()  # the kernel copy writes at the file position
-                        _copy_range(job.source, fh)
+                        writer.drain()  # everything before this tensor is written
+                        _copy_range(job.source, fh.fileno(), fh.tell())
+                        fh.seek(job.source.nbytes, os.SEEK_CUR)
                         done += job.source.nbytes
                     else:
                         layer = _write_job(job, inputs, fh, writer, dev, factors, ws)
@@ -930,6 +975,7 @@ def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
         with open(info.path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         maps[info.path] = mm
+    _require_inside(info, len(mm))
     dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only buffer: we never write through it
@@ -938,6 +984,14 @@ def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
         raw[:: mmap.PAGESIZE].max()  # touch one byte per page: fault the mapping in now
     BYTES_READ.value += info.nbytes
     return raw.view(dtype).reshape(info.shape)
+
+
+def _require_inside(info: TensorInfo, size: int) -> None:
+    """Refuse a base file that has shrunk below a tensor since it was opened."""
+    if info.end > size:
+        from adapterctl.errors import BrokenFile
+
+        raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
 
 
 def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -962,32 +1016,15 @@ def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -
     return buf.view(dtype).reshape(info.shape)
 
 
-def _copy_range(info: TensorInfo, fh: Any) -> None:
-    """Copy a tensor's bytes from the base file to the output, in the kernel when possible."""
-    fh.flush()
-    with open(info.path, "rb", buffering=0) as src:
-        remaining, offset = info.nbytes, info.start
-        use_kernel = hasattr(os, "copy_file_range")
-        while remaining:
-            n = 0
-            if use_kernel:
-                try:
-                    n = os.copy_file_range(
-                        src.fileno(), fh.fileno(), min(remaining, 1 << 30), offset
-                    )
-                except OSError:
-                    use_kernel = False
-            if not use_kernel:
-                src.seek(offset)
-                chunk = src.read(min(remaining, 1 << 24))
-                _write_all(fh, chunk)
-                n = len(chunk)
-            if n == 0:
-                from adapterctl.errors import BrokenFile
+def _copy_range(info: TensorInfo, fd: int, offset: int) -> None:
+    """Copy a tensor's bytes from the base file into ``fd`` at ``offset`` (in the kernel where
+    possible)."""
+    try:
+        copy_range(info.path, info.start, info.nbytes, fd, offset)
+    except EOFError:
+        from adapterctl.errors import BrokenFile
 
-                raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
-            remaining -= n
-            offset += n
+        raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it") from None
 
 
 class _FactorCache:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from adapterctl.errors import BrokenFile
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # Header JSON larger than this is not a real safetensors file (the format caps it at 100 MB).
@@ -36,6 +37,24 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
     "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
     "U16": "uint16", "U32": "uint32", "U64": "uint64",
 }  # fmt: skip
+
+
+# safetensors dtype name -> numpy dtype name (bfloat16 and float8 from ml_dtypes)
+NUMPY_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def numpy_dtype(dtype: str) -> np.dtype[Any]:
+    """The numpy dtype of a safetensors dtype name (``BF16`` is ml_dtypes' bfloat16)."""
+    import ml_dtypes
+    import numpy as np
+
+    name = NUMPY_DTYPE_NAMES[dtype]
+    return np.dtype(getattr(ml_dtypes, name) if hasattr(ml_dtypes, name) else name)
 
 
 class _Counter:
@@ -84,14 +103,11 @@ class TensorInfo:
             n *= d
         return n
 
-    def load(self) -> torch.Tensor:
-        """Read this tensor's bytes (one seek, one read) into a CPU tensor of its own dtype."""
-        import torch
-
-        torch_name = TORCH_DTYPE_NAMES.get(self.dtype)
-        if torch_name is None:
+    def _read(self, known: dict[str, str], lib: str) -> bytearray:
+        """This tensor's bytes (one seek, one read), after checking ``lib`` can hold its dtype."""
+        if self.dtype not in known:
             raise BrokenFile(
-                f"{self.path}: tensor {self.name} has dtype {self.dtype}, which torch cannot "
+                f"{self.path}: tensor {self.name} has dtype {self.dtype}, which {lib} cannot "
                 "load; re-save it as float32, float16 or bfloat16"
             )
         with open(self.path, "rb") as fh:
@@ -100,10 +116,24 @@ class TensorInfo:
         BYTES_READ.value += len(data)
         if len(data) != self.nbytes:
             raise BrokenFile(f"{self.path}: truncated inside tensor {self.name}; re-download it")
-        dtype = getattr(torch, torch_name)
+        return bytearray(data)
+
+    def load(self) -> torch.Tensor:
+        """Read this tensor into a CPU torch tensor of its own dtype."""
+        import torch
+
+        data = self._read(TORCH_DTYPE_NAMES, "torch")
+        dtype = getattr(torch, TORCH_DTYPE_NAMES[self.dtype])
         if self.nbytes == 0:
             return torch.empty(self.shape, dtype=dtype)
-        return torch.frombuffer(bytearray(data), dtype=dtype).reshape(self.shape)
+        return torch.frombuffer(data, dtype=dtype).reshape(self.shape)
+
+    def array(self) -> np.ndarray[Any, Any]:
+        """Read this tensor into a numpy array of its own dtype (without importing torch)."""
+        import numpy as np
+
+        data = self._read(NUMPY_DTYPE_NAMES, "numpy")
+        return np.frombuffer(data, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
 
 
 @dataclass

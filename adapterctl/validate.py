@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
@@ -30,7 +30,7 @@ from adapterctl.checkpoint import Binding, Checkpoint, layer_index
 from adapterctl.errors import UsageError, ValidationFailed
 
 if TYPE_CHECKING:
-    import torch
+    import numpy as np
 
 Severity = Literal["error", "warning", "info"]
 Scope = Literal["structure", "base", "vllm", "llama.cpp"]
@@ -346,24 +346,26 @@ def _shape(shape: Iterable[int]) -> str:
     return "×".join(str(d) for d in shape)
 
 
-def _nonfinite(t: torch.Tensor) -> bool:
-    import torch
+def _nonfinite(t: np.ndarray[Any, Any]) -> bool:
+    """True if a floating-point array holds NaN or Inf (checked in float64: numpy has no
+    isfinite for bfloat16)."""
+    import numpy as np
 
-    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+    if t.dtype.kind in "biu":
+        return False
+    return not bool(np.isfinite(t.astype(np.float64)).all())
 
 
 def _module_stats(mod: LoraModule) -> _ModuleStats:
-    import torch
-
+    # numpy, not torch: validation (and a CPU merge's pre-flight) never pays torch's import.
     from adapterctl.lowrank import frobenius_norm
 
-    a = mod.A(torch.float64)  # (r, in)
-    b = mod.B(torch.float64)  # (out, r)
+    b, a = mod.arrays("float64")  # (out, r), (r, in)
     parts = {"lora_A": a, "lora_B": b}
     if mod.magnitude is not None:
-        parts["lora_magnitude_vector"] = mod.magnitude.load()
+        parts["lora_magnitude_vector"] = mod.magnitude.array()
     if mod.bias is not None:
-        parts["lora_B.bias"] = mod.bias.load()
+        parts["lora_B.bias"] = mod.bias.array()
     bad = [role for role, t in parts.items() if _nonfinite(t)]
     if bad or a.shape[0] != b.shape[1]:
         return _ModuleStats(nonfinite=bad, zero=False)
@@ -476,7 +478,7 @@ def _non_finite(ctx: _Context) -> Iterator[tuple[str | None, str]]:
         if st.nonfinite:
             yield name, f"{', '.join(st.nonfinite)} hold NaN/Inf (diverged training?)"
     for e in ctx.adapter.extras:
-        if _nonfinite(e.tensor.load()):
+        if _nonfinite(e.tensor.array()):
             yield e.target, f"the saved {e.kind} tensor holds NaN/Inf"
 
 

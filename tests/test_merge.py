@@ -53,6 +53,20 @@ def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
     return max(float((v.double() - ref[k].double()).abs().max()) for k, v in ours.items())
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with each CPU engine (``merge_cpu`` on NumPy, and torch), in chunks of 64
+    elements so that every tensor spans several chunks."""
+    from adapterctl import merge as merge_module
+    from adapterctl import merge_cpu
+
+    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 64)
+    if request.param == "torch":
+        monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def llama_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """A bf16 Llama base, and the same weights as a float32 model for PEFT."""
@@ -79,10 +93,15 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_equals_float64_rounded_once(
-    case: str, llama_base: tuple[Any, Path], tmp_path: Path
+    case: str, engine: str, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
+    from adapterctl import merge_cpu
+
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", **CASES[case])
+    plan = plan_merge(open_checkpoint(base), [read(adapter)])
+    # DoRA needs the torch engine; every other case runs on NumPy unless forced to torch.
+    assert merge_cpu.supports(plan) == (engine == "numpy" and case != "dora")
     report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
     assert report.tensors_merged
     ours = _state(tmp_path / "out")
@@ -94,7 +113,7 @@ def test_merge_equals_float64_rounded_once(
     assert ours_err <= _max_err({k: peft16[k] for k in ours}, ref)
 
 
-def test_gpt2_conv1d_lora_bias(tmp_path: Path) -> None:
+def test_gpt2_conv1d_lora_bias(engine: str, tmp_path: Path) -> None:
     base = save_base(gpt2_model(), tmp_path / "base", torch.bfloat16)
     model32 = gpt2_model().to(torch.bfloat16).float()
     pm, adapter = peft_adapter(
@@ -109,7 +128,7 @@ def test_gpt2_conv1d_lora_bias(tmp_path: Path) -> None:
     assert not torch.equal(ours["transformer.h.0.attn.c_attn.bias"].float(), before)
 
 
-def test_two_adapters_weighted(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+def test_two_adapters_weighted(engine: str, llama_base: tuple[Any, Path], tmp_path: Path) -> None:
     model32, base = llama_base
     pm1, a1 = peft_adapter(copy.deepcopy(model32), tmp_path / "a1", seed=1)
     pm2, a2 = peft_adapter(
@@ -212,7 +231,7 @@ def test_weight_count_mismatch_is_usage_error(llama_base: tuple[Any, Path], tmp_
     assert r.exit_code == 2
 
 
-def test_tokenizer_files_and_resized_vocab_come_from_adapter(tmp_path: Path) -> None:
+def test_tokenizer_files_and_resized_vocab_come_from_adapter(engine: str, tmp_path: Path) -> None:
     model = llama_model()
     base = save_base(model, tmp_path / "base")
     (base / "tokenizer_config.json").write_text('{"from": "base"}')
@@ -232,7 +251,9 @@ def test_tokenizer_files_and_resized_vocab_come_from_adapter(tmp_path: Path) -> 
     _assert_rounded_once(state, _peft_merged64(pm))
 
 
-def test_plan_is_planned_before_writing(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+def test_plan_is_planned_before_writing(
+    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
     model32, base = llama_base
     _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
     plan = plan_merge(open_checkpoint(base), [read(adapter)], dtype="fp32")
@@ -242,6 +263,19 @@ def test_plan_is_planned_before_writing(llama_base: tuple[Any, Path], tmp_path: 
     assert header_size > plan.bytes_out  # header + exactly the planned bytes
     assert all(v.dtype == torch.float32 for v in _state(tmp_path / "o").values())
     assert json.loads((tmp_path / "o" / "config.json").read_text())["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_output_dtypes_round_once(
+    dtype: str, engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    model32, base = llama_base
+    pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", target_modules="all-linear")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype=dtype, device="cpu")
+    ours = _state(tmp_path / "o")
+    want = torch.float16 if dtype == "fp16" else torch.float32
+    assert {v.dtype for v in ours.values()} == {want}
+    _assert_rounded_once(ours, _peft_merged64(pm))
 
 
 def test_killed_merge_leaves_no_output_and_rerun_works(

@@ -1,0 +1,129 @@
+"""The NumPy CPU engine: rounding identical to torch's, torch never imported for a plain
+merge, routing to the torch engine, and bad input mid-merge."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from builders import llama_model, peft_adapter, save_base
+
+from adapterctl import merge_cpu
+from adapterctl.checkpoint import open_checkpoint
+from adapterctl.errors import BrokenFile
+from adapterctl.formats import read
+from adapterctl.merge import _nvidia_driver_present, plan_merge, run_merge
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(bf16 base, plain adapter, DoRA adapter)."""
+    d = tmp_path_factory.mktemp("tiny")
+    model = llama_model()
+    base = save_base(model, d / "base", torch.bfloat16)
+    model32 = llama_model().to(torch.bfloat16).float()
+    _, plain = peft_adapter(copy.deepcopy(model32), d / "plain", target_modules="all-linear")
+    _, dora = peft_adapter(copy.deepcopy(model32), d / "dora", use_dora=True)
+    return base, plain, dora
+
+
+def test_rounding_matches_torch_bit_for_bit() -> None:
+    """float32 -> bfloat16/float16 as the engine rounds (ml_dtypes, numpy) and as torch does:
+    every bit pattern class, exact ties (to even), subnormals, infinities; NaN stays NaN."""
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, size=200_000, dtype=np.uint64).astype(np.uint32)
+    ties = (rng.integers(0, 2**16, size=20_000, dtype=np.uint64).astype(np.uint32) << 16) | 0x8000
+    special = np.array(
+        [0x7F800000, 0xFF800000, 0x00000001, 0x00008000, 0x00018000, 0x7F7FFFFF, 0x80000000],
+        dtype=np.uint32,
+    )
+    f = np.concatenate([bits, ties, special]).view(np.float32)
+    nan = np.isnan(f)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for ours_dtype, torch_dtype in (
+            (ml_dtypes.bfloat16, torch.bfloat16),
+            (np.float16, torch.float16),
+        ):
+            ours = f.astype(ours_dtype)
+            theirs = torch.from_numpy(f.copy()).to(torch_dtype)
+            ours_bits = ours.view(np.uint16)[~nan]
+            theirs_bits = theirs.view(torch.int16).numpy().view(np.uint16)[~nan]
+            assert np.array_equal(ours_bits, theirs_bits), ours_dtype
+            assert np.isnan(ours[nan].astype(np.float32)).all()
+
+
+def test_routing(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, plain, dora = tiny
+    ckpt = open_checkpoint(base)
+    assert merge_cpu.supports(plan_merge(ckpt, [read(plain)]))
+    assert merge_cpu.supports(plan_merge(ckpt, [read(plain)], dtype="fp16"))
+    assert not merge_cpu.supports(plan_merge(ckpt, [read(dora)]))  # DoRA: torch
+    assert not merge_cpu.supports(
+        plan_merge(ckpt, [read(plain), read(plain)], method="ties", method_options={"density": 0.5})
+    )
+    base64 = save_base(llama_model(), tmp_path / "b64", torch.float64)
+    assert not merge_cpu.supports(plan_merge(open_checkpoint(base64), [read(plain)]))
+
+
+_NO_TORCH = """
+import sys
+from adapterctl.cli import main
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print("TORCH" if "torch" in sys.modules else "NO-TORCH", code)
+"""
+
+
+def _run_without_torch(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH, *args], capture_output=True, text=True, timeout=120
+    )
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_plain_cpu_merge_and_validate_never_import_torch(
+    tiny: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    base, plain, dora = tiny
+    out = tmp_path / "o"
+    assert _run_without_torch(
+        "merge", str(base), str(plain), "-o", str(out), "--device", "cpu"
+    ) == ("NO-TORCH 0")
+    assert json.loads((out / "adapterctl.json").read_text())["result"]["tensors_merged"] > 0
+    assert _run_without_torch("validate", str(plain), "--base", str(base)) == "NO-TORCH 0"
+    if not _nvidia_driver_present():  # --device auto on a machine without CUDA
+        args = ["merge", str(base), str(plain), "-o", str(tmp_path / "o2")]
+        assert _run_without_torch(*args) == "NO-TORCH 0"
+    # DoRA needs torch (and gets it).
+    args = ["merge", str(base), str(dora), "-o", str(tmp_path / "o3"), "--device", "cpu"]
+    assert _run_without_torch(*args) == "TORCH 0"
+
+
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_base_truncated_after_planning_is_refused_cleanly(
+    use_numpy: bool, tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: Any
+) -> None:
+    import shutil
+
+    base, plain, _ = tiny
+    copy_of_base = tmp_path / "base"
+    shutil.copytree(base, copy_of_base)
+    plan = plan_merge(open_checkpoint(copy_of_base), [read(plain)])
+    shard = copy_of_base / "model.safetensors"
+    with open(shard, "r+b") as fh:
+        fh.truncate(shard.stat().st_size // 2)
+    if not use_numpy:
+        monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
+    with pytest.raises(BrokenFile, match="truncated"):
+        run_merge(plan, tmp_path / "out", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
