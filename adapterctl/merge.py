@@ -982,7 +982,7 @@ def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
     if info.nbytes:
         raw[:: mmap.PAGESIZE].max()  # touch one byte per page: fault the mapping in now
-    BYTES_READ.value += info.nbytes
+    BYTES_READ.add(info.nbytes)
     return raw.view(dtype).reshape(info.shape)
 
 
@@ -1012,7 +1012,7 @@ def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -
 
                 raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
             got += n
-    BYTES_READ.value += info.nbytes
+    BYTES_READ.add(info.nbytes)
     return buf.view(dtype).reshape(info.shape)
 
 

@@ -171,7 +171,7 @@ class _BaseMaps:
                 with open(info.path, "rb") as fh:
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[info.path] = mm
-            BYTES_READ.value += info.nbytes
+            BYTES_READ.add(info.nbytes)
         _require_inside(info, len(mm))
         page = info.start - info.start % mmap.PAGESIZE
         if info.nbytes and hasattr(mm, "madvise"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,10 +59,15 @@ def numpy_dtype(dtype: str) -> np.dtype[Any]:
 
 
 class _Counter:
-    """Bytes read from disk by this module (headers and tensors)."""
+    """Bytes read from disk by this module (headers and tensors); safe to add to from threads."""
 
     def __init__(self) -> None:
         self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
 
 
 BYTES_READ = _Counter()
@@ -74,7 +80,7 @@ def check_not_pointer(path: Path) -> None:
         raise BrokenFile(f"{path}: file is empty; re-download it or re-save the adapter")
     with open(path, "rb") as fh:
         head = fh.read(len(LFS_POINTER_PREFIX))
-    BYTES_READ.value += len(head)
+    BYTES_READ.add(len(head))
     if head == LFS_POINTER_PREFIX:
         raise BrokenFile(
             f"{path}: is a Git LFS pointer, not the weights; run `git lfs pull` in its repository"
@@ -113,7 +119,7 @@ class TensorInfo:
         with open(self.path, "rb") as fh:
             fh.seek(self.start)
             data = fh.read(self.nbytes)
-        BYTES_READ.value += len(data)
+        BYTES_READ.add(len(data))
         if len(data) != self.nbytes:
             raise BrokenFile(f"{self.path}: truncated inside tensor {self.name}; re-download it")
         return bytearray(data)
@@ -173,7 +179,7 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
                 "truncated or not safetensors; re-download or re-save it"
             )
         raw = fh.read(n)
-    BYTES_READ.value += 8 + len(raw)
+    BYTES_READ.add(8 + len(raw))
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
