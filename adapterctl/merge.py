@@ -5,6 +5,10 @@ tensor is read once, merged in float32 on the chosen device and rounded once int
 dtype, and written (``run_merge``). Tensors no adapter touches are copied as bytes. The output
 goes to a temporary sibling folder that is renamed into place only when complete.
 
+Two engines write the plan: ``merge_cpu`` (NumPy, one worker thread per core, no torch import)
+for plain 16/32-bit merges on the CPU, and the torch engine below for everything else (CUDA,
+bitsandbytes 4-bit in or out, DoRA, ``--method``).
+
 For a target weight W: W' = W + Σᵢ wᵢ·scaleᵢ·ΔWᵢ, ΔW = B·A in the weight's layout. A DoRA
 adapter (merged alone) gives W' = m / ‖W + s·B·A‖_row · (W + s·B·A), the norm taken per output
 row as PEFT takes it.
@@ -218,11 +222,14 @@ class MergePlan:
 
     def peak_memory_estimate(self) -> int:
         """Bytes of working memory the merge holds at once on the CPU, where base tensors are
-        read through memory maps (page cache, not counted here): the rings of float32 work
-        chunks and output staging chunks, the whole float32 tensors of the jobs that need
-        them (4-bit in or out, DoRA on Conv1D, ``--method``, a 4-bit Conv1D written back),
-        and the adapters' factors. On CUDA add three pinned copies of the largest input."""
-        rings = _Workspace.RING * CHUNK_ELEMENTS * (4 + 4)
+        read through memory maps (page cache, not counted here): the float32 work chunks and
+        output staging chunks (a ring of them, or a few per worker thread), the whole float32
+        tensors of the jobs that need them (4-bit in or out, DoRA on Conv1D, ``--method``, a
+        4-bit Conv1D written back), and the adapters' factors. On CUDA add three pinned
+        copies of the largest input."""
+        from adapterctl.merge_cpu import workers
+
+        rings = max(_Workspace.RING, 2 * workers()) * CHUNK_ELEMENTS * (4 + 4)
         whole = 0
         for j in self.jobs:
             if j.copy_bytes:
