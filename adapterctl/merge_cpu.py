@@ -101,6 +101,7 @@ def write_shards(
             for job in shard.jobs:
                 tasks.append((job, fd, offset))
                 offset += job.nbytes_out
+        tasks.sort(key=lambda t: -t[0].nbytes_out)  # largest first: the workers finish together
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
             _run_tasks(tasks, maps, tmp, headers, plan.bytes_out, progress)

@@ -278,11 +278,12 @@ def test_output_dtypes_round_once(
     _assert_rounded_once(ours, _peft_merged64(pm))
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["numpy-engine", "torch-engine"])
 def test_killed_merge_leaves_no_output_and_rerun_works(
-    llama_base: tuple[Any, Path], tmp_path: Path
+    dora: bool, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     model32, base = llama_base
-    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=dora)
     out, marker = tmp_path / "out", tmp_path / "paused"
     env = dict(os.environ, ADAPTERCTL_TEST_PAUSE_AT="3", ADAPTERCTL_TEST_PAUSE_FILE=str(marker))
     cmd = [sys.executable, "-m", "adapterctl", "merge", str(base), str(adapter), "-o", str(out)]
