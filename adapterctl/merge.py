@@ -21,9 +21,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +44,6 @@ from adapterctl.tensorfile import (
     BYTES_READ,
     TORCH_DTYPE_NAMES,
     TensorInfo,
-    header_bytes,
     tensor_nbytes,
 )
 
@@ -57,6 +54,7 @@ DTYPE_CHOICES = {"auto": None, "bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # Rows per merge chunk are chosen so one float32 chunk (1 MiB) stays in the CPU's cache.
 CHUNK_ELEMENTS = 1 << 18
+RING = 3  # chunk buffers the torch engine cycles through
 NF4_STATE_BYTES = 384  # quant-state JSON is space-padded to this size so headers can be planned
 # Names of weights that transformers never turns into 4-bit Linear layers.
 _NOT_LINEAR = (
@@ -229,7 +227,7 @@ class MergePlan:
         copies of the largest input."""
         from adapterctl.merge_cpu import workers
 
-        rings = max(_Workspace.RING, 2 * workers()) * CHUNK_ELEMENTS * (4 + 4)
+        rings = max(RING, 2 * workers()) * CHUNK_ELEMENTS * (4 + 4)
         whole = 0
         for j in self.jobs:
             if j.copy_bytes:
@@ -776,32 +774,9 @@ def _execute(
     if dev == "cpu" and merge_cpu.supports(plan):
         merge_cpu.write_shards(plan, tmp, progress, durable)
         return []
-    import torch
+    from adapterctl import merge_torch
 
-    device = torch.device(dev)
-    with _one_compute_thread(device):
-        return _write_shards(plan, tmp, device, progress, durable)
-
-
-@contextmanager
-def _one_compute_thread(dev: torch.device) -> Iterator[None]:
-    """On the CPU, run torch's operators single-threaded while merging.
-
-    The merge already keeps the cores busy with its own threads (merging, rounding and
-    writing, reading ahead); torch's intra-op threads on top of them oversubscribe the cores
-    and spin between the many small chunk operations (measured: about 1.5 s slower on 2 cores).
-    """
-    import torch
-
-    if dev.type != "cpu":
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return merge_torch.write_shards(plan, tmp, dev, progress, durable)
 
 
 def _keep_heap_small() -> None:
@@ -842,58 +817,10 @@ def _copied_bytes(plan: MergePlan) -> int:
     return sum(j.source.nbytes for j in plan.jobs if j.copy_bytes and j.source is not None)
 
 
-def _write_shards(
-    plan: MergePlan,
-    tmp: Path,
-    dev: torch.device,
-    progress: Callable[[int, int], None] | None,
-    durable: bool,
-) -> list[LayerError]:
-    total = plan.bytes_out
-    done = 0
-    layers: list[LayerError] = []
-    factors = _FactorCache(dev)
-    ws = _Workspace(dev)
-    pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
-    counter = 0
-    metadata = plan.header_metadata
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-write") as wpool,
-    ):
-        for shard in plan.shards:
-            path = tmp / shard.name
-            header = header_bytes(shard.entries(), metadata)
-            with open(path, "wb", buffering=0) as fh:
-                _write_all(fh, header)
-                done += len(header)
-                writer = _Writer(fh, wpool)
-                ws.writer = writer
-                for job, inputs in _read_ahead(pool, shard.jobs, dev):
-                    if counter == pause_at:
-                        writer.drain()
-                        _pause_for_tests(tmp)
-                    counter += 1
-                    if job.copy_bytes:
-                        assert job.source is not None
-                        writer.drain()  # everything before this tensor is written
-                        _copy_range(job.source, fh.fileno(), fh.tell())
-                        fh.seek(job.source.nbytes, os.SEEK_CUR)
-                        done += job.source.nbytes
-                    else:
-                        layer = _write_job(job, inputs, fh, writer, dev, factors, ws)
-                        done += job.nbytes_out
-                        if layer is not None:
-                            layers.append(layer)
-                    if progress is not None:
-                        progress(done, total)
-                writer.drain()
-                if durable:
-                    os.fsync(fh.fileno())
-    return layers
+# ----------------------------------------------------------------------------- shared by the engines
 
 
-def _pause_for_tests(tmp: Path) -> None:
+def pause_for_tests(tmp: Path) -> None:
     """Test-only pause point: announce the partial folder and wait to be killed."""
     marker = os.environ.get("ADAPTERCTL_TEST_PAUSE_FILE")
     if marker:
@@ -901,99 +828,7 @@ def _pause_for_tests(tmp: Path) -> None:
     threading.Event().wait(600)
 
 
-def _read_ahead(
-    pool: ThreadPoolExecutor, jobs: list[Job], dev: torch.device
-) -> Iterator[tuple[Job, dict[str, torch.Tensor]]]:
-    """Yield (job, its input tensors), reading the next jobs' inputs while this one computes.
-
-    On the CPU, base tensors are views into the memory-mapped shards (no copy out of the
-    page cache). For CUDA they are read into a ring of reused pinned buffers (one more than
-    the read-ahead depth, so the buffer being merged is never the one being filled): fresh
-    memory for every tensor costs page faults that dominate a read from the page cache.
-    """
-    pending: list[tuple[Job, Future[dict[str, torch.Tensor]] | None]] = []
-    it = iter(jobs)
-    depth = 2
-    ring: list[torch.Tensor | None] = [None] * (depth + 1)
-    maps: dict[Path, Any] | None = {} if dev.type == "cpu" else None
-    turn = 0
-
-    def submit() -> None:
-        nonlocal turn
-        job = next(it, None)
-        if job is None:
-            return
-        fut = None
-        if not job.copy_bytes:
-            fut = pool.submit(_load_inputs, job, dev.type == "cuda", ring, turn, maps)
-            turn = (turn + 1) % len(ring)
-        pending.append((job, fut))
-
-    for _ in range(depth):
-        submit()
-    while pending:
-        job, fut = pending.pop(0)
-        submit()
-        yield job, (fut.result() if fut is not None else {})
-
-
-def _load_inputs(
-    job: Job,
-    pin: bool,
-    ring: list[torch.Tensor | None] | None = None,
-    slot: int = 0,
-    maps: dict[Path, Any] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read one job's input tensors (in the read-ahead thread). A plain base tensor is a
-    view into the memory-mapped shard when ``maps`` is given (the CPU path: no copy), else
-    it is read into ``ring[slot]`` (pinned, for CUDA; grown when too small)."""
-    if job.replace is not None:
-        return {"w": job.replace.load()}
-    assert job.source is not None
-    if job.quant_in is None:
-        if ring is None:
-            return {"w": _read_tensor(job.source, pin)}
-        if maps is not None:
-            return {"w": _mapped_tensor(job.source, maps)}
-        import torch
-
-        buf = ring[slot]
-        if buf is None or buf.numel() < job.source.nbytes:
-            buf = torch.empty(job.source.nbytes, dtype=torch.uint8, pin_memory=pin)
-            ring[slot] = buf
-        return {"w": _read_tensor(job.source, pin, buf[: job.source.nbytes])}
-    return {info.name: _read_tensor(info, pin) for info in (job.source, *job.quant_aux)}
-
-
-def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
-    """A read-only view of a tensor's bytes in the page cache (no copy), its pages faulted in
-    here, in the read-ahead thread, so the merging thread reads them without a fault.
-
-    The shard's size was checked against its header when it was opened; a file truncated
-    while the merge runs is outside what this guards against.
-    """
-    import mmap
-    import warnings
-
-    import torch
-
-    mm = maps.get(info.path)
-    if mm is None:
-        with open(info.path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        maps[info.path] = mm
-    _require_inside(info, len(mm))
-    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffer: we never write through it
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-    if info.nbytes:
-        raw[:: mmap.PAGESIZE].max()  # touch one byte per page: fault the mapping in now
-    BYTES_READ.add(info.nbytes)
-    return raw.view(dtype).reshape(info.shape)
-
-
-def _require_inside(info: TensorInfo, size: int) -> None:
+def require_inside(info: TensorInfo, size: int) -> None:
     """Refuse a base file that has shrunk below a tensor since it was opened."""
     if info.end > size:
         from adapterctl.errors import BrokenFile
@@ -1001,29 +836,7 @@ def _require_inside(info: TensorInfo, size: int) -> None:
         raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
 
 
-def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor's bytes, read into ``buf`` (uint8, exactly its size) or a new buffer."""
-    import torch
-
-    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-    if buf is None:
-        buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-    with open(info.path, "rb", buffering=0) as fh:
-        fh.seek(info.start)
-        view = _buffer(buf.numpy()) if info.nbytes else memoryview(b"")
-        got = 0
-        while got < info.nbytes:
-            n = fh.readinto(view[got:])
-            if not n:
-                from adapterctl.errors import BrokenFile
-
-                raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
-            got += n
-    BYTES_READ.add(info.nbytes)
-    return buf.view(dtype).reshape(info.shape)
-
-
-def _copy_range(info: TensorInfo, fd: int, offset: int) -> None:
+def copy_tensor_bytes(info: TensorInfo, fd: int, offset: int) -> None:
     """Copy a tensor's bytes from the base file into ``fd`` at ``offset`` (in the kernel where
     possible)."""
     try:
@@ -1032,273 +845,6 @@ def _copy_range(info: TensorInfo, fd: int, offset: int) -> None:
         from adapterctl.errors import BrokenFile
 
         raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it") from None
-
-
-class _FactorCache:
-    """Adapter factors moved to the device once, as float32 (out, r) / (r, in) matrices."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(mod)
-        if key not in self._cache:
-            self._cache[key] = (mod.B().to(self.dev), mod.A().to(self.dev))
-        return self._cache[key]
-
-
-class _Workspace:
-    """Buffers reused across tensors, so merging allocates nothing per chunk: rings of float32
-    chunks on the device (small enough to stay in cache) and of output-dtype staging chunks
-    on the host (pinned for CUDA). A slot is reused only once the writer thread, which rounds
-    each chunk into its staging buffer and writes it, is done with it."""
-
-    RING = 3
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self.writer: _Writer | None = None  # the current shard's writer
-        self._work: list[torch.Tensor | None] = [None] * self.RING
-        self._host: list[torch.Tensor | None] = [None] * self.RING
-        self._next_work = self._next_host = 0
-        self.work_slot: int | None = None
-
-    def _wait(self, key: tuple[str, int]) -> None:
-        if self.writer is not None:
-            self.writer.wait_for(key)
-
-    def work(self, rows: int, cols: int) -> torch.Tensor:
-        import torch
-
-        i = self._next_work
-        self._next_work = (i + 1) % self.RING
-        self._wait(("work", i))
-        n = rows * cols
-        buf = self._work[i]
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.float32, device=self.dev)
-            self._work[i] = buf
-        self.work_slot = i
-        return buf[:n].view(rows, cols)
-
-    def is_work(self, t: torch.Tensor) -> bool:
-        """True if ``t`` is the chunk ``work`` handed out last (so its slot must be held)."""
-        slot = self.work_slot
-        buf = self._work[slot] if slot is not None else None
-        return buf is not None and t.data_ptr() == buf.data_ptr()
-
-    def host(self, like: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-        import torch
-
-        i = self._next_host
-        self._next_host = (i + 1) % self.RING
-        self._wait(("host", i))
-        nbytes = like.numel() * torch.empty((), dtype=dtype).element_size()
-        buf = self._host[i]
-        if buf is None or buf.numel() < nbytes:
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.dev.type == "cuda")
-            self._host[i] = buf
-        return buf[:nbytes].view(dtype).view(like.shape), i
-
-
-class _Writer:
-    """Rounds chunks into their output dtype and writes them, in order, in a background
-    thread, so merging the next chunk overlaps with this one's rounding and writing.
-    ``wait_for(key)`` blocks until the buffer ``key`` is free again; ``drain()`` until
-    everything queued is written."""
-
-    def __init__(self, fh: Any, pool: ThreadPoolExecutor) -> None:
-        self.fh = fh
-        self.pool = pool
-        self.pending: dict[tuple[str, int], Future[Any]] = {}
-        self.last: Future[Any] | None = None
-
-    def round_and_write(
-        self, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
-    ) -> None:
-        fut = self.pool.submit(_round_and_write, self.fh, chunk, host)
-        self.last = fut
-        for key in keys:
-            self.pending[key] = fut
-
-    def wait_for(self, key: tuple[str, int]) -> None:
-        fut = self.pending.pop(key, None)
-        if fut is not None:
-            fut.result()
-
-    def drain(self) -> None:
-        for fut in list(self.pending.values()):
-            fut.result()
-        self.pending.clear()
-        if self.last is not None:
-            self.last.result()
-            self.last = None
-
-
-def _round_and_write(fh: Any, chunk: torch.Tensor, host: torch.Tensor) -> None:
-    import torch
-
-    host.copy_(chunk)  # the one rounding: float32 -> output dtype
-    _write_all(fh, host.reshape(-1).view(torch.uint8).numpy())
-
-
-def _write_job(
-    job: Job,
-    inputs: dict[str, torch.Tensor],
-    fh: Any,
-    writer: _Writer,
-    dev: torch.device,
-    factors: _FactorCache,
-    ws: _Workspace,
-) -> LayerError | None:
-    """Merge one job and write its stored bytes; returns the 4-bit delta error when quantising.
-
-    Unquantised outputs stream chunk by chunk (float32 chunk → output dtype → file); a 4-bit
-    output needs the whole merged weight, so it is assembled first.
-    """
-    import torch
-
-    out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
-    if job.quant_in is not None:
-        from adapterctl import nf4
-
-        w = nf4.dequantize(inputs, job.name, device=dev)  # float32, logical shape
-    else:
-        w = inputs["w"]
-    if job.transpose_out:
-        writer.drain()
-        merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, factors, ws)]).T
-        _write_all(fh, merged_t.to(out_dtype).cpu().contiguous().view(torch.uint8).numpy())
-        return None
-    if job.quantize is None:
-        for chunk in _merged_rows(job, w, dev, factors, ws):
-            host, slot = ws.host(chunk, out_dtype)
-            keys: tuple[tuple[str, int], ...] = (("host", slot),)
-            if ws.is_work(chunk) and ws.work_slot is not None:
-                keys += (("work", ws.work_slot),)
-            writer.round_and_write(chunk, host, keys)
-        return None
-    writer.drain()
-    from adapterctl import nf4
-
-    rows = w.shape[0]
-    merged = torch.empty((rows, w[0].numel()), dtype=torch.float32, device=dev)  # (out, in)
-    r0 = 0
-    for chunk in _merged_rows(job, w, dev, factors, ws):
-        merged[r0 : r0 + chunk.shape[0]] = chunk
-        r0 += chunk.shape[0]
-    merged = merged.reshape(w.shape)
-    spec = job.quantize
-    stored = nf4.quantize(
-        merged, job.name, quant_type=spec.quant_type, blocksize=spec.blocksize,
-        double_quant=spec.double_quant, dtype=TORCH_DTYPE_NAMES[job.out_dtype],
-        method=spec.method,
-    )  # fmt: skip
-    state_key = f"{job.name}.quant_state.bitsandbytes__{spec.quant_type}"
-    stored[state_key] = _pad_state(stored[state_key])
-    for name, _dtype, _shape, nbytes in job.stored():
-        data = stored[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        if data.numel() != nbytes:
-            raise OperationalError(f"internal: {name} has {data.numel()} bytes, planned {nbytes}")
-        _write_all(fh, data.numpy())
-    if not job.merged:
-        return None
-    base32 = w.to(dev, torch.float32)
-    requant = nf4.dequantize(stored, job.name, device=dev)
-    delta = merged - base32
-    return LayerError(
-        name=job.name,
-        delta_norm=float(delta.norm()),
-        delta_error=nf4.delta_error(base32, delta, requant),
-    )
-
-
-def _write_all(fh: Any, data: Any) -> None:
-    """Write every byte of ``data`` (an unbuffered file may write fewer per call)."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = fh.write(view)
-        view = view[n:]
-
-
-def _buffer(array: Any) -> memoryview:
-    """A numpy array's bytes as a memoryview (no copy)."""
-    return memoryview(array)
-
-
-def _pad_state(state: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    raw = bytes(state.cpu().numpy())
-    if len(raw) > NF4_STATE_BYTES:
-        raise OperationalError(f"4-bit quant state larger than {NF4_STATE_BYTES} bytes")
-    raw += b" " * (NF4_STATE_BYTES - len(raw))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-
-
-def _merged_rows(
-    job: Job, w: torch.Tensor, dev: torch.device, factors: _FactorCache, ws: _Workspace
-) -> Iterator[torch.Tensor]:
-    """Yield W' in float32 row chunks, in order: W + Σ wᵢ·sᵢ·BᵢAᵢ, the DoRA update, or W + lora
-    biases. Chunks are views of a reused buffer: consume each before asking for the next."""
-    import torch
-
-    rows = w.shape[0]
-    flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
-    cols = flat.shape[1]
-    biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]
-    if job.combine is not None:
-        # The method needs every input's whole dense ΔW (TIES trims by global magnitude).
-        v = w.to(dev, torch.float32, copy=True)  # own copy: w may be a read-only map
-        deltas = [torch.zeros_like(v) for _ in job.combine.weights]
-        for d in job.deltas:
-            deltas[d.index] = d.module.dense(*factors.get(d.module)).reshape(v.shape)
-        gen = job.combine.generator(job.deltas[0].module.name)
-        v.add_(
-            job.combine.method.combine_dense(deltas, job.combine.weights, job.combine.options, gen)
-        )
-        for bias, coeff in biases:
-            v.add_(bias.reshape(v.shape), alpha=coeff)
-        yield v.reshape(rows, cols)
-        return
-    dora = job.dora
-    if dora is not None and dora.layout == "conv1d":
-        # Stored (in, out): DoRA's per-output norms run down columns, so take it whole.
-        b, a = factors.get(dora.module)  # (out, r), (r, in)
-        v = w.to(dev, torch.float32, copy=True)  # (in, out); w may be a read-only map
-        v.addmm_(a.T, b.T, alpha=dora.weight * dora.module.scale)
-        v.mul_((_magnitude(dora, dev) / torch.linalg.vector_norm(v, dim=0))[None, :])
-        yield v
-        return
-    step = max(1, CHUNK_ELEMENTS // max(1, cols))
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        chunk = ws.work(r1 - r0, cols)
-        chunk.copy_(flat[r0:r1], non_blocking=True)  # (rows, cols) float32
-        for d in job.deltas:
-            b, a = factors.get(d.module)  # (out, r), (r, in)
-            coeff = d.weight * d.module.scale
-            if d.layout in ("conv1d", "embedding"):
-                # stored (in, out): rows of (B·A)ᵀ are Aᵀ[rows] @ Bᵀ
-                chunk.addmm_(a[:, r0:r1].T, b.T, alpha=coeff)  # (rows, r) @ (r, out)
-            else:
-                chunk.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, r) @ (r, in)
-        if dora is not None:
-            b, a = factors.get(dora.module)
-            chunk.addmm_(b[r0:r1], a, alpha=dora.weight * dora.module.scale)  # V = W + s·B·A
-            m = _magnitude(dora, dev)[r0:r1]  # (rows,)
-            chunk.mul_((m / torch.linalg.vector_norm(chunk, dim=1))[:, None])
-        for bias, coeff in biases:
-            chunk.add_(bias[r0:r1], alpha=coeff)
-        yield chunk
-
-
-def _magnitude(d: Delta, dev: torch.device) -> torch.Tensor:
-    import torch
-
-    assert d.module.magnitude is not None
-    return d.module.magnitude.load().to(dev, torch.float32).reshape(-1)  # (out,)
 
 
 # ----------------------------------------------------------------------------- side files
@@ -1439,7 +985,9 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
 def _reference_base(job: Job) -> torch.Tensor:
     import torch
 
-    inputs = _load_inputs(job, pin=False)
+    from adapterctl.merge_torch import load_inputs
+
+    inputs = load_inputs(job)
     if job.quant_in is not None:
         from adapterctl import nf4
 

@@ -3,7 +3,7 @@
 ``run_merge`` hands a plan to this engine when the merge runs on the CPU and every tensor is
 plain: a copy, a LoRA update in any layout (linear, Conv1D, embedding, conv), a lora bias, or
 a saved tensor replacing the base's — in float32, float16 or bfloat16. 4-bit input or output
-(bitsandbytes), DoRA, ``--method`` and float64 tensors go to the torch engine in ``merge``.
+(bitsandbytes), DoRA, ``--method`` and float64 tensors go to the torch engine (``merge_torch``).
 Importing torch alone takes about as long as copying a few GB through the page cache, and
 NumPy imports in a tenth of a second, so the common merge never imports torch.
 
@@ -35,9 +35,9 @@ from adapterctl.merge import (
     Delta,
     Job,
     MergePlan,
-    _copy_range,
-    _pause_for_tests,
-    _require_inside,
+    copy_tensor_bytes,
+    pause_for_tests,
+    require_inside,
 )
 from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dtype
 
@@ -142,7 +142,7 @@ def _run_tasks(
             for counter, (job, fd, offset) in enumerate(tasks):
                 if counter == pause_at:
                     settle(0)
-                    _pause_for_tests(tmp)
+                    pause_for_tests(tmp)
                 settle(2 * n_workers)
                 pending.append((pool.submit(_write_job, job, fd, offset, maps), job.nbytes_out))
             settle(0)
@@ -173,7 +173,7 @@ class _BaseMaps:
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                 self._maps[info.path] = mm
             BYTES_READ.add(info.nbytes)
-        _require_inside(info, len(mm))
+        require_inside(info, len(mm))
         page = info.start - info.start % mmap.PAGESIZE
         if info.nbytes and hasattr(mm, "madvise"):
             # Map every page in one call instead of one fault per page; on older kernels
@@ -217,7 +217,7 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps) -> None:
 
     if job.copy_bytes:
         assert job.source is not None
-        _copy_range(job.source, fd, offset)
+        copy_tensor_bytes(job.source, fd, offset)
         return
     if job.replace is not None:
         w = job.replace.array()

@@ -55,12 +55,11 @@ def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
 
 @pytest.fixture(params=["numpy", "torch"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with each CPU engine (``merge_cpu`` on NumPy, and torch), in chunks of 64
+    """Run a test with each CPU engine (``merge_cpu`` on NumPy, ``merge_torch``), in chunks of 64
     elements so that every tensor spans several chunks."""
-    from adapterctl import merge as merge_module
-    from adapterctl import merge_cpu
+    from adapterctl import merge_cpu, merge_torch
 
-    monkeypatch.setattr(merge_module, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(merge_torch, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 64)
     if request.param == "torch":
         monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
