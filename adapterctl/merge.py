@@ -817,7 +817,7 @@ def _copied_bytes(plan: MergePlan) -> int:
     return sum(j.source.nbytes for j in plan.jobs if j.copy_bytes and j.source is not None)
 
 
-# ----------------------------------------------------------------------------- shared by the engines
+# ------------------------------------------------------------------- shared by the engines
 
 
 def pause_for_tests(tmp: Path) -> None:
