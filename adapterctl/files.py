@@ -34,16 +34,22 @@ def replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+POSITIONED_WRITES = hasattr(os, "pwrite")  # POSIX; not on Windows
+
+
 def pwrite_all(fd: int, data: Any, offset: int) -> int:
     """Write every byte of ``data`` (any buffer) into ``fd`` at ``offset``; returns the count.
 
     Positioned writes leave the file position alone, so several threads can fill disjoint
-    ranges of one file.
+    ranges of one file. Where the system has none (``POSITIONED_WRITES`` is False) this seeks
+    and writes, which moves the position: one writer per file at a time there.
     """
     view = memoryview(data).cast("B")
     total = len(view)
+    if not POSITIONED_WRITES:
+        os.lseek(fd, offset, os.SEEK_SET)
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view, offset) if POSITIONED_WRITES else os.write(fd, view)
         view = view[n:]
         offset += n
     return total
@@ -66,7 +72,8 @@ def copy_range(src: Path, start: int, count: int, dst_fd: int, offset: int) -> N
                 except OSError:
                     use_kernel = False
             if not use_kernel:
-                chunk = os.pread(fh.fileno(), min(count, 1 << 24), start)
+                fh.seek(start)
+                chunk = fh.read(min(count, 1 << 24))
                 n = pwrite_all(dst_fd, chunk, offset) if chunk else 0
             if n == 0:
                 raise EOFError(f"{src} ends inside the range to copy")

@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.files import pwrite_all
+from adapterctl.files import POSITIONED_WRITES, pwrite_all
 from adapterctl.merge import (
     CHUNK_ELEMENTS,
     PAUSE_ENV,
@@ -50,8 +50,9 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux ≥ 5.14
 
 
 def supports(plan: MergePlan) -> bool:
-    """True when every job of ``plan`` is one this engine runs (see the module docstring)."""
-    return all(_plain(job) for job in plan.jobs)
+    """True when every job of ``plan`` is one this engine runs (see the module docstring) and
+    the system has positioned writes (the workers write one file at once)."""
+    return POSITIONED_WRITES and all(_plain(job) for job in plan.jobs)
 
 
 def _plain(job: Job) -> bool:
@@ -224,7 +225,7 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps) -> None:
     else:
         assert job.source is not None
         w = maps.view(job.source)
-    rows = w.shape[0]
+    rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]
     deltas = [_row_factors(d) for d in job.deltas]

@@ -119,8 +119,9 @@ def _write_shards(
                     if job.copy_bytes:
                         assert job.source is not None
                         writer.drain()  # everything before this tensor is written
-                        copy_tensor_bytes(job.source, fh.fileno(), fh.tell())
-                        fh.seek(job.source.nbytes, os.SEEK_CUR)
+                        at = fh.tell()
+                        copy_tensor_bytes(job.source, fh.fileno(), at)
+                        fh.seek(at + job.source.nbytes)
                         done += job.source.nbytes
                     else:
                         layer = _write_job(job, inputs, fh, writer, dev, factors, ws)
@@ -457,7 +458,7 @@ def _merged_rows(
     biases. Chunks are views of a reused buffer: consume each before asking for the next."""
     import torch
 
-    rows = w.shape[0]
+    rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]
     biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]

@@ -277,6 +277,41 @@ def test_output_dtypes_round_once(
     _assert_rounded_once(ours, _peft_merged64(pm))
 
 
+def test_merge_without_kernel_copies(
+    engine: str, llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where copy_file_range is refused (another filesystem, another OS), untouched tensors
+    are copied by reads and writes, with the same result."""
+
+    def refuse(*args: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    model32, base = llama_base
+    pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu")
+    assert report.tensors_copied > 0
+    _assert_rounded_once(_state(tmp_path / "o"), _peft_merged64(pm))
+
+
+def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
+    """--dtype casts every floating tensor, 0-d scalars and 1-d vectors included."""
+    from safetensors.torch import save_file
+
+    model = llama_model()
+    base = save_base(model, tmp_path / "base", torch.bfloat16)
+    state = load_file(str(base / "model.safetensors"))
+    state["logit_scale"] = torch.tensor(2.5, dtype=torch.bfloat16)  # 0-d, as in CLIP-style heads
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    pm, adapter = peft_adapter(model.to(torch.bfloat16).float(), tmp_path / "a")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16", device="cpu")
+    ours = _state(tmp_path / "o")
+    assert ours["logit_scale"].dtype == torch.float16 and float(ours["logit_scale"]) == 2.5
+    assert ours["model.norm.weight"].dtype == torch.float16
+    ref = _peft_merged64(pm)
+    _assert_rounded_once({k: v for k, v in ours.items() if k in ref}, ref)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["numpy-engine", "torch-engine"])
 def test_killed_merge_leaves_no_output_and_rerun_works(
     dora: bool, llama_base: tuple[Any, Path], tmp_path: Path
