@@ -32,6 +32,7 @@ from adapterctl import __version__
 from adapterctl.adapter import Adapter, Layout, LoraModule, TensorSource
 from adapterctl.checkpoint import CONV1D_MODEL_TYPES, INDEX_NAME, Checkpoint, QuantInfo
 from adapterctl.errors import (
+    AdapterctlError,
     Conflict,
     OperationalError,
     UnsupportedAdapter,
@@ -755,6 +756,15 @@ def run_merge(
             fsync_dir(tmp)
         replace_dir(tmp, out_path)
         return report
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, AdapterctlError) or exc.filename:
+            raise
+        # A write that failed mid-merge (a full disk, a quota, an I/O error) names no file.
+        raise OperationalError(
+            f"{out_path}: writing the merged model failed ({exc.strerror or exc}); nothing "
+            "was left behind; free some space or choose another -o"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,30 @@ def test_base_truncated_after_planning_is_refused_cleanly(
     with pytest.raises(BrokenFile, match="truncated"):
         run_merge(plan, tmp_path / "out", device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
+
+
+def test_full_disk_mid_merge_names_the_output_and_leaves_nothing(
+    tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from click.testing import CliRunner
+
+    from adapterctl.cli import cli
+
+    base, plain, _ = tiny
+    real_pwrite, calls = os.pwrite, [0]
+
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(cli, ["merge", str(base), str(plain), "-o", str(out), "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    assert f"{out}: writing the merged model failed (No space left on device)" in r.output
+    assert "Traceback" not in r.output
+    assert list(tmp_path.iterdir()) == []  # no OUT, no partial folder
