@@ -312,9 +312,10 @@ def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
     _assert_rounded_once({k: v for k, v in ours.items() if k in ref}, ref)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 @pytest.mark.parametrize("dora", [False, True], ids=["numpy-engine", "torch-engine"])
-def test_killed_merge_leaves_no_output_and_rerun_works(
-    dora: bool, llama_base: tuple[Any, Path], tmp_path: Path
+def test_interrupted_merge_leaves_no_output_and_rerun_works(
+    sig: signal.Signals, dora: bool, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     model32, base = llama_base
     _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=dora)
@@ -328,13 +329,17 @@ def test_killed_merge_leaves_no_output_and_rerun_works(
     assert marker.exists(), proc.communicate()
     partial = Path(marker.read_text())
     assert partial.exists()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
     assert not out.exists()
+    if sig == signal.SIGINT:  # Ctrl-C: one line, exit 130, the partial folder removed
+        assert proc.returncode == 130
+        assert b"Error: interrupted" in err and b"Traceback" not in err
+        assert not partial.exists()
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "model.safetensors").exists()
-    assert not partial.exists()  # the killed run's leftovers are cleaned up
+    assert not partial.exists()  # a killed run's leftovers are cleaned up by the next
 
 
 def test_verify_flag(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
