@@ -738,8 +738,11 @@ def run_merge(
     start = time.perf_counter()
     read_before = BYTES_READ.value
     try:
-        layers = _execute(plan, tmp, dev, progress, fsync)
+        overflow = Overflow()
+        layers = _execute(plan, tmp, dev, progress, fsync, overflow)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
+        if overflow.warning():
+            report.warnings.append(str(overflow.warning()))
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
         err = report.delta_error
         if max_delta_error is not None and err is not None and err > max_delta_error:
@@ -776,17 +779,18 @@ def _execute(
     dev: str,
     progress: Callable[[int, int], None] | None,
     durable: bool,
+    overflow: Overflow,
 ) -> list[LayerError]:
     """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
     plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise."""
     from adapterctl import merge_cpu
 
     if dev == "cpu" and merge_cpu.supports(plan):
-        merge_cpu.write_shards(plan, tmp, progress, durable)
+        merge_cpu.write_shards(plan, tmp, progress, durable, overflow)
         return []
     from adapterctl import merge_torch
 
-    return merge_torch.write_shards(plan, tmp, dev, progress, durable)
+    return merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
 
 
 def _keep_heap_small() -> None:
@@ -828,6 +832,30 @@ def _copied_bytes(plan: MergePlan) -> int:
 
 
 # ------------------------------------------------------------------- shared by the engines
+
+
+class Overflow:
+    """Values that became ±inf when rounded into a float16 output, per tensor. The engines
+    count them (only for float16 outputs, where a bf16 or float32 value beyond ±65504 does
+    not fit); ``run_merge`` turns the counts into a warning. Safe to add to from threads."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self.counts[name] = self.counts.get(name, 0) + n
+
+    def warning(self) -> str | None:
+        if not self.counts:
+            return None
+        name, n = max(self.counts.items(), key=lambda kv: kv[1])
+        return (
+            f"{len(self.counts)} tensor(s) hold values beyond float16's range (±65504) that "
+            f"became ±inf, e.g. {n} in {name}; write bf16 or fp32 (--dtype) instead"
+        )
 
 
 def pause_for_tests(tmp: Path) -> None:

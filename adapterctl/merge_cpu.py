@@ -35,6 +35,7 @@ from adapterctl.merge import (
     Delta,
     Job,
     MergePlan,
+    Overflow,
     copy_tensor_bytes,
     pause_for_tests,
     require_inside,
@@ -78,6 +79,7 @@ def write_shards(
     tmp: Path,
     progress: Callable[[int, int], None] | None = None,
     durable: bool = False,
+    overflow: Overflow | None = None,
 ) -> None:
     """Write every planned shard into the folder ``tmp``.
 
@@ -86,6 +88,7 @@ def write_shards(
         tmp: the (empty) temporary output folder.
         progress: called with (bytes written so far, total bytes), from this thread.
         durable: fsync every shard before returning.
+        overflow: counts values that became ±inf in float16 outputs.
     """
     from threadpoolctl import threadpool_limits
 
@@ -105,7 +108,7 @@ def write_shards(
         tasks.sort(key=lambda t: -t[0].nbytes_out)  # largest first: the workers finish together
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
-            _run_tasks(tasks, maps, tmp, headers, plan.bytes_out, progress)
+            _run_tasks(tasks, maps, overflow or Overflow(), tmp, headers, plan.bytes_out, progress)
         if durable:
             for fd in fds:
                 os.fsync(fd)
@@ -118,6 +121,7 @@ def write_shards(
 def _run_tasks(
     tasks: list[tuple[Job, int, int]],
     maps: _BaseMaps,
+    overflow: Overflow,
     tmp: Path,
     done: int,
     total: int,
@@ -145,7 +149,8 @@ def _run_tasks(
                     settle(0)
                     pause_for_tests(tmp)
                 settle(2 * n_workers)
-                pending.append((pool.submit(_write_job, job, fd, offset, maps), job.nbytes_out))
+                fut = pool.submit(_write_job, job, fd, offset, maps, overflow)
+                pending.append((fut, job.nbytes_out))
             settle(0)
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -212,7 +217,7 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
-def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps) -> None:
+def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overflow) -> None:
     """Merge one tensor and write it at ``offset`` of ``fd`` (in a worker thread)."""
     import numpy as np
 
@@ -238,20 +243,21 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps) -> None:
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            offset += _write_rows(flat[r0:r1], r0, deltas, biases, out_dtype, fd, offset)
+            data, chunk = _merged_rows(flat[r0:r1], r0, deltas, biases, out_dtype)
+            if data.dtype == np.float16 and np.isinf(data).any():
+                overflow.add(job.name, int(np.count_nonzero(np.isinf(data) & np.isfinite(chunk))))
+            offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
 
 
-def _write_rows(
+def _merged_rows(
     w: np.ndarray[Any, Any],
     r0: int,
     deltas: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]],
     biases: list[np.ndarray[Any, Any]],
     out_dtype: np.dtype[Any],
-    fd: int,
-    offset: int,
-) -> int:
-    """Merge the base rows ``w`` (rows r0…, flattened) and write them at ``offset``; returns
-    the bytes written."""
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Merge the base rows ``w`` (rows r0…, flattened): (the rows rounded into ``out_dtype``,
+    the float32 rows they were rounded from), both in this worker's reused buffers."""
     import numpy as np
 
     rows, cols = w.shape
@@ -270,11 +276,10 @@ def _write_rows(
     for bias in biases:
         chunk += bias[r0:r1]
     if out_dtype == chunk.dtype:
-        data = chunk
-    else:
-        data = _BUFFERS.get("out", n, out_dtype).reshape(rows, cols)
-        np.copyto(data, chunk, casting="unsafe")  # the one rounding: float32 -> output dtype
-    return pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16 has no buffer API
+        return chunk, chunk
+    data = _BUFFERS.get("out", n, out_dtype).reshape(rows, cols)
+    np.copyto(data, chunk, casting="unsafe")  # the one rounding: float32 -> output dtype
+    return data, chunk
 
 
 def _row_factors(d: Delta) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:

@@ -28,6 +28,7 @@ from adapterctl.merge import (
     Job,
     LayerError,
     MergePlan,
+    Overflow,
     copy_tensor_bytes,
     pause_for_tests,
     require_inside,
@@ -46,16 +47,18 @@ def write_shards(
     device: str,
     progress: Callable[[int, int], None] | None = None,
     durable: bool = False,
+    overflow: Overflow | None = None,
 ) -> list[LayerError]:
     """Write every planned shard into the folder ``tmp``, merging on ``device``.
 
-    Returns the per-layer delta errors of 4-bit outputs (empty otherwise).
+    Returns the per-layer delta errors of 4-bit outputs (empty otherwise); ``overflow``
+    counts values that became ±inf in float16 outputs.
     """
     import torch
 
     dev = torch.device(device)
     with _one_compute_thread(dev):
-        return _write_shards(plan, tmp, dev, progress, durable)
+        return _write_shards(plan, tmp, dev, progress, durable, overflow or Overflow())
 
 
 def load_inputs(job: Job) -> dict[str, torch.Tensor]:
@@ -90,6 +93,7 @@ def _write_shards(
     dev: torch.device,
     progress: Callable[[int, int], None] | None,
     durable: bool,
+    overflow: Overflow,
 ) -> list[LayerError]:
     total = plan.bytes_out
     done = 0
@@ -109,7 +113,7 @@ def _write_shards(
             with open(path, "wb", buffering=0) as fh:
                 _write_all(fh, header)
                 done += len(header)
-                writer = _Writer(fh, wpool)
+                writer = _Writer(fh, wpool, overflow)
                 ws.writer = writer
                 for job, inputs in _read_ahead(pool, shard.jobs, dev):
                     if counter == pause_at:
@@ -322,16 +326,17 @@ class _Writer:
     ``wait_for(key)`` blocks until the buffer ``key`` is free again; ``drain()`` until
     everything queued is written."""
 
-    def __init__(self, fh: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, fh: Any, pool: ThreadPoolExecutor, overflow: Overflow) -> None:
         self.fh = fh
         self.pool = pool
+        self.overflow = overflow
         self.pending: dict[tuple[str, int], Future[Any]] = {}
         self.last: Future[Any] | None = None
 
     def round_and_write(
-        self, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
+        self, name: str, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
     ) -> None:
-        fut = self.pool.submit(_round_and_write, self.fh, chunk, host)
+        fut = self.pool.submit(_round_and_write, self.fh, chunk, host, name, self.overflow)
         self.last = fut
         for key in keys:
             self.pending[key] = fut
@@ -350,10 +355,13 @@ class _Writer:
             self.last = None
 
 
-def _round_and_write(fh: Any, chunk: torch.Tensor, host: torch.Tensor) -> None:
+def _round_and_write(
+    fh: Any, chunk: torch.Tensor, host: torch.Tensor, name: str, overflow: Overflow
+) -> None:
     import torch
 
     host.copy_(chunk)  # the one rounding: float32 -> output dtype
+    _count_overflow(name, host, chunk, overflow)
     _write_all(fh, host.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -383,7 +391,9 @@ def _write_job(
     if job.transpose_out:
         writer.drain()
         merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, factors, ws)]).T
-        _write_all(fh, merged_t.to(out_dtype).cpu().contiguous().view(torch.uint8).numpy())
+        rounded = merged_t.to(out_dtype)
+        _count_overflow(job.name, rounded, merged_t, writer.overflow)
+        _write_all(fh, rounded.cpu().contiguous().view(torch.uint8).numpy())
         return None
     if job.quantize is None:
         for chunk in _merged_rows(job, w, dev, factors, ws):
@@ -391,7 +401,7 @@ def _write_job(
             keys: tuple[tuple[str, int], ...] = (("host", slot),)
             if ws.is_work(chunk) and ws.work_slot is not None:
                 keys += (("work", ws.work_slot),)
-            writer.round_and_write(chunk, host, keys)
+            writer.round_and_write(job.name, chunk, host, keys)
         return None
     writer.drain()
     from adapterctl import nf4
@@ -426,6 +436,17 @@ def _write_job(
         delta_norm=float(delta.norm()),
         delta_error=nf4.delta_error(base32, delta, requant),
     )
+
+
+def _count_overflow(
+    name: str, rounded: torch.Tensor, source: torch.Tensor, overflow: Overflow
+) -> None:
+    """Count float16 values that became ±inf in rounding (their float32 source is finite)."""
+    import torch
+
+    if rounded.dtype == torch.float16 and bool(torch.isinf(rounded).any()):
+        fresh = torch.isinf(rounded) & torch.isfinite(source.to(rounded.device))
+        overflow.add(name, int(fresh.sum()))
 
 
 def _write_all(fh: Any, data: Any) -> None:

@@ -312,6 +312,24 @@ def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
     _assert_rounded_once({k: v for k, v in ours.items() if k in ref}, ref)
 
 
+def test_float16_overflow_is_reported(engine: str, tmp_path: Path) -> None:
+    """A bf16 value beyond float16's range becomes inf in an fp16 output: the report says
+    where (PEFT and a plain cast do it silently)."""
+    from safetensors.torch import save_file
+
+    model = llama_model()
+    base = save_base(model, tmp_path / "base", torch.bfloat16)
+    state = load_file(str(base / "model.safetensors"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    state[name][0, :3] = 1e5
+    save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
+    _, adapter = peft_adapter(model.to(torch.bfloat16).float(), tmp_path / "a")
+    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16")
+    assert any(f"3 in {name}" in w and "--dtype" in w for w in report.warnings), report.warnings
+    clean = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o2", dtype="bf16")
+    assert not any("float16" in w for w in clean.warnings)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
 @pytest.mark.parametrize("dora", [False, True], ids=["numpy-engine", "torch-engine"])
 def test_interrupted_merge_leaves_no_output_and_rerun_works(
