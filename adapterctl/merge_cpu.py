@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
 MAX_WORKERS = 8
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux ≥ 5.14
+# Linux ≥ 5.14 (Python names it from 3.12 on); elsewhere pages fault in as they are read.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 def supports(plan: MergePlan) -> bool:
@@ -181,9 +183,8 @@ class _BaseMaps:
             BYTES_READ.add(info.nbytes)
         require_inside(info, len(mm))
         page = info.start - info.start % mmap.PAGESIZE
-        if info.nbytes and hasattr(mm, "madvise"):
-            # Map every page in one call instead of one fault per page; on older kernels
-            # (no MADV_POPULATE_READ) pages fault in as they are read.
+        if info.nbytes and _MADV_POPULATE_READ is not None:
+            # Map every page in one call instead of one fault per page; older kernels refuse.
             with contextlib.suppress(OSError, ValueError):
                 mm.madvise(_MADV_POPULATE_READ, page, info.end - page)
         dtype = numpy_dtype(info.dtype)
