@@ -68,12 +68,23 @@ def _plain(job: Job) -> bool:
 
 
 def workers() -> int:
-    """Worker threads: one per usable core, at most ``MAX_WORKERS``."""
+    """Worker threads: one per usable core (CPU affinity, and a container's CPU quota where
+    cgroup v2 sets one), at most ``MAX_WORKERS``."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores))
+    return max(1, min(MAX_WORKERS, cores, _cgroup_cpu_quota() or cores))
+
+
+def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs a cgroup v2 quota allows (``docker --cpus 2``: "200000 100000" → 2), or None."""
+    try:
+        with open(path) as fh:
+            quota, period = fh.read().split()[:2]
+        return max(1, int(quota) // int(period))
+    except (OSError, ValueError):  # no cgroup v2 file, or "max" (no quota)
+        return None
 
 
 def write_shards(

@@ -155,3 +155,15 @@ def test_full_disk_mid_merge_names_the_output_and_leaves_nothing(
     assert f"{out}: writing the merged model failed (No space left on device)" in r.output
     assert "Traceback" not in r.output
     assert list(tmp_path.iterdir()) == []  # no OUT, no partial folder
+
+
+def test_cgroup_quota_limits_workers(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("200000 100000\n")
+    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) == 2
+    cpu_max.write_text("50000 100000\n")
+    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) == 1
+    cpu_max.write_text("max 100000\n")
+    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) is None
+    assert merge_cpu._cgroup_cpu_quota(str(tmp_path / "missing")) is None
+    assert 1 <= merge_cpu.workers() <= merge_cpu.MAX_WORKERS

@@ -62,7 +62,10 @@ def warn(message: str) -> None:
 def device_option(f: F) -> F:
     """``--device auto|cpu|cuda[:N]``: where the float32 math runs."""
     return click.option(
-        "--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."
+        "--device",
+        default="auto",
+        show_default=True,
+        help="auto (CUDA when there is one), cpu or cuda[:N].",
     )(f)
 
 
