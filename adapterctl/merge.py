@@ -754,6 +754,8 @@ def run_merge(
             )
         _write_side_files(plan, tmp, report)
         if verify:
+            from adapterctl.merge_verify import verify_output
+
             report.verified = verify_output(plan, tmp)
             (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
         if fsync:
@@ -975,94 +977,6 @@ def dry_run_report(plan: MergePlan, out: str | os.PathLike[str]) -> MergeReport:
     report = _report(plan, Path(out), "-", [], 0.0)
     report.dry_run = True
     return report
-
-
-# ----------------------------------------------------------------------------- verification
-
-
-def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
-    """Check sampled rows of every merged tensor in ``out_dir`` against float64 math.
-
-    Returns the number of rows checked. Raises ``ValidationFailed`` on a mismatch beyond the
-    output dtype's rounding.
-    """
-    import torch
-
-    from adapterctl.tensorfile import read_header
-
-    stored: dict[str, TensorInfo] = {}
-    for shard in plan.shards:
-        stored.update(read_header(out_dir / shard.name).tensors)
-    checked = 0
-    gen = torch.Generator().manual_seed(0)
-    for job in plan.jobs:
-        if not (job.deltas or job.bias_add or job.dora) or job.quantize is not None:
-            continue
-        info = stored[job.name]
-        got = info.load().to(torch.float64)
-        if job.transpose_out:
-            got = got.T
-        w = _reference_base(job)
-        ref = _reference(job, w)
-        n = ref.shape[0]
-        pick = torch.randperm(n, generator=gen)[: min(rows, n)]
-        got_rows, ref_rows = got.reshape(n, -1)[pick], ref.reshape(n, -1)[pick]
-        out_dtype = getattr(torch, TORCH_DTYPE_NAMES[job.out_dtype])
-        # One rounding of ref into out_dtype, plus float32 accumulation noise.
-        tol = (
-            ref_rows.abs() * (torch.finfo(out_dtype).eps / 2) + ref_rows.abs().max() * 1e-5 + 1e-12
-        )
-        if bool(((got_rows - ref_rows).abs() > tol * 1.01).any()):
-            raise ValidationFailed(
-                f"verification failed: {job.name} differs from the float64 reference; "
-                "report this with ADAPTERCTL_DEBUG=1"
-            )
-        checked += int(pick.numel())
-    return checked
-
-
-def _reference_base(job: Job) -> torch.Tensor:
-    import torch
-
-    from adapterctl.merge_torch import load_inputs
-
-    inputs = load_inputs(job)
-    if job.quant_in is not None:
-        from adapterctl import nf4
-
-        return nf4.dequantize(inputs, job.name).to(torch.float64)
-    return inputs["w"].to(torch.float64)
-
-
-def _reference(job: Job, w: torch.Tensor) -> torch.Tensor:
-    """The float64 merged tensor, computed densely (small sampled use only)."""
-    import torch
-
-    if job.bias_add:
-        for bias, coeff in job.bias_add:
-            w = w + coeff * bias.load().to(torch.float64)
-        return w
-    if job.dora is not None:
-        mod = job.dora.module
-        assert mod.magnitude is not None
-        delta = job.dora.weight * mod.delta(torch.float64)
-        v = w + delta
-        m = mod.magnitude.load().to(torch.float64).reshape(-1)
-        if job.dora.layout == "conv1d":
-            return v * (m / torch.linalg.vector_norm(v, dim=0))[None, :]
-        flat = v.reshape(v.shape[0], -1)
-        return (flat * (m / torch.linalg.vector_norm(flat, dim=1))[:, None]).reshape(v.shape)
-    if job.combine is not None:
-        deltas = [torch.zeros_like(w) for _ in job.combine.weights]
-        for d in job.deltas:
-            deltas[d.index] = d.module.delta(torch.float64).reshape(w.shape)
-        gen = job.combine.generator(job.deltas[0].module.name)
-        return w + job.combine.method.combine_dense(
-            deltas, job.combine.weights, job.combine.options, gen
-        )
-    for d in job.deltas:
-        w = w + d.weight * d.module.delta(torch.float64).reshape(w.shape)
-    return w
 
 
 def check_base_pins(

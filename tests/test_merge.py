@@ -360,6 +360,45 @@ def test_interrupted_merge_leaves_no_output_and_rerun_works(
     assert not partial.exists()  # a killed run's leftovers are cleaned up by the next
 
 
+@pytest.mark.parametrize("kind", ["lora", "dora", "ties", "gpt2-dora"])
+def test_verify_catches_a_corrupted_tensor(
+    kind: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """--verify recomputes sampled rows (row by row for LoRA and DoRA; from whole tensors for
+    --method and Conv1D DoRA): a tensor zeroed after writing must fail it."""
+    from adapterctl.errors import ValidationFailed
+    from adapterctl.merge import run_merge
+    from adapterctl.merge_verify import verify_output
+    from adapterctl.tensorfile import read_header
+
+    model32, base = llama_base
+    options: dict[str, Any] = {}
+    name = "model.layers.1.self_attn.q_proj.weight"
+    if kind == "gpt2-dora":
+        base = save_base(gpt2_model(), tmp_path / "gpt2")
+        lora = {"target_modules": ["c_attn"], "fan_in_fan_out": True, "use_dora": True}
+        _, a = peft_adapter(gpt2_model(), tmp_path / "a", **lora)
+        adapters = [read(a)]
+        name = "transformer.h.1.attn.c_attn.weight"
+    else:
+        _, a = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=kind == "dora")
+        adapters = [read(a)]
+    if kind == "ties":
+        _, a2 = peft_adapter(copy.deepcopy(model32), tmp_path / "a2", seed=2)
+        adapters.append(read(a2))
+        options = {"method": "ties", "method_options": {"density": 0.5}}
+    plan = plan_merge(open_checkpoint(base), adapters, **options)
+    out = tmp_path / "o"
+    run_merge(plan, out, device="cpu")
+    assert verify_output(plan, out) > 0
+    info = read_header(out / "model.safetensors").tensors[name]
+    with open(info.path, "r+b") as fh:
+        fh.seek(info.start)
+        fh.write(bytes(info.nbytes))  # every row of one merged tensor zeroed
+    with pytest.raises(ValidationFailed, match=name):
+        verify_output(plan, out)
+
+
 def test_verify_flag(llama_base: tuple[Any, Path], tmp_path: Path) -> None:
     model32, base = llama_base
     _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=True)
