@@ -263,6 +263,7 @@ class MergeReport(BaseModel):
     out: str
     dry_run: bool
     device: str
+    engine: str | None = None  # "numpy" (merge_cpu) or "torch" (merge_torch); None: dry run
     shards: list[str]
     tensors_total: int
     tensors_merged: list[str]
@@ -740,8 +741,9 @@ def run_merge(
     read_before = BYTES_READ.value
     try:
         overflow = Overflow()
-        layers = _execute(plan, tmp, dev, progress, fsync, overflow)
+        engine, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
+        report.engine = engine
         if overflow.warning():
             report.warnings.append(str(overflow.warning()))
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
@@ -783,17 +785,18 @@ def _execute(
     progress: Callable[[int, int], None] | None,
     durable: bool,
     overflow: Overflow,
-) -> list[LayerError]:
+) -> tuple[str, list[LayerError]]:
     """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
-    plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise."""
+    plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise. Returns the
+    engine's name and the 4-bit layers' delta errors."""
     from adapterctl import merge_cpu
 
     if dev == "cpu" and merge_cpu.supports(plan):
         merge_cpu.write_shards(plan, tmp, progress, durable, overflow)
-        return []
+        return "numpy", []
     from adapterctl import merge_torch
 
-    return merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
+    return "torch", merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
 
 
 def _keep_heap_small() -> None:

@@ -1,19 +1,21 @@
 """The merge's CPU engine for plain 16/32-bit merges, on NumPy: no torch, every core busy.
 
 ``run_merge`` hands a plan to this engine when the merge runs on the CPU and every tensor is
-plain: a copy, a LoRA update in any layout (linear, Conv1D, embedding, conv), a lora bias, or
-a saved tensor replacing the base's — in float32, float16 or bfloat16. 4-bit input or output
-(bitsandbytes), DoRA, ``--method`` and float64 tensors go to the torch engine (``merge_torch``).
-Importing torch alone takes about as long as copying a few GB through the page cache, and
-NumPy imports in a tenth of a second, so the common merge never imports torch.
+plain: a copy, a LoRA update in any layout (linear, Conv1D, embedding, conv), DoRA (with its
+per-row norms), a lora bias, or a saved tensor replacing the base's — in float32, float16 or
+bfloat16. 4-bit input or output (bitsandbytes), ``--method``, DoRA on GPT-2 Conv1D (norms down
+columns) and float64 tensors go to the torch engine (``merge_torch``). Importing torch alone
+takes about as long as copying a few GB through the page cache, and NumPy imports in a tenth
+of a second, so the common merge never imports torch.
 
-The math is the torch engine's: W' = W + Σᵢ cᵢ·Bᵢ·Aᵢ (+ lora biases), in float32, rounded
-once into the output dtype (bfloat16 rounding, to nearest even, by ml_dtypes). Work is split
-by tensor across worker threads (NumPy and the kernel release the GIL): each takes the next
-job, merges its rows in float32 chunks that stay in cache, rounds each chunk and writes it
-at its planned offset with ``pwrite`` — every header is planned, so each tensor's place in
-its file is known and the workers never wait for each other. Base tensors are read through
-memory maps (page cache, not anonymous memory); untouched tensors are copied in the kernel.
+The math is the torch engine's: W' = W + Σᵢ cᵢ·Bᵢ·Aᵢ (DoRA: rescaled row by row; + lora
+biases), in float32, rounded once into the output dtype (bfloat16 rounding, to nearest even,
+by ml_dtypes). Work is split by tensor across worker threads (NumPy and the kernel release the
+GIL): each takes the next job, merges its rows in float32 chunks that stay in cache, rounds
+each chunk and writes it at its planned offset with ``pwrite`` — every header is planned, so
+each tensor's place in its file is known and the workers never wait for each other. Base
+tensors are read through memory maps (page cache, not anonymous memory); untouched tensors
+are copied in the kernel.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def supports(plan: MergePlan) -> bool:
 def _plain(job: Job) -> bool:
     if job.copy_bytes:
         return True
-    if job.quant_in or job.quantize or job.combine or job.dora or job.transpose_out:
+    if job.quant_in or job.quantize or job.combine or job.transpose_out:
         return False
+    if job.dora is not None and job.dora.layout == "conv1d":
+        return False  # its norms run down the columns of the stored (in, out) weight
     source = job.replace if job.replace is not None else job.source
     return source is not None and {source.dtype, job.out_dtype} <= ENGINE_DTYPES
 
@@ -246,6 +250,11 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]
     deltas = [_row_factors(d) for d in job.deltas]
+    magnitude = None
+    if job.dora is not None:
+        deltas.append(_row_factors(job.dora))  # V = W + s·B·A, then rescaled row by row
+        assert job.dora.module.magnitude is not None
+        magnitude = job.dora.module.magnitude.array().astype(np.float32).reshape(-1, 1)
     biases = [
         (coeff * bias.array().astype(np.float64)).astype(np.float32).reshape(-1, 1)  # (rows, 1)
         for bias, coeff in job.bias_add
@@ -255,7 +264,7 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            data, chunk = _merged_rows(flat[r0:r1], r0, deltas, biases, out_dtype)
+            data, chunk = _merged_rows(flat[r0:r1], r0, deltas, magnitude, biases, out_dtype)
             if data.dtype == np.float16 and np.isinf(data).any():
                 overflow.add(job.name, int(np.count_nonzero(np.isinf(data) & np.isfinite(chunk))))
             offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
@@ -265,11 +274,13 @@ def _merged_rows(
     w: np.ndarray[Any, Any],
     r0: int,
     deltas: list[tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]],
+    magnitude: np.ndarray[Any, Any] | None,
     biases: list[np.ndarray[Any, Any]],
     out_dtype: np.dtype[Any],
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """Merge the base rows ``w`` (rows r0…, flattened): (the rows rounded into ``out_dtype``,
-    the float32 rows they were rounded from), both in this worker's reused buffers."""
+    """Merge the base rows ``w`` (rows r0…, flattened): W + Σ c·B·A, DoRA's m/‖V‖_row when
+    ``magnitude`` (rows, 1) is given, lora biases. Returns (the rows rounded into
+    ``out_dtype``, the float32 rows they were rounded from), in this worker's buffers."""
     import numpy as np
 
     rows, cols = w.shape
@@ -285,6 +296,8 @@ def _merged_rows(
         np.add(chunk, w, out=chunk, casting="unsafe")  # + W, widened exactly
     else:
         np.copyto(chunk, w, casting="unsafe")
+    if magnitude is not None:  # DoRA: W' = m / ‖V‖_row · V, the norm per output row
+        chunk *= magnitude[r0:r1] / np.linalg.norm(chunk, axis=1, keepdims=True)
     for bias in biases:
         chunk += bias[r0:r1]
     if out_dtype == chunk.dtype:

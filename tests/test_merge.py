@@ -99,10 +99,9 @@ def test_merge_equals_float64_rounded_once(
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", **CASES[case])
     plan = plan_merge(open_checkpoint(base), [read(adapter)])
-    # DoRA needs the torch engine; every other case runs on NumPy unless forced to torch.
-    assert merge_cpu.supports(plan) == (engine == "numpy" and case != "dora")
+    assert merge_cpu.supports(plan) == (engine == "numpy")  # every case runs on either
     report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
-    assert report.tensors_merged
+    assert report.tensors_merged and report.engine == engine
     ours = _state(tmp_path / "out")
     ref = _peft_merged64(pm)
     assert set(ours) == set(ref)
@@ -331,15 +330,17 @@ def test_float16_overflow_is_reported(engine: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-@pytest.mark.parametrize("dora", [False, True], ids=["numpy-engine", "torch-engine"])
+@pytest.mark.parametrize("method", [False, True], ids=["numpy-engine", "torch-engine"])
 def test_interrupted_merge_leaves_no_output_and_rerun_works(
-    sig: signal.Signals, dora: bool, llama_base: tuple[Any, Path], tmp_path: Path
+    sig: signal.Signals, method: bool, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     model32, base = llama_base
-    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", use_dora=dora)
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
     out, marker = tmp_path / "out", tmp_path / "paused"
     env = dict(os.environ, ADAPTERCTL_TEST_PAUSE_AT="3", ADAPTERCTL_TEST_PAUSE_FILE=str(marker))
     cmd = [sys.executable, "-m", "adapterctl", "merge", str(base), str(adapter), "-o", str(out)]
+    if method:  # --method runs on the torch engine
+        cmd += [str(adapter), "--method", "ties", "--density", "0.5"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:

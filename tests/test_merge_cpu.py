@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from builders import llama_model, peft_adapter, save_base
+from builders import gpt2_model, llama_model, peft_adapter, save_base
 
 from adapterctl import merge_cpu
 from adapterctl.checkpoint import open_checkpoint
@@ -66,7 +66,11 @@ def test_routing(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     ckpt = open_checkpoint(base)
     assert merge_cpu.supports(plan_merge(ckpt, [read(plain)]))
     assert merge_cpu.supports(plan_merge(ckpt, [read(plain)], dtype="fp16"))
-    assert not merge_cpu.supports(plan_merge(ckpt, [read(dora)]))  # DoRA: torch
+    assert merge_cpu.supports(plan_merge(ckpt, [read(dora)]))
+    gpt2 = save_base(gpt2_model(), tmp_path / "gpt2", torch.bfloat16)
+    lora = {"target_modules": ["c_attn"], "fan_in_fan_out": True, "use_dora": True}
+    _, gpt2_dora = peft_adapter(gpt2_model(), tmp_path / "gd", **lora)
+    assert not merge_cpu.supports(plan_merge(open_checkpoint(gpt2), [read(gpt2_dora)]))
     assert not merge_cpu.supports(
         plan_merge(ckpt, [read(plain), read(plain)], method="ties", method_options={"density": 0.5})
     )
@@ -105,8 +109,11 @@ def test_plain_cpu_merge_and_validate_never_import_torch(
     if not _nvidia_driver_present():  # --device auto on a machine without CUDA
         args = ["merge", str(base), str(plain), "-o", str(tmp_path / "o2")]
         assert _run_without_torch(*args) == "NO-TORCH 0"
-    # DoRA needs torch (and gets it).
     args = ["merge", str(base), str(dora), "-o", str(tmp_path / "o3"), "--device", "cpu"]
+    assert _run_without_torch(*args) == "NO-TORCH 0"  # DoRA (row norms) too
+    # --method needs torch (and gets it).
+    args = ["merge", str(base), str(plain), str(plain), "-o", str(tmp_path / "o4"),
+            "--method", "ties", "--density", "0.5", "--device", "cpu"]  # fmt: skip
     assert _run_without_torch(*args) == "TORCH 0"
 
 

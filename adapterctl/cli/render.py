@@ -130,7 +130,8 @@ def render_merge(r: Any, plan: Any) -> None:
         for name in r.tensors_added:
             out.print(f"  add      {name}", markup=False)
         return
-    out.print(f"device {r.device}, {r.seconds:.2f} s", markup=False)
+    engine = f" ({r.engine} engine)" if r.engine else ""
+    out.print(f"device {r.device}{engine}, {r.seconds:.2f} s", markup=False)
     if r.quantize:
         err = "-" if r.delta_error is None else f"{r.delta_error:.3f}"
         out.print(f"{r.quantize} delta error (‖Q(W+ΔW) − W − ΔW‖/‖ΔW‖): {err}", markup=False)
