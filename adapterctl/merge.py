@@ -6,9 +6,9 @@ dtype, and written (``run_merge``). Tensors no adapter touches are copied as byt
 goes to a temporary sibling folder that is renamed into place only when complete.
 
 Two engines write the plan: ``merge_cpu`` (NumPy, one worker thread per core, no torch import)
-for plain 16/32-bit merges on the CPU, and ``merge_torch`` for everything else (CUDA,
-bitsandbytes 4-bit in or out, DoRA, ``--method``). This module plans, runs, reports and
-verifies.
+for 16/32-bit merges on the CPU, and ``merge_torch`` for everything else (CUDA, bitsandbytes
+4-bit in or out, ``--method``, DoRA on GPT-2 Conv1D). This module plans and runs a merge and
+reports on it; ``merge_verify`` checks the result.
 
 For a target weight W: W' = W + Σᵢ wᵢ·scaleᵢ·ΔWᵢ, ΔW = B·A in the weight's layout. A DoRA
 adapter (merged alone) gives W' = m / ‖W + s·B·A‖_row · (W + s·B·A), the norm taken per output
