@@ -706,7 +706,7 @@ def run_merge(
             fresh float64 computation.
         max_delta_error: with 4-bit output, fail (exit 3) when the overall delta error is
             above this; nothing is left behind.
-        progress: called with (bytes written so far, total bytes).
+        progress: called once per tensor written, with (bytes written so far, total bytes).
         fsync: flush every shard to the disk before the rename (survives a power loss, at
             the disk's write speed). Without it, as with ``cp`` and ``save_pretrained``, the
             OS writes the data back in its own time; the rename still guarantees that an

@@ -125,7 +125,8 @@ def write_shards(
         tasks.sort(key=lambda t: -t[0].nbytes_out)  # largest first: the workers finish together
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
-            _run_tasks(tasks, maps, overflow or Overflow(), tmp, headers, plan.bytes_out, progress)
+            total = headers + plan.bytes_out
+            _run_tasks(tasks, maps, overflow or Overflow(), tmp, headers, total, progress)
         if durable:
             for fd in fds:
                 os.fsync(fd)

@@ -95,21 +95,20 @@ def _write_shards(
     durable: bool,
     overflow: Overflow,
 ) -> list[LayerError]:
-    total = plan.bytes_out
+    headers = [header_bytes(shard.entries(), plan.header_metadata) for shard in plan.shards]
+    total = sum(len(h) for h in headers) + plan.bytes_out
     done = 0
     layers: list[LayerError] = []
     factors = _FactorCache(dev)
     ws = _Workspace(dev)
     pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
     counter = 0
-    metadata = plan.header_metadata
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-write") as wpool,
     ):
-        for shard in plan.shards:
+        for shard, header in zip(plan.shards, headers, strict=True):
             path = tmp / shard.name
-            header = header_bytes(shard.entries(), metadata)
             with open(path, "wb", buffering=0) as fh:
                 _write_all(fh, header)
                 done += len(header)

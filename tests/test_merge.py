@@ -293,6 +293,22 @@ def test_merge_without_kernel_copies(
     _assert_rounded_once(_state(tmp_path / "o"), _peft_merged64(pm))
 
 
+def test_progress_once_per_tensor(
+    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    from adapterctl.merge import run_merge
+
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
+    plan = plan_merge(open_checkpoint(base), [read(adapter)])
+    calls: list[tuple[int, int]] = []
+    run_merge(plan, tmp_path / "o", device="cpu", progress=lambda d, t: calls.append((d, t)))
+    assert len(calls) == len(plan.jobs)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+    written = sum(f.stat().st_size for f in (tmp_path / "o").glob("*.safetensors"))
+    assert calls[-1] == (written, written)  # headers included: the bar ends at 100%
+
+
 def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
     """--dtype casts every floating tensor, 0-d scalars and 1-d vectors included."""
     from safetensors.torch import save_file

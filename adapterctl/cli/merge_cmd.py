@@ -120,7 +120,7 @@ def merge_command(
     if dry_run:
         report = dry_run_report(plan, out)
     else:
-        with _progress(as_json) as progress:
+        with _progress(as_json, len(plan.jobs)) as progress:
             report = run_merge(
                 plan, out, device=device, force=force, verify=verify,
                 max_delta_error=max_delta_error, progress=progress, fsync=fsync,
@@ -151,16 +151,19 @@ def merge_command(
 
 
 class _progress:
-    """A rich progress bar on stderr when it is a terminal; a no-op otherwise."""
+    """A rich progress bar on stderr (bytes and tensors) when it is a terminal; a no-op
+    otherwise. ``run_merge`` reports once per tensor written."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, tensors: int) -> None:
         self.bar: Any = None
         self.task: Any = None
+        self.tensors, self.done = tensors, 0
         if not quiet and sys.stderr.isatty():
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
                 Progress,
+                TextColumn,
                 TimeRemainingColumn,
                 TransferSpeedColumn,
             )  # fmt: skip
@@ -168,19 +171,22 @@ class _progress:
             from adapterctl.cli.render import console
 
             self.bar = Progress(
-                "merging", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=console(stderr=True), transient=True,
+                "merging", BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]}"),
+                TransferSpeedColumn(), TimeRemainingColumn(), console=console(stderr=True),
+                transient=True,
             )  # fmt: skip
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         if self.bar is None:
             return None
         self.bar.__enter__()
-        self.task = self.bar.add_task("merge", total=None)
+        self.task = self.bar.add_task("merge", total=None, tensors=f"0/{self.tensors} tensors")
 
         def update(done: int, total: int) -> None:
             assert self.bar is not None
-            self.bar.update(self.task, completed=done, total=total)
+            self.done += 1
+            tensors = f"{self.done}/{self.tensors} tensors"
+            self.bar.update(self.task, completed=done, total=total, tensors=tensors)
 
         return update
 
