@@ -744,8 +744,9 @@ def run_merge(
         engine, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine = engine
-        if overflow.warning():
-            report.warnings.append(str(overflow.warning()))
+        overflowed = overflow.warning()
+        if overflowed:
+            report.warnings.append(overflowed)
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
         err = report.delta_error
         if max_delta_error is not None and err is not None and err > max_delta_error:
