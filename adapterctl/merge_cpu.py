@@ -242,11 +242,11 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
         assert job.source is not None
         copy_tensor_bytes(job.source, fd, offset)
         return
-    if job.replace is not None:
-        w = job.replace.array()
-    else:
-        assert job.source is not None
-        w = maps.view(job.source)
+    source = job.replace if job.replace is not None else job.source
+    assert source is not None
+    # Mapped, not read, when the tensor is in a safetensors file (a saved 128k-row embedding
+    # would otherwise cost a GB of memory); a legacy .bin adapter's tensors are in memory.
+    w = maps.view(source) if isinstance(source, TensorInfo) else source.array()
     rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]

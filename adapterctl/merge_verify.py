@@ -82,12 +82,12 @@ def _sampled_rows(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any]:
     and computed."""
     import numpy as np
 
-    n = _rows(job)
-    if job.replace is not None:
-        ref = job.replace.array().reshape(n, -1)[pick].astype(np.float64)
-    else:
-        assert job.source is not None
-        ref = _read_rows(job.source, pick)
+    source = job.replace if job.replace is not None else job.source
+    assert source is not None
+    if isinstance(source, TensorInfo):
+        ref = _read_rows(source, pick)
+    else:  # a tensor already in memory (legacy .bin adapter)
+        ref = source.array().reshape(_rows(job), -1)[pick].astype(np.float64)
     for d in job.deltas:
         b, a = d.module.arrays("float64")  # (out, r), (r, in)
         c = d.weight * d.module.scale

@@ -276,6 +276,26 @@ def test_output_dtypes_round_once(
     _assert_rounded_once(ours, _peft_merged64(pm))
 
 
+def test_legacy_bin_adapter_merges_like_its_safetensors_twin(
+    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
+    """A pickled adapter's tensors are in memory, a safetensors adapter's are mapped from its
+    file: the same adapter gives the same bytes either way (LoRA and a saved lm_head)."""
+    import shutil
+
+    model32, base = llama_base
+    _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", modules_to_save=["lm_head"])
+    legacy = tmp_path / "legacy"
+    shutil.copytree(adapter, legacy)
+    torch.save(load_file(str(legacy / "adapter_model.safetensors")), legacy / "adapter_model.bin")
+    (legacy / "adapter_model.safetensors").unlink()
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o1", device="cpu")
+    merge(open_checkpoint(base), [read(legacy)], tmp_path / "o2", device="cpu")
+    ours, theirs = _state(tmp_path / "o1"), _state(tmp_path / "o2")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_merge_without_kernel_copies(
     engine: str, llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
