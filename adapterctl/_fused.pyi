@@ -1,0 +1,19 @@
+"""Types of the compiled merge kernel (``adapterctl/_fused.c``)."""
+
+from typing_extensions import Buffer
+
+DTYPES: tuple[str, str, str]  # the dtype numbers' names: 0 bfloat16, 1 float16, 2 float32
+FLOAT16: int  # 1 where the compiler has _Float16 (float16 in or out), else 0
+
+def addmm_round(
+    out: Buffer,
+    base: Buffer,
+    left: Buffer,
+    right: Buffer,
+    rows: int,
+    cols: int,
+    rank: int,
+    base_dtype: int,
+    out_dtype: int,
+    /,
+) -> int: ...
