@@ -264,6 +264,7 @@ class MergeReport(BaseModel):
     dry_run: bool
     device: str
     engine: str | None = None  # "numpy" (merge_cpu) or "torch" (merge_torch); None: dry run
+    kernel: str | None = None  # the numpy engine's sums: "fused" (compiled) or "numpy"
     shards: list[str]
     tensors_total: int
     tensors_merged: list[str]
@@ -744,6 +745,10 @@ def run_merge(
         engine, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine = engine
+        if engine == "numpy":
+            from adapterctl.merge_cpu import KERNEL
+
+            report.kernel = "numpy" if KERNEL is None else "fused"
         overflowed = overflow.warning()
         if overflowed:
             report.warnings.append(overflowed)

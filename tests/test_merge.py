@@ -53,17 +53,25 @@ def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
     return max(float((v.double() - ref[k].double()).abs().max()) for k, v in ours.items())
 
 
-@pytest.fixture(params=["numpy", "torch"])
+@pytest.fixture(params=["numpy", "numpy-no-kernel", "torch"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with each CPU engine (``merge_cpu`` on NumPy, ``merge_torch``), in chunks of 64
-    elements so that every tensor spans several chunks."""
+    """Run a test with each CPU engine — ``merge_cpu`` with its compiled kernel (chunks of up to
+    1000 elements: several rows, tiles of 4 rows cut short), ``merge_cpu`` on NumPy alone and
+    ``merge_torch`` (chunks of 64 elements) — so that every tensor spans several chunks.
+    Returns the engine's name as the report gives it."""
     from adapterctl import merge_cpu, merge_torch
 
     monkeypatch.setattr(merge_torch, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 64)
+    if request.param == "numpy":
+        if merge_cpu.KERNEL is None:
+            pytest.skip("adapterctl._fused was not built (no C compiler at install time)")
+        monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 1000)
+    if request.param == "numpy-no-kernel":
+        monkeypatch.setattr(merge_cpu, "KERNEL", None)
     if request.param == "torch":
         monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
-    return str(request.param)
+    return "torch" if request.param == "torch" else "numpy"
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +110,8 @@ def test_merge_equals_float64_rounded_once(
     assert merge_cpu.supports(plan) == (engine == "numpy")  # every case runs on either
     report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
     assert report.tensors_merged and report.engine == engine
+    if engine == "numpy":
+        assert report.kernel == ("numpy" if merge_cpu.KERNEL is None else "fused")
     ours = _state(tmp_path / "out")
     ref = _peft_merged64(pm)
     assert set(ours) == set(ref)

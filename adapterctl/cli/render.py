@@ -130,7 +130,8 @@ def render_merge(r: Any, plan: Any) -> None:
         for name in r.tensors_added:
             out.print(f"  add      {name}", markup=False)
         return
-    engine = f" ({r.engine} engine)" if r.engine else ""
+    kernel = f", {r.kernel} kernel" if r.kernel else ""
+    engine = f" ({r.engine} engine{kernel})" if r.engine else ""
     out.print(f"device {r.device}{engine}, {r.seconds:.2f} s", markup=False)
     if r.quantize:
         err = "-" if r.delta_error is None else f"{r.delta_error:.3f}"

@@ -1,0 +1,183 @@
+"""The compiled merge kernel (``adapterctl._fused``): its sums against float64 math, its
+roundings bit for bit against ml_dtypes / NumPy (torch's, see test_merge_cpu), its overflow
+count and its refusals of malformed buffers; and that the install built it."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sysconfig
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from adapterctl import merge_cpu
+
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
+PAIRS = list(itertools.product(DTYPES, DTYPES))
+
+fused = pytest.importorskip("adapterctl._fused", reason="built without a C compiler")
+
+
+def test_the_install_built_the_kernel() -> None:
+    """Where a C compiler exists the install must have built the kernel (a broken build would
+    otherwise pass unnoticed, with every merge on the slower NumPy path)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    assert merge_cpu.KERNEL is fused
+    assert fused.DTYPES == ("bfloat16", "float16", "float32")
+    assert fused.FLOAT16 == 1  # GCC and Clang on x86-64 and arm64 have _Float16
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a.view(np.float32)
+
+
+def _run(
+    base: np.ndarray, left: np.ndarray, right: np.ndarray, out_dtype: str
+) -> tuple[np.ndarray, int]:
+    rows, cols = base.shape
+    out = np.empty((rows, cols), DTYPES[out_dtype])
+    inf = fused.addmm_round(
+        _bits(out),
+        _bits(base),
+        np.ascontiguousarray(left, np.float32),
+        np.ascontiguousarray(right, np.float32),
+        rows,
+        cols,
+        right.shape[0],
+        CODES[base.dtype.name],
+        CODES[out_dtype],
+    )
+    return out, inf
+
+
+def _patterns(base_dtype: str) -> np.ndarray:
+    """Every class of value of ``base_dtype``: random bit patterns, the values halfway between
+    two bfloat16 / float16 neighbours (ties), subnormals, extremes, ±0, ±inf, NaNs."""
+    rng = np.random.default_rng(1)
+    if base_dtype == "float32":
+        bits = rng.integers(0, 2**32, size=60_000, dtype=np.uint64).astype(np.uint32)
+        bf16_ties = (bits[:5000] & 0xFFFF0000) | 0x8000
+        f16_ties = (bits[5000:10000] & 0xFFFFE000) | 0x1000
+        special = np.array(
+            [
+                0x7F800000,
+                0xFF800000,
+                0x7FC00000,
+                0xFFC00001,
+                0x7F800001,
+                0x00000001,
+                0x80008000,
+                0x00018000,
+                0x7F7FFFFF,
+                0xFF7FFFFF,
+                0x80000000,
+                0,
+                0x477FF000,
+                0x477FEFFF,
+            ],
+            dtype=np.uint32,
+        )
+        return np.concatenate([bits, bf16_ties, f16_ties, special]).view(np.float32)
+    every = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # all 65536 values
+    return every.view(DTYPES[base_dtype])
+
+
+@pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
+def test_conversions_are_the_reference_roundings(base_dtype: str, out_dtype: str) -> None:
+    """With rank 0 the kernel only widens and rounds: bit for bit what ml_dtypes (bfloat16)
+    and NumPy (float16) do, which is what torch does; a NaN stays a NaN of the same sign."""
+    values = _patterns(base_dtype)
+    cols = 37  # whole 32-column tiles and a scalar tail
+    values = values[: values.size // cols * cols].reshape(-1, cols)
+    ours, _ = _run(values, np.empty((len(values), 0)), np.empty((0, cols)), out_dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = values.astype(np.float32).astype(DTYPES[out_dtype])
+    nan = np.isnan(values.astype(np.float32))
+    assert np.array_equal(_bits(ours)[~nan], _bits(ref)[~nan])
+    got = ours.astype(np.float32)[nan]
+    assert np.isnan(got).all()
+    assert np.array_equal(np.signbit(got), np.signbit(values.astype(np.float32)[nan]))
+
+
+def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The spacing of ``dtype`` at |x| (float64), for normal and subnormal values alike."""
+    info = ml_dtypes.finfo(DTYPES[dtype]) if dtype == "bfloat16" else np.finfo(DTYPES[dtype])
+    exp = np.floor(np.log2(np.maximum(np.abs(x), float(info.smallest_normal))))
+    return np.exp2(exp - info.nmant)
+
+
+@pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
+@pytest.mark.parametrize(
+    ("rows", "cols", "rank"),
+    [(1, 1, 1), (3, 31, 2), (4, 32, 16), (5, 33, 3), (7, 100, 16), (9, 64, 1), (13, 97, 40)],
+)
+def test_sums_are_float64_math_rounded_once(
+    base_dtype: str, out_dtype: str, rows: int, cols: int, rank: int
+) -> None:
+    """W + L·R within half an output ulp plus float32 noise of the exact sum, for tiles of 4
+    rows cut short, column tails and ranks from 1 to 40."""
+    rng = np.random.default_rng(rows * 1000 + cols + rank)
+    base = (rng.standard_normal((rows, cols)) * 0.5).astype(DTYPES[base_dtype])
+    left = rng.standard_normal((rows, rank)).astype(np.float32)
+    right = (rng.standard_normal((rank, cols)) * 0.05).astype(np.float32)
+    ours, inf = _run(base, left, right, out_dtype)
+    terms = left.astype(np.float64)[:, :, None] * right.astype(np.float64)[None]  # (rows, r, c)
+    exact = base.astype(np.float64) + terms.sum(axis=1)
+    noise = (rank + 1) * np.finfo(np.float32).eps * (np.abs(base) + np.abs(terms).sum(axis=1))
+    err = np.abs(ours.astype(np.float64) - exact)
+    assert (err <= 0.5 * _ulp(exact, out_dtype) + noise).all()
+    assert inf == 0
+
+
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_float16_overflow_is_counted(base_dtype: str) -> None:
+    """Finite sums beyond float16's range are counted; ±inf and NaN inputs are not."""
+    row = np.array([7e4, -7e4, 1.0, np.inf, np.nan, 65504.0, 65520.0, -1e5], np.float32)
+    base = np.tile(row, (3, 5)).astype(DTYPES[base_dtype])  # (3, 40): tile and tail
+    out, inf = _run(base, np.zeros((3, 1)), np.zeros((1, 40)), "float16")
+    wide = base.astype(np.float32)  # in bfloat16 65504 is 65536: it overflows as well
+    over = np.isfinite(wide) & (np.abs(wide) >= 65520)  # 65520 is the tie that rounds up
+    assert inf == over.sum() == 3 * 5 * (4 if base_dtype == "float32" else 5)
+    assert np.array_equal(np.isinf(out.astype(np.float32)), over | np.isinf(wide))
+
+
+def test_malformed_buffers_are_refused() -> None:
+    base = np.zeros((4, 8), np.float32)
+    left, right = np.zeros((4, 2), np.float32), np.zeros((2, 8), np.float32)
+    out = np.zeros((4, 8), np.float32)
+    args = (out, base, left, right, 4, 8, 2, 2, 2)
+    assert fused.addmm_round(*args) == 0
+    with pytest.raises(ValueError, match="out holds 128 bytes, expected 160"):
+        fused.addmm_round(out, base, left, right, 5, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="base holds 128 bytes, expected 64"):
+        fused.addmm_round(np.zeros(32, np.uint16), base, left, right, 4, 8, 2, 0, 0)
+    with pytest.raises(ValueError, match="left holds 32 bytes, expected 48"):
+        fused.addmm_round(out, base, left, right, 4, 8, 3, 2, 2)
+    with pytest.raises(ValueError, match="right holds 32 bytes, expected 64"):
+        fused.addmm_round(out, base, left, right[:, :4].copy(), 4, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="bad shape or dtype code"):
+        fused.addmm_round(out, base, left, right, 4, 8, 2, 2, 7)
+    with pytest.raises(ValueError, match="bad shape or dtype code"):
+        fused.addmm_round(out, base, left, right, -4, 8, 2, 2, 2)
+    with pytest.raises(TypeError):  # read-only output
+        fused.addmm_round(bytes(128), base, left, right, 4, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        fused.addmm_round(out, np.zeros((4, 16), np.float32)[:, ::2], left, right, 4, 8, 2, 2, 2)
+
+
+def test_schedule_alternates_files_largest_first() -> None:
+    """Workers take the jobs largest first, alternating between output files (two workers on
+    one file wait on its lock)."""
+
+    class J:
+        def __init__(self, n: int) -> None:
+            self.nbytes_out = n
+
+    tasks = [(J(n), fd, 0) for fd, n in [(3, 10), (3, 50), (3, 30), (4, 40), (4, 5), (4, 20)]]
+    order = [(t[1], t[0].nbytes_out) for t in merge_cpu._schedule(tasks)]  # type: ignore[arg-type]
+    assert order == [(3, 50), (4, 40), (3, 30), (4, 20), (3, 10), (4, 5)]
