@@ -51,12 +51,13 @@ from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dt
 if TYPE_CHECKING:
     import numpy as np
 
-try:
-    from adapterctl import _fused
+FUSED_ENV = "ADAPTERCTL_FUSED"  # "0": never use the compiled kernel (NumPy alone)
 
-    KERNEL: Any = _fused  # the compiled kernel; None where the package was built without it
-except ImportError:  # no C compiler at install time: NumPy alone, same results, slower
-    KERNEL = None
+KERNEL: Any = None  # the compiled kernel; None where not built, or turned off by FUSED_ENV
+if os.environ.get(FUSED_ENV, "1") != "0":
+    # Missing where no C compiler was found at install time: NumPy alone, same results, slower.
+    with contextlib.suppress(ImportError):
+        from adapterctl import _fused as KERNEL
 
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
 MAX_WORKERS = 8

@@ -169,6 +169,10 @@ def main() -> None:
             py, "-m", "adapterctl", "merge", str(base), str(adapter), "-o",
             str(args.workdir / "out"), "--device", args.device,
         ],
+        "adapterctl merge, NumPy kernel": [
+            "env", "ADAPTERCTL_FUSED=0", py, "-m", "adapterctl", "merge", str(base),
+            str(adapter), "-o", str(args.workdir / "out"), "--device", args.device,
+        ],
         "cp -r && sync": ["sh", "-c", f"cp -r {base} {args.workdir / 'out'} && sync"],
         "adapterctl merge --fsync": [
             py, "-m", "adapterctl", "merge", str(base), str(adapter), "-o",

@@ -5,7 +5,10 @@ count and its refusals of malformed buffers; and that the install built it."""
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 
 import ml_dtypes
@@ -181,3 +184,12 @@ def test_schedule_alternates_files_largest_first() -> None:
     tasks = [(J(n), fd, 0) for fd, n in [(3, 10), (3, 50), (3, 30), (4, 40), (4, 5), (4, 20)]]
     order = [(t[1], t[0].nbytes_out) for t in merge_cpu._schedule(tasks)]  # type: ignore[arg-type]
     assert order == [(3, 50), (4, 40), (3, 30), (4, 20), (3, 10), (4, 5)]
+
+
+def test_the_kernel_can_be_turned_off() -> None:
+    """ADAPTERCTL_FUSED=0 leaves the kernel unused (NumPy alone): an escape hatch, and how the
+    benchmark measures the NumPy path in the same run."""
+    code = "from adapterctl import merge_cpu; print(merge_cpu.KERNEL is None)"
+    env = {**os.environ, "ADAPTERCTL_FUSED": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr
