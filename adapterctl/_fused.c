@@ -5,7 +5,9 @@
  *     out[i, j] = round_out( float(base[i, j]) + sum_k left[i, k] * right[k, j] )
  *
  * base (rows, cols) in bfloat16, float16 or float32; left (rows, rank) and right (rank, cols)
- * in float32 (the LoRA factors with their coefficients, see merge_cpu._row_factors); the sum
+ * in float32 (the LoRA factors with their coefficients, see merge_cpu._row_factors), right
+ * passed in tiles of 32 columns: (ceil(cols / 32), rank, 32), zero-padded, so that the rank
+ * values a tile needs lie side by side (see merge_cpu._right_tiles); the sum
  * is taken in float32 and rounded once into out (rows, cols) in bfloat16 (to nearest even,
  * NaN kept quiet, as torch and ml_dtypes round), float16 (the compiler's IEEE conversion) or
  * float32. NumPy does the same in three passes (matmul, widening add, rounding); this is one,
@@ -41,8 +43,8 @@ enum { BF16 = 0, F16 = 1, F32 = 2 };
 
 /* The hot loop works on tiles of 4 rows x 32 columns: eight running sums of 16 floats held in
  * registers (GCC vector types: one AVX-512 register each, two AVX2 or four SSE ones), each
- * vector of `right` loaded once for the four rows. Rows are walked in order, each tile row
- * reading its base row sequentially; `right` (rank x cols floats) stays in L2. */
+ * vector of `right` loaded once for the four rows and the tile's rank x 32 values of `right`
+ * contiguous. */
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu32 __attribute__((vector_size(64)));
 typedef int32_t vi32 __attribute__((vector_size(64)));
@@ -53,6 +55,7 @@ typedef _Float16 vh __attribute__((vector_size(32)));
 
 #define V 16      /* floats in a vf */
 #define TILE_ROWS 4
+#define TILE_COLS (2 * V)
 
 /* ---- conversions, one value (column tails) and 16 at once (the tiles); same arithmetic ---- */
 
@@ -138,53 +141,74 @@ static inline Py_ssize_t store_f16_v(uint16_t *p, vf v) {
 #define F16_INF(h, f) (((h) & 0x7FFFu) == 0x7C00u && (f) - (f) == 0.0f)
 #define NO_COUNT(h, f) 0
 
+/* Columns per panel: the panel of `right` (rank x width floats) stays in L2 while every row of
+ * the block streams past it. Whole rows when it fits (rank 16 on a 11008-wide weight: 700 KiB);
+ * high ranks (several adapters, r = 128...) would otherwise re-read `right` from memory for
+ * every 4 rows. */
+#define RIGHT_BUDGET (1 << 20)
+/* right[k, col] in the tiled layout: (ceil(cols / 32), rank, 32), zero-padded. */
+#define RIGHT_AT(k, col) (((col) / TILE_COLS * rank + (k)) * TILE_COLS + (col) % TILE_COLS)
+
+static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
+    if (rank == 0) return cols > 0 ? cols : 1;
+    Py_ssize_t width = RIGHT_BUDGET / (rank * (Py_ssize_t)sizeof(float));
+    width -= width % TILE_COLS;
+    if (width < TILE_COLS) width = TILE_COLS;
+    return width < cols ? width : (cols > 0 ? cols : 1);
+}
+
 /* A kernel for one (base dtype, output dtype) pair; returns the number of float16 overflows.
- * Rows go four at a time (past the last row, a tile repeats its first row and stores it
- * once); in each, whole tiles of 4 x 32 columns, then the last columns one by one. */
+ * Panel by panel of columns, rows go four at a time (past the last row, a tile repeats its
+ * first row and stores it once); in each, whole tiles of 4 x 32 columns, then the panel's last
+ * columns one by one. */
 #define KERNEL(NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT)                       \
     CLONES static Py_ssize_t NAME(const IN_T *base, const float *left, const float *right,  \
                                   OUT_T *out, Py_ssize_t rows, Py_ssize_t cols,             \
                                   Py_ssize_t rank) {                                        \
         Py_ssize_t inf = 0;                                                                 \
-        for (Py_ssize_t i = 0; i < rows; i += TILE_ROWS) {                                  \
-            Py_ssize_t r_[TILE_ROWS];                                                       \
-            for (int t = 0; t < TILE_ROWS; t++) r_[t] = i + t < rows ? i + t : i;           \
-            const IN_T *b0 = base + r_[0] * cols, *b1 = base + r_[1] * cols;                \
-            const IN_T *b2 = base + r_[2] * cols, *b3 = base + r_[3] * cols;                \
-            const float *l0 = left + r_[0] * rank, *l1 = left + r_[1] * rank;              \
-            const float *l2 = left + r_[2] * rank, *l3 = left + r_[3] * rank;              \
-            OUT_T *o0 = out + r_[0] * cols, *o1 = out + r_[1] * cols;                       \
-            OUT_T *o2 = out + r_[2] * cols, *o3 = out + r_[3] * cols;                       \
-            Py_ssize_t j = 0;                                                               \
-            for (; j + 2 * V <= cols; j += 2 * V) {                                         \
-                vf a0 = LOAD_V(b0 + j), a1 = LOAD_V(b0 + j + V); /* row i   */              \
-                vf c0 = LOAD_V(b1 + j), c1 = LOAD_V(b1 + j + V); /* row i+1 */              \
-                vf d0 = LOAD_V(b2 + j), d1 = LOAD_V(b2 + j + V); /* row i+2 */              \
-                vf e0 = LOAD_V(b3 + j), e1 = LOAD_V(b3 + j + V); /* row i+3 */              \
-                const float *r = right + j;                                                 \
-                for (Py_ssize_t k = 0; k < rank; k++, r += cols) {                          \
-                    const vf r0 = load_f32_v(r), r1 = load_f32_v(r + V);                    \
-                    a0 += l0[k] * r0;                                                       \
-                    a1 += l0[k] * r1;                                                       \
-                    c0 += l1[k] * r0;                                                       \
-                    c1 += l1[k] * r1;                                                       \
-                    d0 += l2[k] * r0;                                                       \
-                    d1 += l2[k] * r1;                                                       \
-                    e0 += l3[k] * r0;                                                       \
-                    e1 += l3[k] * r1;                                                       \
+        const Py_ssize_t panel = panel_width(rank, cols);                                   \
+        for (Py_ssize_t p = 0; p < cols; p += panel) {                                      \
+            const Py_ssize_t p_end = p + panel < cols ? p + panel : cols;                   \
+            for (Py_ssize_t i = 0; i < rows; i += TILE_ROWS) {                              \
+                Py_ssize_t r_[TILE_ROWS];                                                   \
+                for (int t = 0; t < TILE_ROWS; t++) r_[t] = i + t < rows ? i + t : i;       \
+                const IN_T *b0 = base + r_[0] * cols, *b1 = base + r_[1] * cols;            \
+                const IN_T *b2 = base + r_[2] * cols, *b3 = base + r_[3] * cols;            \
+                const float *l0 = left + r_[0] * rank, *l1 = left + r_[1] * rank;          \
+                const float *l2 = left + r_[2] * rank, *l3 = left + r_[3] * rank;          \
+                OUT_T *o0 = out + r_[0] * cols, *o1 = out + r_[1] * cols;                   \
+                OUT_T *o2 = out + r_[2] * cols, *o3 = out + r_[3] * cols;                   \
+                Py_ssize_t j = p;                                                           \
+                for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                                  \
+                    vf a0 = LOAD_V(b0 + j), a1 = LOAD_V(b0 + j + V); /* row i   */          \
+                    vf c0 = LOAD_V(b1 + j), c1 = LOAD_V(b1 + j + V); /* row i+1 */          \
+                    vf d0 = LOAD_V(b2 + j), d1 = LOAD_V(b2 + j + V); /* row i+2 */          \
+                    vf e0 = LOAD_V(b3 + j), e1 = LOAD_V(b3 + j + V); /* row i+3 */          \
+                    const float *r = right + (j / TILE_COLS) * rank * TILE_COLS;            \
+                    for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS) {                 \
+                        const vf r0 = load_f32_v(r), r1 = load_f32_v(r + V);                \
+                        a0 += l0[k] * r0;                                                   \
+                        a1 += l0[k] * r1;                                                   \
+                        c0 += l1[k] * r0;                                                   \
+                        c1 += l1[k] * r1;                                                   \
+                        d0 += l2[k] * r0;                                                   \
+                        d1 += l2[k] * r1;                                                   \
+                        e0 += l3[k] * r0;                                                   \
+                        e1 += l3[k] * r1;                                                   \
+                    }                                                                       \
+                    inf += STORE_V(o0 + j, a0) + STORE_V(o0 + j + V, a1);                   \
+                    if (r_[1] != i) inf += STORE_V(o1 + j, c0) + STORE_V(o1 + j + V, c1);   \
+                    if (r_[2] != i) inf += STORE_V(o2 + j, d0) + STORE_V(o2 + j + V, d1);   \
+                    if (r_[3] != i) inf += STORE_V(o3 + j, e0) + STORE_V(o3 + j + V, e1);   \
                 }                                                                           \
-                inf += STORE_V(o0 + j, a0) + STORE_V(o0 + j + V, a1);                       \
-                if (r_[1] != i) inf += STORE_V(o1 + j, c0) + STORE_V(o1 + j + V, c1);       \
-                if (r_[2] != i) inf += STORE_V(o2 + j, d0) + STORE_V(o2 + j + V, d1);       \
-                if (r_[3] != i) inf += STORE_V(o3 + j, e0) + STORE_V(o3 + j + V, e1);       \
-            }                                                                               \
-            for (Py_ssize_t row = i; row < i + TILE_ROWS && row < rows; row++) {            \
-                for (Py_ssize_t col = j; col < cols; col++) {                               \
-                    float acc = LOAD(base[row * cols + col]);                               \
-                    for (Py_ssize_t k = 0; k < rank; k++)                                   \
-                        acc += left[row * rank + k] * right[k * cols + col];                \
-                    out[row * cols + col] = STORE(acc);                                     \
-                    inf += COUNT(out[row * cols + col], acc);                               \
+                for (Py_ssize_t row = i; row < i + TILE_ROWS && row < rows; row++) {        \
+                    for (Py_ssize_t col = j; col < p_end; col++) {                          \
+                        float acc = LOAD(base[row * cols + col]);                           \
+                        for (Py_ssize_t k = 0; k < rank; k++)                               \
+                            acc += left[row * rank + k] * right[RIGHT_AT(k, col)];          \
+                        out[row * cols + col] = STORE(acc);                                 \
+                        inf += COUNT(out[row * cols + col], acc);                           \
+                    }                                                                       \
                 }                                                                           \
             }                                                                               \
         }                                                                                   \
@@ -224,7 +248,8 @@ PyDoc_STRVAR(addmm_round_doc,
              "out = round(base + left @ right), summed in float32 and rounded once.\n"
              "\n"
              "out: writable C-contiguous buffer of rows*cols values of out_dtype; base: rows*cols\n"
-             "values of base_dtype; left: float32 (rows, rank); right: float32 (rank, cols).\n"
+             "values of base_dtype; left: float32 (rows, rank); right: float32 (rank, cols) in\n"
+             "tiles of TILE_COLS columns, (ceil(cols / TILE_COLS), rank, TILE_COLS), zero-padded.\n"
              "Dtypes are the names in DTYPES. Returns the number of finite sums that became\n"
              "infinite (float16 outputs only).");
 
@@ -248,7 +273,7 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
     }
     if (check_size(&out, "out", rows * cols * itemsize(out_dt)) ||
         check_size(&base, "base", rows * cols * itemsize(base_dt)) ||
-        check_size(&left, "left", rows * rank * 4) || check_size(&right, "right", rank * cols * 4))
+        check_size(&left, "left", rows * rank * 4) || check_size(&right, "right", (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS * rank * 4))
         goto done;
     {
         const void *b = base.buf;
@@ -299,7 +324,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
         Py_DECREF(m);
         return NULL;
     }
-    if (PyModule_AddIntConstant(m, "FLOAT16", HAVE_FLOAT16) < 0) {
+    if (PyModule_AddIntConstant(m, "FLOAT16", HAVE_FLOAT16) < 0 ||
+        PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

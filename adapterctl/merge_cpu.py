@@ -291,6 +291,8 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
     out_dtype = numpy_dtype(job.out_dtype)
     finish = magnitude is not None or bool(biases)  # float32 sums needed before rounding
     kernel_dtype = _kernel_dtype(flat.dtype, np.dtype(np.float32) if finish else out_dtype)
+    if kernel_dtype is not None:
+        right = _right_tiles(right)
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
     if step > KERNEL_TILE_ROWS:
         step -= step % KERNEL_TILE_ROWS
@@ -324,8 +326,9 @@ def _kernel_rows(
     right: np.ndarray[Any, Any],
     dtype: np.dtype[Any],
 ) -> tuple[np.ndarray[Any, Any], int]:
-    """W + L·R for the rows ``w`` (rows, cols) with the compiled kernel, rounded once into
-    ``dtype``, in this worker's buffer; and how many finite sums overflowed float16."""
+    """W + L·R for the rows ``w`` (rows, cols) with the compiled kernel (``right`` in tiles:
+    ``_right_tiles``), rounded once into ``dtype``, in this worker's buffer; and how many
+    finite sums overflowed float16."""
     import numpy as np
 
     rows, cols = w.shape
@@ -336,14 +339,27 @@ def _kernel_rows(
         data.view(raw),
         w.view(np.uint16 if w.dtype.itemsize == 2 else np.float32),
         left,  # (rows, r) float32
-        right,  # (r, cols) float32
+        right,  # (ceil(cols / T), r, T) float32: _right_tiles
         rows,
         cols,
-        right.shape[0],
+        right.shape[1],
         _KERNEL_CODES[w.dtype.name],
         _KERNEL_CODES[dtype.name],
     )
     return data, int(inf)
+
+
+def _right_tiles(right: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """``right`` (r, cols) in the kernel's layout: tiles of T columns, (ceil(cols / T), r, T),
+    zero-padded, so that the r·T values a tile of the output needs are contiguous."""
+    import numpy as np
+
+    rank, cols = right.shape
+    tile = KERNEL.TILE_COLS
+    n = -(-cols // tile)
+    padded = np.zeros((rank, n * tile), np.float32)
+    padded[:, :cols] = right
+    return np.ascontiguousarray(padded.reshape(rank, n, tile).transpose(1, 0, 2))
 
 
 def _numpy_rows(

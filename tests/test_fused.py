@@ -48,7 +48,7 @@ def _run(
         _bits(out),
         _bits(base),
         np.ascontiguousarray(left, np.float32),
-        np.ascontiguousarray(right, np.float32),
+        merge_cpu._right_tiles(np.asarray(right, np.float32)),
         rows,
         cols,
         right.shape[0],
@@ -117,13 +117,17 @@ def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
 @pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
 @pytest.mark.parametrize(
     ("rows", "cols", "rank"),
-    [(1, 1, 1), (3, 31, 2), (4, 32, 16), (5, 33, 3), (7, 100, 16), (9, 64, 1), (13, 97, 40)],
+    [
+        *[(1, 1, 1), (3, 31, 2), (4, 32, 16), (5, 33, 3), (7, 100, 16), (9, 64, 1)],
+        (13, 97, 40),
+        (6, 4200, 70),  # two panels of columns (1 MiB of `right` in the first), a short one
+    ],
 )
 def test_sums_are_float64_math_rounded_once(
     base_dtype: str, out_dtype: str, rows: int, cols: int, rank: int
 ) -> None:
     """W + L·R within half an output ulp plus float32 noise of the exact sum, for tiles of 4
-    rows cut short, column tails and ranks from 1 to 40."""
+    rows cut short, column tails, panels of columns and ranks from 1 to 70."""
     rng = np.random.default_rng(rows * 1000 + cols + rank)
     base = (rng.standard_normal((rows, cols)) * 0.5).astype(DTYPES[base_dtype])
     left = rng.standard_normal((rows, rank)).astype(np.float32)
@@ -151,18 +155,18 @@ def test_float16_overflow_is_counted(base_dtype: str) -> None:
 
 def test_malformed_buffers_are_refused() -> None:
     base = np.zeros((4, 8), np.float32)
-    left, right = np.zeros((4, 2), np.float32), np.zeros((2, 8), np.float32)
+    left = np.zeros((4, 2), np.float32)
+    right = merge_cpu._right_tiles(np.zeros((2, 8), np.float32))  # (1, 2, 32): 256 bytes
     out = np.zeros((4, 8), np.float32)
-    args = (out, base, left, right, 4, 8, 2, 2, 2)
-    assert fused.addmm_round(*args) == 0
+    assert fused.addmm_round(out, base, left, right, 4, 8, 2, 2, 2) == 0
     with pytest.raises(ValueError, match="out holds 128 bytes, expected 160"):
         fused.addmm_round(out, base, left, right, 5, 8, 2, 2, 2)
     with pytest.raises(ValueError, match="base holds 128 bytes, expected 64"):
         fused.addmm_round(np.zeros(32, np.uint16), base, left, right, 4, 8, 2, 0, 0)
     with pytest.raises(ValueError, match="left holds 32 bytes, expected 48"):
         fused.addmm_round(out, base, left, right, 4, 8, 3, 2, 2)
-    with pytest.raises(ValueError, match="right holds 32 bytes, expected 64"):
-        fused.addmm_round(out, base, left, right[:, :4].copy(), 4, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="right holds 64 bytes, expected 256"):
+        fused.addmm_round(out, base, left, np.zeros((2, 8), np.float32), 4, 8, 2, 2, 2)
     with pytest.raises(ValueError, match="bad shape or dtype code"):
         fused.addmm_round(out, base, left, right, 4, 8, 2, 2, 7)
     with pytest.raises(ValueError, match="bad shape or dtype code"):
