@@ -32,8 +32,10 @@
 #define HAVE_FLOAT16 0
 #endif
 
-/* One build runs at its best on AVX-512, AVX2 + FMA + F16C and plain x86-64 alike. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__ELF__)
+/* One build runs at its best on AVX-512, AVX2 + FMA + F16C and plain x86-64 alike (GCC 12+
+ * with glibc, whose loader picks the clone; elsewhere the baseline build). */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__GLIBC__)
 #define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define CLONES
