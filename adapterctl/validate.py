@@ -347,13 +347,15 @@ def _shape(shape: Iterable[int]) -> str:
 
 
 def _nonfinite(t: np.ndarray[Any, Any]) -> bool:
-    """True if a floating-point array holds NaN or Inf (checked in float64: numpy has no
-    isfinite for bfloat16)."""
+    """True if a floating-point array holds NaN or Inf (other float formats, such as
+    bfloat16, are widened to float32 exactly first)."""
     import numpy as np
 
     if t.dtype.kind in "biu":
         return False
-    return not bool(np.isfinite(t.astype(np.float64)).all())
+    if t.dtype not in (np.float16, np.float32, np.float64):
+        t = t.astype(np.float32)
+    return not bool(np.isfinite(t).all())
 
 
 def _module_stats(mod: LoraModule) -> _ModuleStats:
