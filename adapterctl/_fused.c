@@ -5,13 +5,14 @@
  *     out[i, j] = round_out( float(base[i, j]) + sum_k left[i, k] * right[k, j] )
  *
  * base (rows, cols) in bfloat16, float16 or float32; left (rows, rank) and right (rank, cols)
- * in float32 (the LoRA factors with their coefficients, see merge_cpu._row_factors), right
- * passed in tiles of 32 columns: (ceil(cols / 32), rank, 32), zero-padded, so that the rank
- * values a tile needs lie side by side (see merge_cpu._right_tiles); the sum
- * is taken in float32 and rounded once into out (rows, cols) in bfloat16 (to nearest even,
- * NaN kept quiet, as torch and ml_dtypes round), float16 (the compiler's IEEE conversion) or
+ * in float32: the LoRA factors with their coefficients (see merge_cpu._row_factors), right
+ * passed in tiles of 32 columns, (ceil(cols / 32), rank, 32) zero-padded, so that the values
+ * a tile of the output needs lie side by side (merge_cpu._right_tiles). The sum is taken in
+ * float32 and rounded once into out (rows, cols): bfloat16 to nearest even with NaN kept quiet
+ * (as torch and ml_dtypes round), float16 by the compiler's IEEE conversion (needs _Float16:
+ * GCC 12+, Clang 15+; elsewhere float16 is refused and merge_cpu uses NumPy for it), or
  * float32. NumPy does the same in three passes (matmul, widening add, rounding); this is one,
- * with the factors' columns held in L1 and the running sums in registers.
+ * with the running sums in registers.
  *
  * Built as an optional extension: where it cannot be compiled, merge_cpu uses NumPy alone.
  * The GIL is released while the kernel runs, so the engine's worker threads run it at once.
