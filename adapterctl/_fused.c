@@ -165,9 +165,11 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
  * first row and stores it once); in each, whole tiles of 4 x 32 columns, then the panel's last
  * columns one by one. */
 #define KERNEL(NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT)                       \
-    CLONES static Py_ssize_t NAME(const IN_T *base, const float *left, const float *right,  \
-                                  OUT_T *out, Py_ssize_t rows, Py_ssize_t cols,             \
+    CLONES static Py_ssize_t NAME(const void *base_, const float *left, const float *right, \
+                                  void *out_, Py_ssize_t rows, Py_ssize_t cols,             \
                                   Py_ssize_t rank) {                                        \
+        const IN_T *base = base_;                                                           \
+        OUT_T *out = out_;                                                                  \
         Py_ssize_t inf = 0;                                                                 \
         const Py_ssize_t panel = panel_width(rank, cols);                                   \
         for (Py_ssize_t p = 0; p < cols; p += panel) {                                      \
@@ -182,7 +184,7 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
                 OUT_T *o0 = out + r_[0] * cols, *o1 = out + r_[1] * cols;                   \
                 OUT_T *o2 = out + r_[2] * cols, *o3 = out + r_[3] * cols;                   \
                 Py_ssize_t j = p;                                                           \
-                for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                                  \
+                for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                            \
                     vf a0 = LOAD_V(b0 + j), a1 = LOAD_V(b0 + j + V); /* row i   */          \
                     vf c0 = LOAD_V(b1 + j), c1 = LOAD_V(b1 + j + V); /* row i+1 */          \
                     vf d0 = LOAD_V(b2 + j), d1 = LOAD_V(b2 + j + V); /* row i+2 */          \
@@ -218,19 +220,34 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
         return inf;                                                                         \
     }
 
-KERNEL(bf16_to_bf16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_bf16, store_bf16_v,
+KERNEL(merge_bf16_bf16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_bf16, store_bf16_v,
        NO_COUNT)
-KERNEL(f32_to_bf16_k, float, F32_LOAD, load_f32_v, uint16_t, f32_to_bf16, store_bf16_v, NO_COUNT)
-KERNEL(bf16_to_f32_k, uint16_t, bf16_to_f32, load_bf16_v, float, F32_STORE, store_f32_v, NO_COUNT)
-KERNEL(f32_to_f32, float, F32_LOAD, load_f32_v, float, F32_STORE, store_f32_v, NO_COUNT)
+KERNEL(merge_f32_bf16, float, F32_LOAD, load_f32_v, uint16_t, f32_to_bf16, store_bf16_v, NO_COUNT)
+KERNEL(merge_bf16_f32, uint16_t, bf16_to_f32, load_bf16_v, float, F32_STORE, store_f32_v, NO_COUNT)
+KERNEL(merge_f32_f32, float, F32_LOAD, load_f32_v, float, F32_STORE, store_f32_v, NO_COUNT)
 #if HAVE_FLOAT16
-KERNEL(f16_to_f16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
-KERNEL(f16_to_bf16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_bf16, store_bf16_v,
+KERNEL(merge_f16_f16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
+KERNEL(merge_f16_bf16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_bf16, store_bf16_v,
        NO_COUNT)
-KERNEL(f16_to_f32_k, uint16_t, f16_to_f32, load_f16_v, float, F32_STORE, store_f32_v, NO_COUNT)
-KERNEL(bf16_to_f16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
-KERNEL(f32_to_f16_k, float, F32_LOAD, load_f32_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
+KERNEL(merge_f16_f32, uint16_t, f16_to_f32, load_f16_v, float, F32_STORE, store_f32_v, NO_COUNT)
+KERNEL(merge_bf16_f16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_f16, store_f16_v,
+       F16_INF)
+KERNEL(merge_f32_f16, float, F32_LOAD, load_f32_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
+#define WITH_F16(fn) fn
+#else
+#define WITH_F16(fn) NULL
 #endif
+
+typedef Py_ssize_t (*kernel_fn)(const void *, const float *, const float *, void *, Py_ssize_t,
+                                Py_ssize_t, Py_ssize_t);
+
+/* KERNELS[base dtype][output dtype]; NULL where the compiler has no _Float16. */
+static const kernel_fn KERNELS[3][3] = {
+    [BF16] = {[BF16] = merge_bf16_bf16, [F16] = WITH_F16(merge_bf16_f16), [F32] = merge_bf16_f32},
+    [F16] = {[BF16] = WITH_F16(merge_f16_bf16), [F16] = WITH_F16(merge_f16_f16),
+             [F32] = WITH_F16(merge_f16_f32)},
+    [F32] = {[BF16] = merge_f32_bf16, [F16] = WITH_F16(merge_f32_f16), [F32] = merge_f32_f32},
+};
 
 static const char *const DTYPE_NAMES[] = {"bfloat16", "float16", "float32"};
 
@@ -270,35 +287,20 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "addmm_round: bad shape or dtype code");
         goto done;
     }
-    if ((base_dt == F16 || out_dt == F16) && !HAVE_FLOAT16) {
+    const kernel_fn kernel = KERNELS[base_dt][out_dt];
+    if (kernel == NULL) {
         PyErr_SetString(PyExc_NotImplementedError, "addmm_round: float16 not supported here");
         goto done;
     }
+    const Py_ssize_t right_cols = (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS; /* padded */
     if (check_size(&out, "out", rows * cols * itemsize(out_dt)) ||
         check_size(&base, "base", rows * cols * itemsize(base_dt)) ||
-        check_size(&left, "left", rows * rank * 4) || check_size(&right, "right", (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS * rank * 4))
+        check_size(&left, "left", rows * rank * 4) ||
+        check_size(&right, "right", rank * right_cols * 4))
         goto done;
-    {
-        const void *b = base.buf;
-        const float *l = left.buf, *r = right.buf;
-        void *o = out.buf;
-        const int pair = base_dt * 3 + out_dt;
-        Py_BEGIN_ALLOW_THREADS;
-        switch (pair) {
-        case BF16 * 3 + BF16: inf = bf16_to_bf16(b, l, r, o, rows, cols, rank); break;
-        case F32 * 3 + BF16: inf = f32_to_bf16_k(b, l, r, o, rows, cols, rank); break;
-        case BF16 * 3 + F32: inf = bf16_to_f32_k(b, l, r, o, rows, cols, rank); break;
-        case F32 * 3 + F32: inf = f32_to_f32(b, l, r, o, rows, cols, rank); break;
-#if HAVE_FLOAT16
-        case F16 * 3 + F16: inf = f16_to_f16(b, l, r, o, rows, cols, rank); break;
-        case F16 * 3 + BF16: inf = f16_to_bf16(b, l, r, o, rows, cols, rank); break;
-        case F16 * 3 + F32: inf = f16_to_f32_k(b, l, r, o, rows, cols, rank); break;
-        case BF16 * 3 + F16: inf = bf16_to_f16(b, l, r, o, rows, cols, rank); break;
-        case F32 * 3 + F16: inf = f32_to_f16_k(b, l, r, o, rows, cols, rank); break;
-#endif
-        }
-        Py_END_ALLOW_THREADS;
-    }
+    Py_BEGIN_ALLOW_THREADS;
+    inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank);
+    Py_END_ALLOW_THREADS;
     result = PyLong_FromSsize_t(inf);
 done:
     PyBuffer_Release(&out);
@@ -328,6 +330,7 @@ PyMODINIT_FUNC PyInit__fused(void) {
         return NULL;
     }
     if (PyModule_AddIntConstant(m, "FLOAT16", HAVE_FLOAT16) < 0 ||
+        PyModule_AddIntConstant(m, "TILE_ROWS", TILE_ROWS) < 0 ||
         PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0) {
         Py_DECREF(m);
         return NULL;

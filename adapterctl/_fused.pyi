@@ -4,6 +4,7 @@ from typing_extensions import Buffer
 
 DTYPES: tuple[str, str, str]  # the dtype numbers' names: 0 bfloat16, 1 float16, 2 float32
 FLOAT16: int  # 1 where the compiler has _Float16 (float16 in or out), else 0
+TILE_ROWS: int  # rows merged at once: merge_cpu's chunks hold a multiple of them
 TILE_COLS: int  # `right` comes in tiles of this many columns: (ceil(cols / T), rank, T)
 
 def addmm_round(

@@ -61,7 +61,6 @@ if os.environ.get(FUSED_ENV, "1") != "0":
 
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
 MAX_WORKERS = 8
-KERNEL_TILE_ROWS = 4  # the kernel merges rows four at a time: chunks hold a multiple of 4
 # Linux ≥ 5.14 (Python names it from 3.12 on); elsewhere pages fault in as they are read.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
@@ -293,12 +292,8 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
     kernel_dtype = _kernel_dtype(flat.dtype, np.dtype(np.float32) if finish else out_dtype)
     if kernel_dtype is not None:
         right = _right_tiles(right)
-    step = max(1, CHUNK_ELEMENTS // max(1, cols))
-    if step > KERNEL_TILE_ROWS:
-        step -= step % KERNEL_TILE_ROWS
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
+        for r0, r1 in row_chunks(rows, cols):
             if kernel_dtype is not None:
                 data, inf = _kernel_rows(flat[r0:r1], left[r0:r1], right, kernel_dtype)
             else:
@@ -307,6 +302,17 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
                 data, inf = _finish_rows(data, r0, magnitude, biases, out_dtype)
             overflow.add(job.name, inf)
             offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
+
+
+def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """The (first, end) rows of each chunk a worker merges: about ``CHUNK_ELEMENTS`` values,
+    so that a chunk's float32 sums stay in cache; with the kernel, a multiple of its tile's
+    rows where a chunk holds more than one tile."""
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    tile = KERNEL.TILE_ROWS if KERNEL is not None else 1
+    if step > tile:
+        step -= step % tile
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 _KERNEL_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}  # the kernel's dtype numbers

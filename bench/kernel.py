@@ -21,7 +21,6 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from adapterctl import merge_cpu
-from adapterctl.merge import CHUNK_ELEMENTS
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 RANKS = [16, 64, 128, 256]
@@ -49,14 +48,12 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for rows, cols in SHAPES:
         w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-        step = max(1, CHUNK_ELEMENTS // cols)
-        step -= step % merge_cpu.KERNEL_TILE_ROWS if step > merge_cpu.KERNEL_TILE_ROWS else 0
         for rank in RANKS:
             left = rng.standard_normal((rows, rank), dtype=np.float32) * 0.01
             right = rng.standard_normal((rank, cols), dtype=np.float32) * 0.01
             tiles = merge_cpu._right_tiles(right)
 
-            chunks = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+            chunks = merge_cpu.row_chunks(rows, cols)
 
             def fused(w=w, left=left, tiles=tiles, chunks=chunks) -> None:
                 for r0, r1 in chunks:
