@@ -12,7 +12,8 @@
  * (as torch and ml_dtypes round), float16 by the compiler's IEEE conversion (needs _Float16:
  * GCC 12+, Clang 15+; elsewhere float16 is refused and merge_cpu uses NumPy for it), or
  * float32. NumPy does the same in three passes (matmul, widening add, rounding); this is one,
- * with the running sums in registers.
+ * with the running sums in registers. The code is compiled for three vector widths and the
+ * widest the CPU runs is used (ISAS; `isa` picks another, for tests and benchmarks).
  *
  * Built as an optional extension: where it cannot be compiled, merge_cpu uses NumPy alone.
  * The GIL is released while the kernel runs, so the engine's worker threads run it at once.
@@ -23,7 +24,7 @@
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__)
-/* 64-byte vectors are only passed between inlined helpers: no ABI is crossed. */
+/* Wide vectors are only passed between inlined helpers: no ABI is crossed. */
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -33,34 +34,9 @@
 #define HAVE_FLOAT16 0
 #endif
 
-/* One build runs at its best on AVX-512, AVX2 + FMA + F16C and plain x86-64 alike (GCC 12+
- * with glibc, whose loader picks the clone; elsewhere the baseline build). */
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__GLIBC__)
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-
 enum { BF16 = 0, F16 = 1, F32 = 2 };
 
-/* The hot loop works on tiles of 4 rows x 32 columns: eight running sums of 16 floats held in
- * registers (GCC vector types: one AVX-512 register each, two AVX2 or four SSE ones), each
- * vector of `right` loaded once for the four rows and the tile's rank x 32 values of `right`
- * contiguous. */
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu32 __attribute__((vector_size(64)));
-typedef int32_t vi32 __attribute__((vector_size(64)));
-typedef uint16_t vu16 __attribute__((vector_size(32)));
-#if HAVE_FLOAT16
-typedef _Float16 vh __attribute__((vector_size(32)));
-#endif
-
-#define V 16      /* floats in a vf */
-#define TILE_ROWS 4
-#define TILE_COLS (2 * V)
-
-/* ---- conversions, one value (column tails) and 16 at once (the tiles); same arithmetic ---- */
+/* ---- scalar conversions (column tails); the vector ones below do the same arithmetic ---- */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -78,33 +54,6 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(f != f ? quiet : rounded);
 }
 
-static inline vf load_f32_v(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline vf load_bf16_v(const uint16_t *p) {
-    vu16 h;
-    memcpy(&h, p, sizeof h);
-    return (vf)(__builtin_convertvector(h, vu32) << 16);
-}
-
-static inline Py_ssize_t store_f32_v(float *p, vf v) {
-    memcpy(p, &v, sizeof v);
-    return 0;
-}
-
-static inline Py_ssize_t store_bf16_v(uint16_t *p, vf v) {
-    vu32 u = (vu32)v;
-    vu32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    vu32 quiet = (u >> 16) | 0x40u;
-    vu32 nan = (vu32)(v != v);
-    vu16 h = __builtin_convertvector((quiet & nan) | (rounded & ~nan), vu16);
-    memcpy(p, &h, sizeof h);
-    return 0;
-}
-
 #if HAVE_FLOAT16
 static inline float f16_to_f32(uint16_t h) {
     _Float16 x;
@@ -118,24 +67,6 @@ static inline uint16_t f32_to_f16(float f) {
     memcpy(&h, &x, sizeof h);
     return h;
 }
-
-static inline vf load_f16_v(const uint16_t *p) {
-    vh h;
-    memcpy(&h, p, sizeof h);
-    return __builtin_convertvector(h, vf);
-}
-
-/* Stores 16 float16 values; returns how many finite sums overflowed to ±inf. */
-static inline Py_ssize_t store_f16_v(uint16_t *p, vf v) {
-    vh h = __builtin_convertvector(v, vh);
-    memcpy(p, &h, sizeof h);
-    vu16 bits;
-    memcpy(&bits, &h, sizeof bits);
-    vi32 inf = __builtin_convertvector((bits & 0x7FFFu) == 0x7C00u, vi32) & (v - v == 0.0f);
-    Py_ssize_t n = 0;
-    for (int t = 0; t < V; t++) n -= inf[t];
-    return n;
-}
 #endif
 
 #define F32_LOAD(x) (x)
@@ -144,10 +75,79 @@ static inline Py_ssize_t store_f16_v(uint16_t *p, vf v) {
 #define F16_INF(h, f) (((h) & 0x7FFFu) == 0x7C00u && (f) - (f) == 0.0f)
 #define NO_COUNT(h, f) 0
 
+/* ---- one kernel per instruction set ----
+ *
+ * The same code is compiled for three vector widths, chosen when the module loads: 16 floats
+ * (AVX-512), 8 (AVX2 + FMA + F16C) and 4 (SSE2, NEON, or whatever the compiler targets by
+ * default). Every width works on tiles of TILE_COLS = 32 columns with eight running sums in
+ * registers: 4 rows x 2 vectors, 2 rows x 4, or 1 row x 8. Eight sums hide the FMA latency,
+ * and each vector of `right` is loaded once for the tile's rows. (GCC vector types of a width
+ * the target lacks are emulated through the stack, 15x slower: hence a width per target.) */
+
+#define TILE_COLS 32
+#define TILE_ROWS 4 /* the most rows a tile holds: merge_cpu's chunks hold a multiple */
+#define ACC_ROW(N, a) ((a) / (TILE_COLS / (N)))       /* sum a's row in the tile */
+#define ACC_COL(N, a) ((a) % (TILE_COLS / (N)) * (N)) /* and its first column */
+
+/* Vector types and loads/stores of N values for the target TARGET, prefixed P. */
+#define VECTOR_OPS(P, N, TARGET)                                                              \
+    typedef float P##_vf __attribute__((vector_size(4 * (N))));                               \
+    typedef uint32_t P##_vu32 __attribute__((vector_size(4 * (N))));                          \
+    typedef uint16_t P##_vu16 __attribute__((vector_size(2 * (N))));                          \
+    TARGET static inline P##_vf P##_load_f32(const float *p) {                               \
+        P##_vf v;                                                                             \
+        memcpy(&v, p, sizeof v);                                                              \
+        return v;                                                                             \
+    }                                                                                         \
+    TARGET static inline P##_vf P##_load_bf16(const uint16_t *p) {                           \
+        P##_vu16 h;                                                                           \
+        memcpy(&h, p, sizeof h);                                                              \
+        return (P##_vf)(__builtin_convertvector(h, P##_vu32) << 16);                          \
+    }                                                                                         \
+    TARGET static inline Py_ssize_t P##_store_f32(float *p, P##_vf v) {                      \
+        memcpy(p, &v, sizeof v);                                                              \
+        return 0;                                                                             \
+    }                                                                                         \
+    TARGET static inline Py_ssize_t P##_store_bf16(uint16_t *p, P##_vf v) {                  \
+        P##_vu32 u = (P##_vu32)v;                                                             \
+        P##_vu32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                            \
+        P##_vu32 quiet = (u >> 16) | 0x40u;                                                   \
+        P##_vu32 nan = (P##_vu32)(v != v);                                                    \
+        P##_vu16 h = __builtin_convertvector((quiet & nan) | (rounded & ~nan), P##_vu16);     \
+        memcpy(p, &h, sizeof h);                                                              \
+        return 0;                                                                             \
+    }                                                                                         \
+    F16_VECTOR_OPS(P, N, TARGET)
+
+#if HAVE_FLOAT16
+/* Stores count how many finite sums overflowed to ±inf. */
+#define F16_VECTOR_OPS(P, N, TARGET)                                                          \
+    typedef _Float16 P##_vh __attribute__((vector_size(2 * (N))));                            \
+    typedef int32_t P##_vi32 __attribute__((vector_size(4 * (N))));                           \
+    TARGET static inline P##_vf P##_load_f16(const uint16_t *p) {                            \
+        P##_vh h;                                                                             \
+        memcpy(&h, p, sizeof h);                                                              \
+        return __builtin_convertvector(h, P##_vf);                                            \
+    }                                                                                         \
+    TARGET static inline Py_ssize_t P##_store_f16(uint16_t *p, P##_vf v) {                   \
+        P##_vh h = __builtin_convertvector(v, P##_vh);                                        \
+        memcpy(p, &h, sizeof h);                                                              \
+        P##_vu16 bits;                                                                        \
+        memcpy(&bits, &h, sizeof bits);                                                       \
+        P##_vi32 inf = __builtin_convertvector((bits & 0x7FFFu) == 0x7C00u, P##_vi32) &       \
+                       (v - v == 0.0f);                                                       \
+        Py_ssize_t n = 0;                                                                     \
+        for (int t = 0; t < (N); t++) n -= inf[t];                                            \
+        return n;                                                                             \
+    }
+#else
+#define F16_VECTOR_OPS(P, N, TARGET)
+#endif
+
 /* Columns per panel: the panel of `right` (rank x width floats) stays in L2 while every row of
  * the block streams past it. Whole rows when it fits (rank 16 on a 11008-wide weight: 700 KiB);
  * high ranks (several adapters, r = 128...) would otherwise re-read `right` from memory for
- * every 4 rows. */
+ * every tile of rows. */
 #define RIGHT_BUDGET (1 << 20)
 /* right[k, col] in the tiled layout: (ceil(cols / 32), rank, 32), zero-padded. */
 #define RIGHT_AT(k, col) (((col) / TILE_COLS * rank + (k)) * TILE_COLS + (col) % TILE_COLS)
@@ -160,94 +160,165 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
     return width < cols ? width : (cols > 0 ? cols : 1);
 }
 
-/* A kernel for one (base dtype, output dtype) pair; returns the number of float16 overflows.
- * Panel by panel of columns, rows go four at a time (past the last row, a tile repeats its
- * first row and stores it once); in each, whole tiles of 4 x 32 columns, then the panel's last
- * columns one by one. */
-#define KERNEL(NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT)                       \
-    CLONES static Py_ssize_t NAME(const void *base_, const float *left, const float *right, \
-                                  void *out_, Py_ssize_t rows, Py_ssize_t cols,             \
-                                  Py_ssize_t rank) {                                        \
-        const IN_T *base = base_;                                                           \
-        OUT_T *out = out_;                                                                  \
-        Py_ssize_t inf = 0;                                                                 \
-        const Py_ssize_t panel = panel_width(rank, cols);                                   \
-        for (Py_ssize_t p = 0; p < cols; p += panel) {                                      \
-            const Py_ssize_t p_end = p + panel < cols ? p + panel : cols;                   \
-            for (Py_ssize_t i = 0; i < rows; i += TILE_ROWS) {                              \
-                Py_ssize_t r_[TILE_ROWS];                                                   \
-                for (int t = 0; t < TILE_ROWS; t++) r_[t] = i + t < rows ? i + t : i;       \
-                const IN_T *b0 = base + r_[0] * cols, *b1 = base + r_[1] * cols;            \
-                const IN_T *b2 = base + r_[2] * cols, *b3 = base + r_[3] * cols;            \
-                const float *l0 = left + r_[0] * rank, *l1 = left + r_[1] * rank;          \
-                const float *l2 = left + r_[2] * rank, *l3 = left + r_[3] * rank;          \
-                OUT_T *o0 = out + r_[0] * cols, *o1 = out + r_[1] * cols;                   \
-                OUT_T *o2 = out + r_[2] * cols, *o3 = out + r_[3] * cols;                   \
-                Py_ssize_t j = p;                                                           \
-                for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                            \
-                    vf a0 = LOAD_V(b0 + j), a1 = LOAD_V(b0 + j + V); /* row i   */          \
-                    vf c0 = LOAD_V(b1 + j), c1 = LOAD_V(b1 + j + V); /* row i+1 */          \
-                    vf d0 = LOAD_V(b2 + j), d1 = LOAD_V(b2 + j + V); /* row i+2 */          \
-                    vf e0 = LOAD_V(b3 + j), e1 = LOAD_V(b3 + j + V); /* row i+3 */          \
-                    const float *r = right + (j / TILE_COLS) * rank * TILE_COLS;            \
-                    for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS) {                 \
-                        const vf r0 = load_f32_v(r), r1 = load_f32_v(r + V);                \
-                        a0 += l0[k] * r0;                                                   \
-                        a1 += l0[k] * r1;                                                   \
-                        c0 += l1[k] * r0;                                                   \
-                        c1 += l1[k] * r1;                                                   \
-                        d0 += l2[k] * r0;                                                   \
-                        d1 += l2[k] * r1;                                                   \
-                        e0 += l3[k] * r0;                                                   \
-                        e1 += l3[k] * r1;                                                   \
-                    }                                                                       \
-                    inf += STORE_V(o0 + j, a0) + STORE_V(o0 + j + V, a1);                   \
-                    if (r_[1] != i) inf += STORE_V(o1 + j, c0) + STORE_V(o1 + j + V, c1);   \
-                    if (r_[2] != i) inf += STORE_V(o2 + j, d0) + STORE_V(o2 + j + V, d1);   \
-                    if (r_[3] != i) inf += STORE_V(o3 + j, e0) + STORE_V(o3 + j + V, e1);   \
-                }                                                                           \
-                for (Py_ssize_t row = i; row < i + TILE_ROWS && row < rows; row++) {        \
-                    for (Py_ssize_t col = j; col < p_end; col++) {                          \
-                        float acc = LOAD(base[row * cols + col]);                           \
-                        for (Py_ssize_t k = 0; k < rank; k++)                               \
-                            acc += left[row * rank + k] * right[RIGHT_AT(k, col)];          \
-                        out[row * cols + col] = STORE(acc);                                 \
-                        inf += COUNT(out[row * cols + col], acc);                           \
-                    }                                                                       \
-                }                                                                           \
-            }                                                                               \
-        }                                                                                   \
-        return inf;                                                                         \
+/* The eight running sums of a tile, s0..s7: sum a covers row ACC_ROW(a), columns from
+ * ACC_COL(a). Each step k loads the tile's vectors of `right` once, into registers, for all the
+ * rows: left to itself, GCC folds the load into every FMA that uses it (twice the loads; AVX2
+ * ran 1.5x slower), which an empty asm naming the value as a register operand prevents. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define IN_REGISTER(x) __asm__("" : "+v"(x))
+#else
+#define IN_REGISTER(x) (void)(x)
+#endif
+#define FOR_SUMS(X, ...)                                                                      \
+    X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
+    X(5, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__)
+#define SUM_LOAD(a, N, VF, LOAD_V) VF s##a = LOAD_V(b[ACC_ROW(N, a)] + j + ACC_COL(N, a));
+#define SUM_ADD(a, N, R) s##a += lk[ACC_ROW(N, a)] * R[ACC_COL(N, a) / (N)];
+#define SUM_STORE(a, N, STORE_V)                      \
+    if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) \
+        inf += STORE_V(o[ACC_ROW(N, a)] + j + ACC_COL(N, a), s##a);
+
+/* A kernel for one (base dtype, output dtype) pair and one vector width; returns the number of
+ * float16 overflows. Panel by panel of columns, rows go a tile at a time (past the last row, a
+ * tile repeats its first row and stores it once): the tile's values of `left` are first laid
+ * side by side in `lk` (rank x rows of the tile: one pointer walks them, which keeps the inner
+ * loop short), then come whole tiles of 32 columns, then the panel's last columns one by one. */
+#define KERNEL(P, N, TARGET, NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT)          \
+    TARGET static Py_ssize_t P##_##NAME(const void *base_, const float *left,                  \
+                                        const float *right, void *out_, Py_ssize_t rows,       \
+                                        Py_ssize_t cols, Py_ssize_t rank, float *scratch) {    \
+        enum { RT = ACC_ROW(N, 7) + 1 }; /* rows per tile */                                   \
+        const IN_T *base = base_;                                                              \
+        OUT_T *out = out_;                                                                     \
+        Py_ssize_t inf = 0;                                                                    \
+        const Py_ssize_t panel = panel_width(rank, cols);                                      \
+        for (Py_ssize_t p = 0; p < cols; p += panel) {                                         \
+            const Py_ssize_t p_end = p + panel < cols ? p + panel : cols;                      \
+            for (Py_ssize_t i = 0; i < rows; i += RT) {                                        \
+                Py_ssize_t rr[RT];                                                             \
+                const IN_T *b[RT];                                                             \
+                OUT_T *o[RT];                                                                  \
+                for (int t = 0; t < RT; t++) {                                                 \
+                    rr[t] = i + t < rows ? i + t : i;                                          \
+                    b[t] = base + rr[t] * cols;                                                \
+                    o[t] = out + rr[t] * cols;                                                 \
+                    for (Py_ssize_t k = 0; k < rank; k++)                                      \
+                        scratch[k * RT + t] = left[rr[t] * rank + k];                          \
+                }                                                                              \
+                Py_ssize_t j = p;                                                              \
+                for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                               \
+                    FOR_SUMS(SUM_LOAD, N, P##_vf, LOAD_V)                                      \
+                    const float *r = right + (j / TILE_COLS) * rank * TILE_COLS;               \
+                    const float *lk = scratch;                                                 \
+                    for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS, lk += RT) {          \
+                        P##_vf R[TILE_COLS / N];                                               \
+                        for (int v = 0; v < TILE_COLS / N; v++) {                              \
+                            R[v] = P##_load_f32(r + v * N);                                    \
+                            IN_REGISTER(R[v]);                                                 \
+                        }                                                                      \
+                        FOR_SUMS(SUM_ADD, N, R)                                                \
+                    }                                                                          \
+                    FOR_SUMS(SUM_STORE, N, STORE_V)                                            \
+                }                                                                              \
+                for (Py_ssize_t row = i; row < i + RT && row < rows; row++) {                  \
+                    for (Py_ssize_t col = j; col < p_end; col++) {                             \
+                        float acc = LOAD(base[row * cols + col]);                              \
+                        for (Py_ssize_t k = 0; k < rank; k++)                                  \
+                            acc += left[row * rank + k] * right[RIGHT_AT(k, col)];             \
+                        out[row * cols + col] = STORE(acc);                                    \
+                        inf += COUNT(out[row * cols + col], acc);                              \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        return inf;                                                                            \
     }
 
-KERNEL(merge_bf16_bf16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_bf16, store_bf16_v,
-       NO_COUNT)
-KERNEL(merge_f32_bf16, float, F32_LOAD, load_f32_v, uint16_t, f32_to_bf16, store_bf16_v, NO_COUNT)
-KERNEL(merge_bf16_f32, uint16_t, bf16_to_f32, load_bf16_v, float, F32_STORE, store_f32_v, NO_COUNT)
-KERNEL(merge_f32_f32, float, F32_LOAD, load_f32_v, float, F32_STORE, store_f32_v, NO_COUNT)
+/* scratch: TILE_ROWS x rank floats. */
+typedef Py_ssize_t (*kernel_fn)(const void *, const float *, const float *, void *, Py_ssize_t,
+                                Py_ssize_t, Py_ssize_t, float *);
+
+/* Every (base, output) kernel for one width, and their table P_KERNELS[base][output] (NULL
+ * where the compiler has no _Float16). */
 #if HAVE_FLOAT16
-KERNEL(merge_f16_f16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
-KERNEL(merge_f16_bf16, uint16_t, f16_to_f32, load_f16_v, uint16_t, f32_to_bf16, store_bf16_v,
-       NO_COUNT)
-KERNEL(merge_f16_f32, uint16_t, f16_to_f32, load_f16_v, float, F32_STORE, store_f32_v, NO_COUNT)
-KERNEL(merge_bf16_f16, uint16_t, bf16_to_f32, load_bf16_v, uint16_t, f32_to_f16, store_f16_v,
-       F16_INF)
-KERNEL(merge_f32_f16, float, F32_LOAD, load_f32_v, uint16_t, f32_to_f16, store_f16_v, F16_INF)
+#define F16_KERNELS(P, N, TARGET)                                                             \
+    KERNEL(P, N, TARGET, f16_f16, uint16_t, f16_to_f32, P##_load_f16, uint16_t, f32_to_f16,   \
+           P##_store_f16, F16_INF)                                                            \
+    KERNEL(P, N, TARGET, f16_bf16, uint16_t, f16_to_f32, P##_load_f16, uint16_t, f32_to_bf16, \
+           P##_store_bf16, NO_COUNT)                                                          \
+    KERNEL(P, N, TARGET, f16_f32, uint16_t, f16_to_f32, P##_load_f16, float, F32_STORE,       \
+           P##_store_f32, NO_COUNT)                                                           \
+    KERNEL(P, N, TARGET, bf16_f16, uint16_t, bf16_to_f32, P##_load_bf16, uint16_t, f32_to_f16, \
+           P##_store_f16, F16_INF)                                                            \
+    KERNEL(P, N, TARGET, f32_f16, float, F32_LOAD, P##_load_f32, uint16_t, f32_to_f16,        \
+           P##_store_f16, F16_INF)
 #define WITH_F16(fn) fn
 #else
+#define F16_KERNELS(P, N, TARGET)
 #define WITH_F16(fn) NULL
 #endif
 
-typedef Py_ssize_t (*kernel_fn)(const void *, const float *, const float *, void *, Py_ssize_t,
-                                Py_ssize_t, Py_ssize_t);
+#define KERNEL_SET(P, N, TARGET)                                                              \
+    VECTOR_OPS(P, N, TARGET)                                                                  \
+    KERNEL(P, N, TARGET, bf16_bf16, uint16_t, bf16_to_f32, P##_load_bf16, uint16_t,           \
+           f32_to_bf16, P##_store_bf16, NO_COUNT)                                             \
+    KERNEL(P, N, TARGET, f32_bf16, float, F32_LOAD, P##_load_f32, uint16_t, f32_to_bf16,      \
+           P##_store_bf16, NO_COUNT)                                                          \
+    KERNEL(P, N, TARGET, bf16_f32, uint16_t, bf16_to_f32, P##_load_bf16, float, F32_STORE,    \
+           P##_store_f32, NO_COUNT)                                                           \
+    KERNEL(P, N, TARGET, f32_f32, float, F32_LOAD, P##_load_f32, float, F32_STORE,            \
+           P##_store_f32, NO_COUNT)                                                           \
+    F16_KERNELS(P, N, TARGET)                                                                 \
+    static const kernel_fn P##_KERNELS[3][3] = {                                              \
+        [BF16] = {[BF16] = P##_bf16_bf16, [F16] = WITH_F16(P##_bf16_f16),                     \
+                  [F32] = P##_bf16_f32},                                                      \
+        [F16] = {[BF16] = WITH_F16(P##_f16_bf16), [F16] = WITH_F16(P##_f16_f16),              \
+                 [F32] = WITH_F16(P##_f16_f32)},                                              \
+        [F32] = {[BF16] = P##_f32_bf16, [F16] = WITH_F16(P##_f32_f16), [F32] = P##_f32_f32},  \
+    };
 
-/* KERNELS[base dtype][output dtype]; NULL where the compiler has no _Float16. */
-static const kernel_fn KERNELS[3][3] = {
-    [BF16] = {[BF16] = merge_bf16_bf16, [F16] = WITH_F16(merge_bf16_f16), [F32] = merge_bf16_f32},
-    [F16] = {[BF16] = WITH_F16(merge_f16_bf16), [F16] = WITH_F16(merge_f16_f16),
-             [F32] = WITH_F16(merge_f16_f32)},
-    [F32] = {[BF16] = merge_f32_bf16, [F16] = WITH_F16(merge_f32_f16), [F32] = merge_f32_f32},
+/* The widths this build has, widest first. On x86-64, GCC and Clang compile the wide ones for
+ * their instruction sets whatever the build's target; the loader runs the widest the CPU (and
+ * the OS, which must save the wide registers) supports. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
+#define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+KERNEL_SET(avx512, 16, TARGET_AVX512)
+KERNEL_SET(avx2, 8, TARGET_AVX2)
+#endif
+KERNEL_SET(generic, 4, )
+
+typedef struct {
+    const char *name;
+    const kernel_fn (*kernels)[3];
+} isa_t;
+
+static const isa_t ALL_ISAS[] = {
+#if defined(__x86_64__) && defined(__GNUC__)
+    {"avx512", avx512_KERNELS},
+    {"avx2", avx2_KERNELS},
+#endif
+    {"generic", generic_KERNELS},
 };
+#define N_ISAS ((int)(sizeof ALL_ISAS / sizeof ALL_ISAS[0]))
+
+static int isa_supported(const char *name) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    unsigned eax, ebx, ecx = 0, edx;
+    int f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+    int avx2 = f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (strcmp(name, "avx512") == 0)
+        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    if (strcmp(name, "avx2") == 0) return avx2;
+#endif
+    return strcmp(name, "generic") == 0;
+}
+
+static const isa_t *RUNNABLE[N_ISAS]; /* the ISAs this CPU runs, widest first */
+static int n_runnable = 0;
 
 static const char *const DTYPE_NAMES[] = {"bfloat16", "float16", "float32"};
 
@@ -263,23 +334,26 @@ static int check_size(const Py_buffer *buf, const char *what, Py_ssize_t expecte
 }
 
 PyDoc_STRVAR(addmm_round_doc,
-             "addmm_round(out, base, left, right, rows, cols, rank, base_dtype, out_dtype) -> int\n"
+             "addmm_round(out, base, left, right, rows, cols, rank, base_dtype, out_dtype,\n"
+             "            isa=None) -> int\n"
              "\n"
              "out = round(base + left @ right), summed in float32 and rounded once.\n"
              "\n"
              "out: writable C-contiguous buffer of rows*cols values of out_dtype; base: rows*cols\n"
              "values of base_dtype; left: float32 (rows, rank); right: float32 (rank, cols) in\n"
              "tiles of TILE_COLS columns, (ceil(cols / TILE_COLS), rank, TILE_COLS), zero-padded.\n"
-             "Dtypes are the names in DTYPES. Returns the number of finite sums that became\n"
-             "infinite (float16 outputs only).");
+             "Dtypes are the names in DTYPES. isa: one of ISAS (default: the first, the widest\n"
+             "this CPU runs). Returns the number of finite sums that became infinite (float16\n"
+             "outputs only).");
 
 static PyObject *addmm_round(PyObject *self, PyObject *args) {
     Py_buffer out, base, left, right;
     Py_ssize_t rows, cols, rank, inf = 0;
     int base_dt, out_dt;
+    const char *isa_name = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii:addmm_round", &out, &base, &left, &right, &rows,
-                          &cols, &rank, &base_dt, &out_dt))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|z:addmm_round", &out, &base, &left, &right, &rows,
+                          &cols, &rank, &base_dt, &out_dt, &isa_name))
         return NULL;
     PyObject *result = NULL;
     if (rows < 0 || cols < 0 || rank < 0 || base_dt < BF16 || base_dt > F32 || out_dt < BF16 ||
@@ -287,7 +361,17 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "addmm_round: bad shape or dtype code");
         goto done;
     }
-    const kernel_fn kernel = KERNELS[base_dt][out_dt];
+    const isa_t *isa = RUNNABLE[0];
+    if (isa_name != NULL) {
+        isa = NULL;
+        for (int i = 0; i < n_runnable; i++)
+            if (strcmp(RUNNABLE[i]->name, isa_name) == 0) isa = RUNNABLE[i];
+        if (isa == NULL) {
+            PyErr_Format(PyExc_ValueError, "addmm_round: this CPU cannot run isa %s", isa_name);
+            goto done;
+        }
+    }
+    const kernel_fn kernel = isa->kernels[base_dt][out_dt];
     if (kernel == NULL) {
         PyErr_SetString(PyExc_NotImplementedError, "addmm_round: float16 not supported here");
         goto done;
@@ -298,9 +382,15 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
         check_size(&left, "left", rows * rank * 4) ||
         check_size(&right, "right", rank * right_cols * 4))
         goto done;
+    float *scratch = PyMem_RawMalloc(sizeof(float) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
+    if (scratch == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
     Py_BEGIN_ALLOW_THREADS;
-    inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank);
+    inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank, scratch);
     Py_END_ALLOW_THREADS;
+    PyMem_RawFree(scratch);
     result = PyLong_FromSsize_t(inf);
 done:
     PyBuffer_Release(&out);
@@ -321,11 +411,25 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__fused(void) {
+    n_runnable = 0;
+    for (int i = 0; i < N_ISAS; i++)
+        if (isa_supported(ALL_ISAS[i].name)) RUNNABLE[n_runnable++] = &ALL_ISAS[i];
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     PyObject *names = Py_BuildValue("(sss)", DTYPE_NAMES[0], DTYPE_NAMES[1], DTYPE_NAMES[2]);
     if (names == NULL || PyModule_AddObject(m, "DTYPES", names) < 0) {
         Py_XDECREF(names);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyObject *isas = PyTuple_New(n_runnable);
+    for (int i = 0; isas != NULL && i < n_runnable; i++) {
+        PyObject *name = PyUnicode_FromString(RUNNABLE[i]->name);
+        if (name == NULL) Py_CLEAR(isas);
+        else PyTuple_SET_ITEM(isas, i, name);
+    }
+    if (isas == NULL || PyModule_AddObject(m, "ISAS", isas) < 0) {
+        Py_XDECREF(isas);
         Py_DECREF(m);
         return NULL;
     }

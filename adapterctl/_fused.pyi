@@ -4,6 +4,7 @@ from typing_extensions import Buffer
 
 DTYPES: tuple[str, str, str]  # the dtype numbers' names: 0 bfloat16, 1 float16, 2 float32
 FLOAT16: int  # 1 where the compiler has _Float16 (float16 in or out), else 0
+ISAS: tuple[str, ...]  # the vector widths this CPU runs, widest first: "avx512", "avx2", "generic"
 TILE_ROWS: int  # rows merged at once: merge_cpu's chunks hold a multiple of them
 TILE_COLS: int  # `right` comes in tiles of this many columns: (ceil(cols / T), rank, T)
 
@@ -17,5 +18,6 @@ def addmm_round(
     rank: int,
     base_dtype: int,
     out_dtype: int,
+    isa: str | None = None,
     /,
 ) -> int: ...

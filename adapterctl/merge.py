@@ -264,7 +264,9 @@ class MergeReport(BaseModel):
     dry_run: bool
     device: str
     engine: str | None = None  # "numpy" (merge_cpu) or "torch" (merge_torch); None: dry run
-    kernel: str | None = None  # the numpy engine's sums: "fused" (compiled) or "numpy"
+    # The numpy engine's sums: "numpy", or the compiled kernel and its vector width
+    # ("fused-avx512", "fused-avx2", "fused-generic").
+    kernel: str | None = None
     shards: list[str]
     tensors_total: int
     tensors_merged: list[str]
@@ -746,9 +748,10 @@ def run_merge(
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine = engine
         if engine == "numpy":
-            from adapterctl.merge_cpu import KERNEL
+            from adapterctl.merge_cpu import kernel_isa
 
-            report.kernel = "numpy" if KERNEL is None else "fused"
+            isa = kernel_isa()
+            report.kernel = "numpy" if isa is None else f"fused-{isa}"
         overflowed = overflow.warning()
         if overflowed:
             report.warnings.append(overflowed)

@@ -34,6 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterctl.errors import UsageError
 from adapterctl.files import POSITIONED_WRITES, pwrite_all
 from adapterctl.merge import (
     CHUNK_ELEMENTS,
@@ -51,13 +52,36 @@ from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dt
 if TYPE_CHECKING:
     import numpy as np
 
-FUSED_ENV = "ADAPTERCTL_FUSED"  # "0": never use the compiled kernel (NumPy alone)
+# "0": never use the compiled kernel (NumPy alone); "avx2", "generic"...: that vector width
+# (one of the kernel's ISAS) instead of the widest the CPU runs.
+FUSED_ENV = "ADAPTERCTL_FUSED"
 
 KERNEL: Any = None  # the compiled kernel; None where not built, or turned off by FUSED_ENV
 if os.environ.get(FUSED_ENV, "1") != "0":
     # Missing where no C compiler was found at install time: NumPy alone, same results, slower.
     with contextlib.suppress(ImportError):
         from adapterctl import _fused as KERNEL
+
+
+def kernel_isa() -> str | None:
+    """The compiled kernel's vector width for this run ("avx512", "avx2", "generic"), or None
+    when the kernel is not used.
+
+    Raises:
+        UsageError: ``ADAPTERCTL_FUSED`` names a width this CPU (or build) lacks.
+    """
+    if KERNEL is None:
+        return None
+    wanted = os.environ.get(FUSED_ENV, "1")
+    if wanted in ("", "1"):
+        return str(KERNEL.ISAS[0])
+    if wanted not in KERNEL.ISAS:
+        raise UsageError(
+            f"{FUSED_ENV}={wanted}: this CPU runs {', '.join(KERNEL.ISAS)}; set one of them, "
+            "0 (no compiled kernel) or 1 (the widest)"
+        )
+    return wanted
+
 
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
 MAX_WORKERS = 8
@@ -120,6 +144,7 @@ def write_shards(
     """
     from threadpoolctl import threadpool_limits
 
+    isa = kernel_isa()
     fds: list[int] = []
     tasks: list[tuple[Job, int, int]] = []  # (job, output file, offset of its bytes there)
     headers = 0
@@ -137,7 +162,7 @@ def write_shards(
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
             total = headers + plan.bytes_out
-            _run_tasks(tasks, maps, overflow or Overflow(), tmp, headers, total, progress)
+            _run_tasks(tasks, maps, overflow or Overflow(), isa, tmp, headers, total, progress)
         if durable:
             for fd in fds:
                 os.fsync(fd)
@@ -164,6 +189,7 @@ def _run_tasks(
     tasks: list[tuple[Job, int, int]],
     maps: _BaseMaps,
     overflow: Overflow,
+    isa: str | None,
     tmp: Path,
     done: int,
     total: int,
@@ -191,7 +217,7 @@ def _run_tasks(
                     settle(0)
                     pause_for_tests(tmp)
                 settle(2 * n_workers)
-                fut = pool.submit(_write_job, job, fd, offset, maps, overflow)
+                fut = pool.submit(_write_job, job, fd, offset, maps, overflow, isa)
                 pending.append((fut, job.nbytes_out))
             settle(0)
         except BaseException:
@@ -258,8 +284,11 @@ class _Buffers(threading.local):
 _BUFFERS = _Buffers()
 
 
-def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overflow) -> None:
-    """Merge one tensor and write it at ``offset`` of ``fd`` (in a worker thread)."""
+def _write_job(
+    job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overflow, isa: str | None
+) -> None:
+    """Merge one tensor and write it at ``offset`` of ``fd`` (in a worker thread), with the
+    compiled kernel's ``isa`` (None: NumPy alone)."""
     import numpy as np
 
     if job.copy_bytes:
@@ -289,13 +318,14 @@ def _write_job(job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overfl
     right = np.vstack([rf for _, rf in deltas]) if deltas else np.empty((0, cols), np.float32)
     out_dtype = numpy_dtype(job.out_dtype)
     finish = magnitude is not None or bool(biases)  # float32 sums needed before rounding
-    kernel_dtype = _kernel_dtype(flat.dtype, np.dtype(np.float32) if finish else out_dtype)
+    wanted = np.dtype(np.float32) if finish else out_dtype
+    kernel_dtype = _kernel_dtype(flat.dtype, wanted) if isa is not None else None
     if kernel_dtype is not None:
         right = _right_tiles(right)
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
         for r0, r1 in row_chunks(rows, cols):
             if kernel_dtype is not None:
-                data, inf = _kernel_rows(flat[r0:r1], left[r0:r1], right, kernel_dtype)
+                data, inf = _kernel_rows(flat[r0:r1], left[r0:r1], right, kernel_dtype, isa)
             else:
                 data, inf = _numpy_rows(flat[r0:r1], left[r0:r1], right), 0
             if finish or data.dtype != out_dtype:
@@ -331,10 +361,11 @@ def _kernel_rows(
     left: np.ndarray[Any, Any],
     right: np.ndarray[Any, Any],
     dtype: np.dtype[Any],
+    isa: str | None = None,
 ) -> tuple[np.ndarray[Any, Any], int]:
-    """W + L·R for the rows ``w`` (rows, cols) with the compiled kernel (``right`` in tiles:
-    ``_right_tiles``), rounded once into ``dtype``, in this worker's buffer; and how many
-    finite sums overflowed float16."""
+    """W + L·R for the rows ``w`` (rows, cols) with the compiled kernel's ``isa`` (None: the
+    widest; ``right`` in tiles: ``_right_tiles``), rounded once into ``dtype``, in this
+    worker's buffer; and how many finite sums overflowed float16."""
     import numpy as np
 
     rows, cols = w.shape
@@ -351,6 +382,7 @@ def _kernel_rows(
         right.shape[1],
         _KERNEL_CODES[w.dtype.name],
         _KERNEL_CODES[dtype.name],
+        isa,
     )
     return data, int(inf)
 

@@ -3,9 +3,11 @@
 For Llama-7B weight shapes (4096 x 4096, 4096 x 11008, 11008 x 4096) in bf16 and ranks 16 to
 256 (several adapters merged at once add their ranks), times one core merging the whole
 weight in the engine's row chunks: the fused kernel (`adapterctl._fused`: widen, add L·R,
-round, one pass) against NumPy's `matmul` + widening add + ml_dtypes rounding, both into a
-bf16 output, OpenBLAS on one thread. Reports ns per merged element (best of --repeat) and the
-ratio; the FMAs alone need rank / 16 cycles per element at one 16-lane FMA per cycle.
+round, one pass), in each vector width the CPU runs (AVX-512, AVX2, generic: 16, 8 or 4
+floats), against NumPy's `matmul` + widening add + ml_dtypes rounding, all into a bf16
+output, OpenBLAS on one thread. Reports ns per merged element (best of --repeat) and NumPy's
+time over the widest kernel's; the FMAs alone need rank / 16 cycles per element at one 16-lane
+FMA per cycle.
 
     python bench/kernel.py --repeat 3
 """
@@ -44,8 +46,13 @@ def main() -> None:
         raise SystemExit("adapterctl._fused is not built (or ADAPTERCTL_FUSED=0)")
     rng = np.random.default_rng(0)
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    print("| weight | rank | fused ns/element | NumPy ns/element | NumPy ÷ fused |")
-    print("|---|---:|---:|---:|---:|")
+    isas = list(kernel.ISAS)
+    print(
+        "| weight | rank | "
+        + " | ".join(f"fused {isa} ns/element" for isa in isas)
+        + " | NumPy ns/element | NumPy ÷ fused |"
+    )
+    print("|---|---:|" + "---:|" * (len(isas) + 2))
     for rows, cols in SHAPES:
         w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
         for rank in RANKS:
@@ -55,9 +62,9 @@ def main() -> None:
 
             chunks = merge_cpu.row_chunks(rows, cols)
 
-            def fused(w=w, left=left, tiles=tiles, chunks=chunks) -> None:
+            def fused(isa: str, w=w, left=left, tiles=tiles, chunks=chunks) -> None:
                 for r0, r1 in chunks:
-                    merge_cpu._kernel_rows(w[r0:r1], left[r0:r1], tiles, bf16)
+                    merge_cpu._kernel_rows(w[r0:r1], left[r0:r1], tiles, bf16, isa)
 
             def numpy_path(w=w, left=left, right=right, chunks=chunks) -> None:
                 for r0, r1 in chunks:
@@ -65,12 +72,12 @@ def main() -> None:
                     merge_cpu._finish_rows(chunk, r0, None, [], bf16)
 
             with threadpool_limits(limits=1, user_api="blas"):
-                t_fused = _best(fused, args.repeat) / w.size * 1e9
+                t_fused = [
+                    _best(lambda isa=isa: fused(isa), args.repeat) / w.size * 1e9 for isa in isas
+                ]
                 t_numpy = _best(numpy_path, args.repeat) / w.size * 1e9
-            print(
-                f"| {rows} × {cols} | {rank} | {t_fused:.2f} | {t_numpy:.2f} "
-                f"| {t_numpy / t_fused:.2f} |"
-            )
+            cells = " | ".join(f"{t:.2f}" for t in [*t_fused, t_numpy, t_numpy / t_fused[0]])
+            print(f"| {rows} × {cols} | {rank} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 
 
 def _run(
-    base: np.ndarray, left: np.ndarray, right: np.ndarray, out_dtype: str
+    base: np.ndarray, left: np.ndarray, right: np.ndarray, out_dtype: str, isa: str | None = None
 ) -> tuple[np.ndarray, int]:
     if "float16" in (base.dtype.name, out_dtype) and not fused.FLOAT16:
         pytest.skip("built by a compiler without _Float16: float16 merges use NumPy")
@@ -55,6 +55,7 @@ def _run(
         right.shape[0],
         CODES[base.dtype.name],
         CODES[out_dtype],
+        isa,
     )
     return out, inf
 
@@ -91,14 +92,35 @@ def _patterns(base_dtype: str) -> np.ndarray:
     return every.view(DTYPES[base_dtype])
 
 
+# Every vector width this CPU runs (AVX-512, AVX2, generic on x86-64): each is its own code.
+ISAS = pytest.mark.parametrize("isa", fused.ISAS)
+
+
+def test_the_widest_vectors_run_by_default() -> None:
+    assert fused.ISAS[-1] == "generic"
+    if os.uname().machine == "x86_64":
+        assert set(fused.ISAS) <= {"avx512", "avx2", "generic"}
+        flags = ""
+        if os.path.exists("/proc/cpuinfo"):
+            with open("/proc/cpuinfo") as fh:
+                flags = fh.read()
+        if " avx2 " in flags and " fma " in flags and " f16c " in flags:
+            assert "avx2" in fused.ISAS
+        if " avx512bw " in flags and " avx512vl " in flags and " avx512dq " in flags:
+            assert fused.ISAS[0] == "avx512"
+    with pytest.raises(ValueError, match="cannot run isa"):
+        fused.addmm_round(bytearray(4), bytes(4), b"", b"", 1, 1, 0, 2, 2, "avx1024")
+
+
+@ISAS
 @pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
-def test_conversions_are_the_reference_roundings(base_dtype: str, out_dtype: str) -> None:
+def test_conversions_are_the_reference_roundings(base_dtype: str, out_dtype: str, isa: str) -> None:
     """With rank 0 the kernel only widens and rounds: bit for bit what ml_dtypes (bfloat16)
     and NumPy (float16) do, which is what torch does; a NaN stays a NaN of the same sign."""
     values = _patterns(base_dtype)
     cols = 37  # whole 32-column tiles and a scalar tail
     values = values[: values.size // cols * cols].reshape(-1, cols)
-    ours, _ = _run(values, np.empty((len(values), 0)), np.empty((0, cols)), out_dtype)
+    ours, _ = _run(values, np.empty((len(values), 0)), np.empty((0, cols)), out_dtype, isa)
     with np.errstate(over="ignore", invalid="ignore"):
         ref = values.astype(np.float32).astype(DTYPES[out_dtype])
     nan = np.isnan(values.astype(np.float32))
@@ -115,6 +137,7 @@ def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.exp2(exp - info.nmant)
 
 
+@ISAS
 @pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
 @pytest.mark.parametrize(
     ("rows", "cols", "rank"),
@@ -125,15 +148,15 @@ def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
     ],
 )
 def test_sums_are_float64_math_rounded_once(
-    base_dtype: str, out_dtype: str, rows: int, cols: int, rank: int
+    base_dtype: str, out_dtype: str, rows: int, cols: int, rank: int, isa: str
 ) -> None:
-    """W + L·R within half an output ulp plus float32 noise of the exact sum, for tiles of 4
-    rows cut short, column tails, panels of columns and ranks from 1 to 70."""
+    """W + L·R within half an output ulp plus float32 noise of the exact sum, for tiles of 1, 2
+    or 4 rows cut short, column tails, panels of columns and ranks from 1 to 70."""
     rng = np.random.default_rng(rows * 1000 + cols + rank)
     base = (rng.standard_normal((rows, cols)) * 0.5).astype(DTYPES[base_dtype])
     left = rng.standard_normal((rows, rank)).astype(np.float32)
     right = (rng.standard_normal((rank, cols)) * 0.05).astype(np.float32)
-    ours, inf = _run(base, left, right, out_dtype)
+    ours, inf = _run(base, left, right, out_dtype, isa)
     terms = left.astype(np.float64)[:, :, None] * right.astype(np.float64)[None]  # (rows, r, c)
     exact = base.astype(np.float64) + terms.sum(axis=1)
     noise = (rank + 1) * np.finfo(np.float32).eps * (np.abs(base) + np.abs(terms).sum(axis=1))
@@ -142,12 +165,13 @@ def test_sums_are_float64_math_rounded_once(
     assert inf == 0
 
 
+@ISAS
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
-def test_float16_overflow_is_counted(base_dtype: str) -> None:
+def test_float16_overflow_is_counted(base_dtype: str, isa: str) -> None:
     """Finite sums beyond float16's range are counted; ±inf and NaN inputs are not."""
     row = np.array([7e4, -7e4, 1.0, np.inf, np.nan, 65504.0, 65520.0, -1e5], np.float32)
     base = np.tile(row, (3, 5)).astype(DTYPES[base_dtype])  # (3, 40): tile and tail
-    out, inf = _run(base, np.zeros((3, 1)), np.zeros((1, 40)), "float16")
+    out, inf = _run(base, np.zeros((3, 1)), np.zeros((1, 40)), "float16", isa)
     wide = base.astype(np.float32)  # in bfloat16 65504 is 65536: it overflows as well
     over = np.isfinite(wide) & (np.abs(wide) >= 65520)  # 65520 is the tie that rounds up
     assert inf == over.sum() == 3 * 5 * (4 if base_dtype == "float32" else 5)

@@ -111,7 +111,7 @@ def test_merge_equals_float64_rounded_once(
     report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
     assert report.tensors_merged and report.engine == engine
     if engine == "numpy":
-        assert report.kernel == ("numpy" if merge_cpu.KERNEL is None else "fused")
+        assert report.kernel == merge_cpu_kernel_name()
     ours = _state(tmp_path / "out")
     ref = _peft_merged64(pm)
     assert set(ours) == set(ref)
@@ -119,6 +119,34 @@ def test_merge_equals_float64_rounded_once(
     # PEFT's own merge in the weight dtype is a cross-check: we are never worse.
     peft16 = copy.deepcopy(pm).to(torch.bfloat16).merge_and_unload().state_dict()
     assert ours_err <= _max_err({k: peft16[k] for k in ours}, ref)
+
+
+def merge_cpu_kernel_name() -> str:
+    from adapterctl import merge_cpu
+
+    return "numpy" if merge_cpu.KERNEL is None else f"fused-{merge_cpu.KERNEL.ISAS[0]}"
+
+
+def test_kernel_vector_width_can_be_chosen(
+    llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ADAPTERCTL_FUSED=<width> runs the compiled kernel's narrower code (exact as well); a
+    width the CPU lacks is refused before anything is written (exit 2)."""
+    fused = pytest.importorskip("adapterctl._fused", reason="built without a C compiler")
+    model32, base = llama_base
+    pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", target_modules="all-linear")
+    monkeypatch.setenv("ADAPTERCTL_FUSED", fused.ISAS[-1])
+    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
+    assert report.kernel == f"fused-{fused.ISAS[-1]}"
+    _assert_rounded_once(_state(tmp_path / "out"), _peft_merged64(pm))
+    monkeypatch.setenv("ADAPTERCTL_FUSED", "avx1024")
+    out = tmp_path / "out2"
+    res = CliRunner().invoke(
+        cli, ["merge", str(base), str(adapter), "-o", str(out), "--device", "cpu"]
+    )
+    assert res.exit_code == 2, res.output
+    assert f"ADAPTERCTL_FUSED=avx1024: this CPU runs {', '.join(fused.ISAS)}" in res.output
+    assert not out.exists() and not list(tmp_path.glob(".out2*"))
 
 
 def test_gpt2_conv1d_lora_bias(engine: str, tmp_path: Path) -> None:
