@@ -116,13 +116,19 @@ class TensorInfo:
                 f"{self.path}: tensor {self.name} has dtype {self.dtype}, which {lib} cannot "
                 "load; re-save it as float32, float16 or bfloat16"
             )
-        with open(self.path, "rb") as fh:
+        data = bytearray(self.nbytes)
+        view, got = memoryview(data), 0
+        with open(self.path, "rb", buffering=0) as fh:  # straight into `data`: no extra copy
             fh.seek(self.start)
-            data = fh.read(self.nbytes)
-        BYTES_READ.add(len(data))
-        if len(data) != self.nbytes:
+            while got < self.nbytes:
+                n = fh.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        BYTES_READ.add(got)
+        if got != self.nbytes:
             raise BrokenFile(f"{self.path}: truncated inside tensor {self.name}; re-download it")
-        return bytearray(data)
+        return data
 
     def load(self) -> torch.Tensor:
         """Read this tensor into a CPU torch tensor of its own dtype."""

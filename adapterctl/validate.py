@@ -360,20 +360,41 @@ def _nonfinite(t: np.ndarray[Any, Any]) -> bool:
 
 def _module_stats(mod: LoraModule) -> _ModuleStats:
     # numpy, not torch: validation (and a CPU merge's pre-flight) never pays torch's import.
-    from adapterctl.lowrank import frobenius_norm
+    import numpy as np
 
-    b, a = mod.arrays("float64")  # (out, r), (r, in)
+    b, a = mod.b.array(), mod.a.array()
+    b, a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)  # (out, r), (r, in)
     parts = {"lora_A": a, "lora_B": b}
     if mod.magnitude is not None:
         parts["lora_magnitude_vector"] = mod.magnitude.array()
     if mod.bias is not None:
         parts["lora_B.bias"] = mod.bias.array()
-    bad = [role for role, t in parts.items() if _nonfinite(t)]
-    if bad or a.shape[0] != b.shape[1]:
+    if a.shape[0] != b.shape[1]:
+        return _ModuleStats(nonfinite=[r for r, t in parts.items() if _nonfinite(t)], zero=False)
+    # The r x r Gram matrices in float32 (one pass over each factor, no float64 copies) settle
+    # the common case: finite diagonals mean finite factors (a NaN or Inf reaches the sum of
+    # its column's squares), and ‖B·A‖² = Σ (BᵀB) ⊙ (AAᵀ) well above its rounding means B·A ≠ 0.
+    # Anything else (a non-finite or zero diagonal, or ‖B·A‖ near zero) is decided exactly.
+    wide = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32
+    b32: Any = b.astype(wide, copy=False)
+    a32: Any = a.astype(wide, copy=False)
+    gb, ga = b32.T @ b32, a32 @ a32.T  # (r, r), (r, r)
+    nb, na = float(np.trace(gb)), float(np.trace(ga))  # ‖B‖², ‖A‖²
+    factors_ok = np.isfinite(nb) and np.isfinite(na)
+    extras = {r: t for r, t in parts.items() if r not in ("lora_A", "lora_B")}
+    bad = [r for r, t in (extras if factors_ok else parts).items() if _nonfinite(t)]
+    if bad:
         return _ModuleStats(nonfinite=bad, zero=False)
-    no_ba = bool((a == 0).all()) or bool((b == 0).all()) or frobenius_norm(b, a, mod.scale) == 0
     no_bias = mod.bias is None or bool((parts["lora_B.bias"] == 0).all())
-    return _ModuleStats(nonfinite=[], zero=no_ba and mod.magnitude is None and no_bias)
+    if not (no_bias and mod.magnitude is None):
+        return _ModuleStats(nonfinite=[], zero=False)
+    if factors_ok and float((gb * ga).sum()) > 1e-3 * nb * na:  # far from zero: ‖BA‖ ≤ ‖B‖‖A‖
+        return _ModuleStats(nonfinite=[], zero=False)
+    from adapterctl.lowrank import frobenius_norm
+
+    b64, a64 = b.astype(np.float64), a.astype(np.float64)
+    no_ba = not a64.any() or not b64.any() or frobenius_norm(b64, a64, mod.scale) == 0
+    return _ModuleStats(nonfinite=[], zero=no_ba)
 
 
 def _saved_copies(adapter: Adapter) -> list[str]:

@@ -291,6 +291,32 @@ def test_rule_quiet_on_matching_adapter(code: str, w: dict[str, Path]) -> None:
     assert report.findings == []
 
 
+@pytest.mark.parametrize(
+    ("b", "a", "codes"),
+    [
+        # B·A = 1·1 + 1·(−1) = 0 although neither factor is zero: the update is zero.
+        ([[1.0, 1.0]], [[1.0], [-1.0]], ["AC105"]),
+        # Squares of 1e-30 underflow in float32: tiny, yet not zero.
+        ([[1e-30, 0.0]], [[1e-30], [0.0]], []),
+        # Squares of 1e20 overflow float32: large, yet finite.
+        ([[1e20, 0.0]], [[1e20], [0.0]], []),
+        ([[float("inf"), 0.0]], [[1.0], [0.0]], ["AC104"]),
+        ([[1.0, 0.0]], [[float("nan")], [0.0]], ["AC104"]),
+    ],
+    ids=["cancelling", "tiny", "huge", "inf", "nan"],
+)
+def test_zero_and_non_finite_updates_are_decided_exactly(
+    b: list[list[float]], a: list[list[float]], codes: list[str], tmp_path: Path
+) -> None:
+    """The factors' checks take a float32 shortcut through their Gram matrices; the cases at
+    its edges (cancellation, underflow, overflow, Inf and NaN) are decided exactly."""
+    m = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{m}.lora_B.weight": torch.tensor(b), f"{m}.lora_A.weight": torch.tensor(a)}
+    adapter = write_adapter(tmp_path / "a", tensors, r=2, lora_alpha=2)
+    report = run_validate(adapter)
+    assert sorted({f.code for f in report.findings if f.severity == "error"}) == codes
+
+
 def test_good_adapter_without_base_checks_structure_only(w: dict[str, Path]) -> None:
     report = run_validate(w["good"])
     assert report.findings == [] and report.ok

@@ -103,46 +103,45 @@ def render_inspect(r: InspectReport) -> None:
 
 
 def render_merge(r: Any, plan: Any) -> None:
-    """Summary of a merge (or of its plan, with --dry-run)."""
-    out = console()
+    """Summary of a merge (or of its plan, with --dry-run): plain lines, so that a merge never
+    pays for importing rich."""
+    import click
+
+    out = click.echo
     verb = "would write" if r.dry_run else "wrote"
-    out.print(
-        f"{verb} {r.out}: {len(r.shards)} shard(s), {human_bytes(r.bytes_written)}", markup=False
-    )
-    out.print(
+    out(f"{verb} {r.out}: {len(r.shards)} shard(s), {human_bytes(r.bytes_written)}")
+    out(
         f"tensors: {len(r.tensors_merged)} merged, {len(r.tensors_replaced)} replaced, "
         f"{len(r.tensors_added)} added, {r.tensors_copied} copied as bytes "
-        f"(of {r.tensors_total})",
-        markup=False,
+        f"(of {r.tensors_total})"
     )
-    out.print(
+    out(
         f"read {human_bytes(r.bytes_read)}; peak tensor memory ≈ "
-        f"{human_bytes(r.peak_memory_estimate)}",
-        markup=False,
+        f"{human_bytes(r.peak_memory_estimate)}"
     )
     for line in r.base_pin_checks:
-        out.print(line, markup=False)
+        out(line)
     if r.dry_run:
         for name in r.tensors_merged:
-            out.print(f"  merge    {name}", markup=False)
+            out(f"  merge    {name}")
         for name in r.tensors_replaced:
-            out.print(f"  replace  {name}", markup=False)
+            out(f"  replace  {name}")
         for name in r.tensors_added:
-            out.print(f"  add      {name}", markup=False)
+            out(f"  add      {name}")
         return
     kernel = f", {r.kernel} kernel" if r.kernel else ""
     engine = f" ({r.engine} engine{kernel})" if r.engine else ""
-    out.print(f"device {r.device}{engine}, {r.seconds:.2f} s", markup=False)
+    out(f"device {r.device}{engine}, {r.seconds:.2f} s")
     if r.quantize:
         err = "-" if r.delta_error is None else f"{r.delta_error:.3f}"
-        out.print(f"{r.quantize} delta error (‖Q(W+ΔW) − W − ΔW‖/‖ΔW‖): {err}", markup=False)
+        out(f"{r.quantize} delta error (‖Q(W+ΔW) − W − ΔW‖/‖ΔW‖): {err}")
         worst = sorted(r.layers, key=lambda x: -x.delta_error)[:5]
         for layer in worst:
-            out.print(f"  {layer.name}: {layer.delta_error:.3f}", markup=False)
+            out(f"  {layer.name}: {layer.delta_error:.3f}")
     if r.verified is not None:
-        out.print(f"verified {r.verified} rows against float64 math", markup=False)
+        out(f"verified {r.verified} rows against float64 math")
     if r.registered:
-        out.print(f"registered as {r.registered}", markup=False)
+        out(f"registered as {r.registered}")
 
 
 def _pct(x: float) -> str:
