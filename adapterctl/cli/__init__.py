@@ -7,6 +7,8 @@ are mapped to exit codes here, in one place (see ``AdapterctlGroup.invoke``). Li
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import sys
 import traceback
@@ -17,9 +19,41 @@ import click
 from adapterctl import __version__
 from adapterctl.errors import AdapterctlError
 
+# The module of each command, under adapterctl.cli (commands attach themselves to ``cli`` when
+# it is imported): a command imports only its own module, ``--help`` imports them all.
+COMMAND_MODULES = {
+    "add": "registry_cmd",
+    "compose": "compose_cmd",
+    "demo": "demo_cmd",
+    "diff": "diff_cmd",
+    "export": "registry_cmd",
+    "inspect": "inspect_cmd",
+    "list": "registry_cmd",
+    "log": "registry_cmd",
+    "merge": "merge_cmd",
+    "methods": "methods_cmd",
+    "plugins": "plugins_cmd",
+    "registry": "registry_cmd",
+    "resize": "resize_cmd",
+    "rm": "registry_cmd",
+    "show": "registry_cmd",
+    "tag": "registry_cmd",
+    "validate": "validate_cmd",
+}
+
 
 class AdapterctlGroup(click.Group):
-    """A click group that turns every error into a one-line message and an exit code."""
+    """A click group that turns every error into a one-line message and an exit code, and
+    imports a command's module when the command is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMAND_MODULES) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if module is not None and cmd_name not in self.commands:
+            importlib.import_module(f"adapterctl.cli.{module}")
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -71,24 +105,12 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="adapterctl")
+    try:
+        cli(prog_name="adapterctl")
+    finally:
+        # The process ends here: spare the interpreter's last garbage collections over every
+        # object still alive (about 0.07 s after a merge; files are closed by then).
+        gc.freeze()
 
 
-# Commands attach themselves to ``cli`` on import.
-from adapterctl.cli import (  # noqa: E402
-    compose_cmd,
-    demo_cmd,
-    diff_cmd,
-    inspect_cmd,
-    merge_cmd,
-    methods_cmd,
-    plugins_cmd,
-    registry_cmd,
-    resize_cmd,
-    validate_cmd,
-)
-
-__all__ = [
-    "cli", "compose_cmd", "demo_cmd", "diff_cmd", "inspect_cmd", "main", "merge_cmd",
-    "methods_cmd", "plugins_cmd", "registry_cmd", "resize_cmd", "validate_cmd",
-]  # fmt: skip
+__all__ = ["COMMAND_MODULES", "cli", "main"]
