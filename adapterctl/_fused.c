@@ -324,13 +324,56 @@ static const char *const DTYPE_NAMES[] = {"bfloat16", "float16", "float32"};
 
 static Py_ssize_t itemsize(int code) { return code == F32 ? 4 : 2; }
 
-static int check_size(const Py_buffer *buf, const char *what, Py_ssize_t expected) {
+static int check_size(const char *fn, const Py_buffer *buf, const char *what,
+                      Py_ssize_t expected) {
     if (buf->len != expected) {
-        PyErr_Format(PyExc_ValueError, "addmm_round: %s holds %zd bytes, expected %zd", what,
+        PyErr_Format(PyExc_ValueError, "%s: %s holds %zd bytes, expected %zd", fn, what,
                      buf->len, expected);
         return -1;
     }
     return 0;
+}
+
+/* The kernel for the dtype codes and the ISA named (NULL: the widest), after checking the
+ * shapes and the sizes of out (unless NULL), base, left and right; NULL with an exception set
+ * otherwise. */
+static kernel_fn find_kernel(const char *fn, const Py_buffer *out, const Py_buffer *base,
+                             const Py_buffer *left, const Py_buffer *right, Py_ssize_t rows,
+                             Py_ssize_t cols, Py_ssize_t rank, int base_dt, int out_dt,
+                             const char *isa_name) {
+    if (rows < 0 || cols < 0 || rank < 0 || base_dt < BF16 || base_dt > F32 || out_dt < BF16 ||
+        out_dt > F32) {
+        PyErr_Format(PyExc_ValueError, "%s: bad shape or dtype code", fn);
+        return NULL;
+    }
+    const isa_t *isa = RUNNABLE[0];
+    if (isa_name != NULL) {
+        isa = NULL;
+        for (int i = 0; i < n_runnable; i++)
+            if (strcmp(RUNNABLE[i]->name, isa_name) == 0) isa = RUNNABLE[i];
+        if (isa == NULL) {
+            PyErr_Format(PyExc_ValueError, "%s: this CPU cannot run isa %s", fn, isa_name);
+            return NULL;
+        }
+    }
+    const kernel_fn kernel = isa->kernels[base_dt][out_dt];
+    if (kernel == NULL) {
+        PyErr_Format(PyExc_NotImplementedError, "%s: float16 not supported here", fn);
+        return NULL;
+    }
+    const Py_ssize_t right_cols = (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS; /* padded */
+    if ((out != NULL && check_size(fn, out, "out", rows * cols * itemsize(out_dt))) ||
+        check_size(fn, base, "base", rows * cols * itemsize(base_dt)) ||
+        check_size(fn, left, "left", rows * rank * 4) ||
+        check_size(fn, right, "right", rank * right_cols * 4))
+        return NULL;
+    return kernel;
+}
+
+static float *new_scratch(Py_ssize_t rank) {
+    float *scratch = PyMem_RawMalloc(sizeof(float) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
+    if (scratch == NULL) PyErr_NoMemory();
+    return scratch;
 }
 
 PyDoc_STRVAR(addmm_round_doc,
@@ -356,43 +399,16 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
                           &cols, &rank, &base_dt, &out_dt, &isa_name))
         return NULL;
     PyObject *result = NULL;
-    if (rows < 0 || cols < 0 || rank < 0 || base_dt < BF16 || base_dt > F32 || out_dt < BF16 ||
-        out_dt > F32) {
-        PyErr_SetString(PyExc_ValueError, "addmm_round: bad shape or dtype code");
-        goto done;
-    }
-    const isa_t *isa = RUNNABLE[0];
-    if (isa_name != NULL) {
-        isa = NULL;
-        for (int i = 0; i < n_runnable; i++)
-            if (strcmp(RUNNABLE[i]->name, isa_name) == 0) isa = RUNNABLE[i];
-        if (isa == NULL) {
-            PyErr_Format(PyExc_ValueError, "addmm_round: this CPU cannot run isa %s", isa_name);
-            goto done;
-        }
-    }
-    const kernel_fn kernel = isa->kernels[base_dt][out_dt];
-    if (kernel == NULL) {
-        PyErr_SetString(PyExc_NotImplementedError, "addmm_round: float16 not supported here");
-        goto done;
-    }
-    const Py_ssize_t right_cols = (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS; /* padded */
-    if (check_size(&out, "out", rows * cols * itemsize(out_dt)) ||
-        check_size(&base, "base", rows * cols * itemsize(base_dt)) ||
-        check_size(&left, "left", rows * rank * 4) ||
-        check_size(&right, "right", rank * right_cols * 4))
-        goto done;
-    float *scratch = PyMem_RawMalloc(sizeof(float) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
-    if (scratch == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    float *scratch = NULL;
+    const kernel_fn kernel = find_kernel("addmm_round", &out, &base, &left, &right, rows, cols,
+                                         rank, base_dt, out_dt, isa_name);
+    if (kernel == NULL || (scratch = new_scratch(rank)) == NULL) goto done;
     Py_BEGIN_ALLOW_THREADS;
     inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank, scratch);
     Py_END_ALLOW_THREADS;
-    PyMem_RawFree(scratch);
     result = PyLong_FromSsize_t(inf);
 done:
+    PyMem_RawFree(scratch);
     PyBuffer_Release(&out);
     PyBuffer_Release(&base);
     PyBuffer_Release(&left);
@@ -400,8 +416,91 @@ done:
     return result;
 }
 
+#ifndef _WIN32
+#include <errno.h>
+#include <unistd.h>
+
+PyDoc_STRVAR(addmm_round_into_doc,
+             "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
+             "                 base_dtype, out_dtype, isa=None) -> int\n"
+             "\n"
+             "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
+             "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
+             "each block written with pwrite into the file `fd` at `offset` onwards. One call\n"
+             "per tensor, the GIL released throughout. Raises OSError when a write fails.\n"
+             "Returns the number of finite sums that became infinite (float16 outputs only).");
+
+/* Writes n bytes at offset; returns 0, or the errno of a failed write. */
+static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
+    while (n > 0) {
+        ssize_t done = pwrite(fd, data, n, (off_t)offset);
+        if (done < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        if (done == 0) return EIO;
+        data += done;
+        n -= (size_t)done;
+        offset += done;
+    }
+    return 0;
+}
+
+static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
+    Py_buffer buffer, base, left, right;
+    int fd, base_dt, out_dt, err = 0;
+    long long offset;
+    Py_ssize_t rows, cols, rank, inf = 0;
+    const char *isa_name = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|z:addmm_round_into", &fd, &offset, &buffer,
+                          &base, &left, &right, &rows, &cols, &rank, &base_dt, &out_dt,
+                          &isa_name))
+        return NULL;
+    PyObject *result = NULL;
+    float *scratch = NULL;
+    const kernel_fn kernel = find_kernel("addmm_round_into", NULL, &base, &left, &right, rows,
+                                         cols, rank, base_dt, out_dt, isa_name);
+    if (kernel == NULL) goto done;
+    const Py_ssize_t row_bytes = cols * itemsize(out_dt);
+    Py_ssize_t block = row_bytes > 0 ? buffer.len / row_bytes : rows;
+    if (block > TILE_ROWS) block -= block % TILE_ROWS;
+    if (block < 1 || offset < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "addmm_round_into: buffer holds less than a row, or offset < 0");
+        goto done;
+    }
+    if ((scratch = new_scratch(rank)) == NULL) goto done;
+    Py_BEGIN_ALLOW_THREADS;
+    const char *in = base.buf;
+    for (Py_ssize_t r0 = 0; r0 < rows && err == 0; r0 += block) {
+        const Py_ssize_t n = rows - r0 < block ? rows - r0 : block;
+        inf += kernel(in + r0 * cols * itemsize(base_dt), (const float *)left.buf + r0 * rank,
+                      right.buf, buffer.buf, n, cols, rank, scratch);
+        err = pwrite_all(fd, buffer.buf, (size_t)(n * row_bytes), offset + r0 * row_bytes);
+    }
+    Py_END_ALLOW_THREADS;
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto done;
+    }
+    result = PyLong_FromSsize_t(inf);
+done:
+    PyMem_RawFree(scratch);
+    PyBuffer_Release(&buffer);
+    PyBuffer_Release(&base);
+    PyBuffer_Release(&left);
+    PyBuffer_Release(&right);
+    return result;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"addmm_round", addmm_round, METH_VARARGS, addmm_round_doc},
+#ifndef _WIN32
+    {"addmm_round_into", addmm_round_into, METH_VARARGS, addmm_round_into_doc},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

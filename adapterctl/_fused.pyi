@@ -21,3 +21,18 @@ def addmm_round(
     isa: str | None = None,
     /,
 ) -> int: ...
+def addmm_round_into(
+    fd: int,
+    offset: int,
+    buffer: Buffer,
+    base: Buffer,
+    left: Buffer,
+    right: Buffer,
+    rows: int,
+    cols: int,
+    rank: int,
+    base_dtype: int,
+    out_dtype: int,
+    isa: str | None = None,
+    /,
+) -> int: ...

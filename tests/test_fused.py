@@ -211,6 +211,52 @@ def test_malformed_buffers_are_refused() -> None:
         fused.addmm_round(out, np.zeros((4, 16), np.float32)[:, ::2], left, right, 4, 8, 2, 2, 2)
 
 
+@ISAS
+@pytest.mark.parametrize(("rows", "cols", "block_rows"), [(13, 97, 4), (9, 64, 1), (5, 33, 40)])
+def test_into_a_file_equals_the_kernel_in_memory(
+    rows: int, cols: int, block_rows: int, isa: str, tmp_path: pytest.TempPathFactory
+) -> None:
+    """addmm_round_into writes, block of rows by block of rows at the offset given, exactly
+    what addmm_round computes in memory."""
+    rng = np.random.default_rng(rows + cols)
+    base = rng.standard_normal((rows, cols)).astype(ml_dtypes.bfloat16)
+    left = rng.standard_normal((rows, 7)).astype(np.float32)
+    right = rng.standard_normal((7, cols)).astype(np.float32)
+    ref, _ = _run(base, left, right, "bfloat16", isa)
+    path = tmp_path / "out.bin"  # type: ignore[operator]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        os.pwrite(fd, b"head", 0)
+        buffer = np.empty(block_rows * cols, np.uint16)
+        inf = fused.addmm_round_into(
+            fd, 4, buffer, _bits(base), left, merge_cpu._right_tiles(right), rows, cols, 7,
+            0, 0, isa,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    data = path.read_bytes()  # type: ignore[union-attr]
+    assert inf == 0 and data[:4] == b"head"
+    assert data[4:] == _bits(ref).tobytes()
+
+
+def test_into_a_file_refuses_bad_input(tmp_path: pytest.TempPathFactory) -> None:
+    base = np.zeros((4, 8), np.float32)
+    left = np.zeros((4, 2), np.float32)
+    right = merge_cpu._right_tiles(np.zeros((2, 8), np.float32))
+    buffer = np.zeros(32, np.float32)
+    with pytest.raises(OSError) as err:  # a closed file
+        fused.addmm_round_into(999_999, 0, buffer, base, left, right, 4, 8, 2, 2, 2)
+    assert err.value.errno == 9  # EBADF
+    with pytest.raises(ValueError, match="less than a row"):
+        fused.addmm_round_into(1, 0, np.zeros(7, np.float32), base, left, right, 4, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="less than a row"):
+        fused.addmm_round_into(1, -1, buffer, base, left, right, 4, 8, 2, 2, 2)
+    with pytest.raises(ValueError, match="left holds 32 bytes, expected 48"):
+        fused.addmm_round_into(1, 0, buffer, base, left, right, 4, 8, 3, 2, 2)
+    with pytest.raises(TypeError):  # a read-only buffer
+        fused.addmm_round_into(1, 0, bytes(128), base, left, right, 4, 8, 2, 2, 2)
+
+
 def test_schedule_alternates_files_largest_first() -> None:
     """Workers take the jobs largest first, alternating between output files (two workers on
     one file wait on its lock)."""

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from adapterctl import tensorfile
 from adapterctl.checkpoint import open_checkpoint
-from adapterctl.cli import cli
+from adapterctl.cli import COMMAND_MODULES, cli
 from adapterctl.formats import read
 
 # Llama-3-70B: hidden 8192, 64 query heads and 8 KV heads of 128, MLP 28672, vocab 128256.
@@ -232,7 +232,7 @@ def test_validate_cli_with_base_reads_headers_only(
     huge_base: Path, small_adapter: Path, base_reads: list[int]
 ) -> None:
     pytest.importorskip("adapterctl.validate")
-    if "validate" not in cli.commands:
+    if "validate" not in COMMAND_MODULES:
         pytest.skip("no validate command yet")
     result = CliRunner().invoke(cli, ["validate", str(small_adapter), "--base", str(huge_base)])
     assert result.exit_code == 0, result.output

@@ -67,6 +67,7 @@ def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         if merge_cpu.KERNEL is None:
             pytest.skip("adapterctl._fused was not built (no C compiler at install time)")
         monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 1000)
+        monkeypatch.setattr(merge_cpu, "KERNEL_BLOCK_ELEMENTS", 1000)
     if request.param == "numpy-no-kernel":
         monkeypatch.setattr(merge_cpu, "KERNEL", None)
     if request.param == "torch":

@@ -156,12 +156,42 @@ def test_full_disk_mid_merge_names_the_output_and_leaves_nothing(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(merge_cpu, "KERNEL", None)  # NumPy's path writes with os.pwrite
     out = tmp_path / "merged"
     r = CliRunner().invoke(cli, ["merge", str(base), str(plain), "-o", str(out), "--device", "cpu"])
     assert r.exit_code == 1, r.output
     assert f"{out}: writing the merged model failed (No space left on device)" in r.output
     assert "Traceback" not in r.output
     assert list(tmp_path.iterdir()) == []  # no OUT, no partial folder
+
+
+def test_failed_write_in_the_kernel_names_the_output_and_leaves_nothing(
+    tiny: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The compiled kernel writes the merged blocks itself: a write the system refuses there
+    (here: past a file-size limit, EFBIG) ends the merge as a full disk does."""
+    import resource
+    import signal
+
+    base, plain, _ = tiny
+    out = tmp_path / "merged"
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process
+        # 10 kB of the 13 kB shard: the write that crosses it is a merged tensor's.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))
+
+    cmd = [sys.executable, "-m", "adapterctl", "merge", str(base), str(plain), "-o", str(out)]
+    proc = subprocess.run(
+        [*cmd, "--device", "cpu"], capture_output=True, text=True, timeout=120,
+        preexec_fn=limit_file_size,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip() == (
+        f"Error: {out}: writing the merged model failed (File too large); nothing was left "
+        "behind; free some space or choose another -o"
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cgroup_quota_limits_workers(tmp_path: Path) -> None:
