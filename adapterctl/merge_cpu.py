@@ -62,6 +62,8 @@ if os.environ.get(FUSED_ENV, "1") != "0":
     # Missing where no C compiler was found at install time: NumPy alone, same results, slower.
     with contextlib.suppress(ImportError):
         from adapterctl import _fused as KERNEL
+    if KERNEL is not None and not hasattr(KERNEL, "addmm_round_into"):
+        KERNEL = None  # left by an older version's build: NumPy until the install rebuilds it
 
 
 def kernel_isa() -> str | None:
