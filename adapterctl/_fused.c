@@ -463,7 +463,11 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
                                          cols, rank, base_dt, out_dt, isa_name);
     if (kernel == NULL) goto done;
     const Py_ssize_t row_bytes = cols * itemsize(out_dt);
-    Py_ssize_t block = row_bytes > 0 ? buffer.len / row_bytes : rows;
+    if (rows == 0 || row_bytes == 0) { /* an empty tensor: nothing to write */
+        result = PyLong_FromSsize_t(0);
+        goto done;
+    }
+    Py_ssize_t block = buffer.len / row_bytes;
     if (block > TILE_ROWS) block -= block % TILE_ROWS;
     if (block < 1 || offset < 0) {
         PyErr_SetString(PyExc_ValueError,

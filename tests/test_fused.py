@@ -239,6 +239,14 @@ def test_into_a_file_equals_the_kernel_in_memory(
     assert data[4:] == _bits(ref).tobytes()
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(0, 8), (3, 0)])
+def test_into_a_file_writes_nothing_for_an_empty_tensor(rows: int, cols: int) -> None:
+    empty = np.zeros(0, np.uint16)
+    left = np.zeros((rows, 2), np.float32)
+    right = merge_cpu._right_tiles(np.zeros((2, cols), np.float32))
+    assert fused.addmm_round_into(-1, 0, empty, empty, left, right, rows, cols, 2, 0, 0) == 0
+
+
 def test_into_a_file_refuses_bad_input(tmp_path: pytest.TempPathFactory) -> None:
     base = np.zeros((4, 8), np.float32)
     left = np.zeros((4, 2), np.float32)
