@@ -143,13 +143,16 @@ class LoraModule:
         b = self.b.load()
         return b.reshape(b.shape[0], -1).to(dtype or torch.float32)
 
-    def arrays(self, dtype: str = "float32") -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype``, without torch."""
+    def arrays(
+        self, dtype: str | None = "float32"
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype`` (None: as stored),
+        without torch."""
         b, a = self.b.array(), self.a.array()
-        return (
-            b.reshape(b.shape[0], -1).astype(dtype),  # (out, r)
-            a.reshape(a.shape[0], -1).astype(dtype),  # (r, in)
-        )
+        b, a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)  # (out, r), (r, in)
+        if dtype is None:
+            return b, a
+        return b.astype(dtype, copy=False), a.astype(dtype, copy=False)
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ΔW = scale·B·A in the base weight's layout and shape.

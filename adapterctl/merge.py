@@ -744,14 +744,9 @@ def run_merge(
     read_before = BYTES_READ.value
     try:
         overflow = Overflow()
-        engine, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
+        engine, kernel, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
         report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
-        report.engine = engine
-        if engine == "numpy":
-            from adapterctl.merge_cpu import kernel_isa
-
-            isa = kernel_isa()
-            report.kernel = "numpy" if isa is None else f"fused-{isa}"
+        report.engine, report.kernel = engine, kernel
         overflowed = overflow.warning()
         if overflowed:
             report.warnings.append(overflowed)
@@ -794,18 +789,19 @@ def _execute(
     progress: Callable[[int, int], None] | None,
     durable: bool,
     overflow: Overflow,
-) -> tuple[str, list[LayerError]]:
+) -> tuple[str, str | None, list[LayerError]]:
     """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
     plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise. Returns the
-    engine's name and the 4-bit layers' delta errors."""
+    engine's name, the NumPy engine's kernel (None for torch) and the 4-bit layers' delta
+    errors."""
     from adapterctl import merge_cpu
 
     if dev == "cpu" and merge_cpu.supports(plan):
-        merge_cpu.write_shards(plan, tmp, progress, durable, overflow)
-        return "numpy", []
+        return "numpy", merge_cpu.write_shards(plan, tmp, progress, durable, overflow), []
     from adapterctl import merge_torch
 
-    return "torch", merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
+    layers = merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
+    return "torch", None, layers
 
 
 def _keep_heap_small() -> None:

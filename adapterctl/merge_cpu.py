@@ -138,8 +138,9 @@ def write_shards(
     progress: Callable[[int, int], None] | None = None,
     durable: bool = False,
     overflow: Overflow | None = None,
-) -> None:
-    """Write every planned shard into the folder ``tmp``.
+) -> str:
+    """Write every planned shard into the folder ``tmp``; returns the kernel that summed:
+    ``fused-<width>`` (the compiled kernel, ``kernel_isa``) or ``numpy``.
 
     Args:
         plan: a plan ``supports`` accepts.
@@ -176,6 +177,7 @@ def write_shards(
         for fd in fds:
             os.close(fd)
         maps.close()
+    return "numpy" if isa is None else f"fused-{isa}"
 
 
 def _schedule(tasks: list[tuple[Job, int, int]]) -> list[tuple[Job, int, int]]:

@@ -362,8 +362,7 @@ def _module_stats(mod: LoraModule) -> _ModuleStats:
     # numpy, not torch: validation (and a CPU merge's pre-flight) never pays torch's import.
     import numpy as np
 
-    b, a = mod.b.array(), mod.a.array()
-    b, a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)  # (out, r), (r, in)
+    b, a = mod.arrays(None)  # (out, r), (r, in), as stored
     parts = {"lora_A": a, "lora_B": b}
     if mod.magnitude is not None:
         parts["lora_magnitude_vector"] = mod.magnitude.array()
