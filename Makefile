@@ -2,9 +2,13 @@ PYTHON ?= python3
 
 .PHONY: install demo test lint typecheck format
 
-# torch first, pinned: an unpinned torch requirement on a machine without one pulls a CUDA build.
+# Where torch wheels come from when none is installed, e.g. PyTorch's CPU index (see README).
+TORCH_INDEX ?=
+
+# torch first, pinned, and only where none is installed (a user's CPU or CUDA torch is kept).
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0"
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0" \
+		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PYTHON) -m pip install -q -e ".[test]"
 
 demo: install

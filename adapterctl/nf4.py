@@ -30,8 +30,10 @@ optimal search are pure torch, which is bit-exact with bitsandbytes' single floa
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -107,9 +109,28 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
 
 def nested_code_table(device: torch.device | str | None = None) -> torch.Tensor:
     """The 256-value signed dynamic 8-bit code bitsandbytes uses for double quantisation."""
-    from bitsandbytes.functional import create_dynamic_map
+    return _bitsandbytes().create_dynamic_map(signed=True).to(device)  # (256,)
 
-    return create_dynamic_map(signed=True).to(device)  # (256,)
+
+def _bitsandbytes() -> ModuleType:
+    """``bitsandbytes.functional``, imported without its start-up warnings.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.49+ tries at import to load an optional inference
+    kernel from the Hub and logs a warning when it cannot (offline, or not trusted). We only
+    quantise, which does not use that kernel, so the warning would be noise on the user's
+    terminal.
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+    """
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    finally:
+        log.setLevel(level)
+    return functional
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,9 +406,7 @@ def _quantize_absmax(
     if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         w = w.float()
     try:
-        from bitsandbytes.functional import quantize_4bit
-
-        packed, qs = quantize_4bit(
+        packed, qs = _bitsandbytes().quantize_4bit(
             w.contiguous(), blocksize=blocksize, compress_statistics=double_quant,
             quant_type=quant_type, quant_storage=torch.uint8,
         )  # fmt: skip
@@ -572,9 +591,7 @@ def _double_quantize(
     offset = scales.mean()
     centred = scales - offset  # (n_blocks,)
     try:
-        from bitsandbytes.functional import quantize_blockwise
-
-        q8, state2 = quantize_blockwise(centred, blocksize=NESTED_BLOCKSIZE)
+        q8, state2 = _bitsandbytes().quantize_blockwise(centred, blocksize=NESTED_BLOCKSIZE)
         return state2.absmax, state2.code, q8, float(offset.item())
     except (ImportError, NotImplementedError):  # pragma: no cover - device bitsandbytes lacks
         pass

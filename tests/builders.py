@@ -20,14 +20,16 @@ def _save(model: Any, path: Path, dtype: torch.dtype | None = None) -> Path:
     return path
 
 
-def llama_model(layers: int = 2, vocab: int = 64, hidden: int = 16, seed: int = 0) -> Any:
-    """A tiny LlamaForCausalLM (untied embeddings)."""
+def llama_model(
+    layers: int = 2, vocab: int = 64, hidden: int = 16, seed: int = 0, heads: int = 2
+) -> Any:
+    """A tiny LlamaForCausalLM (untied embeddings, one key/value head of hidden/heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
         tie_word_embeddings=False,
     )  # fmt: skip
     return LlamaForCausalLM(cfg).eval()

@@ -2,13 +2,16 @@
 
 Tiny 4-bit Llamas are made the way users make them (transformers + BitsAndBytesConfig on the
 CPU, then ``save_pretrained``); every dequantisation must agree with bitsandbytes bit for bit.
-Hidden size 100 makes weights whose sizes are not multiples of the blocksize or of 256 blocks,
-so the ragged last block and the ragged last nested block are exercised.
+Every bitsandbytes result is checked before it is trusted (``oracles``), and the models use
+shapes bitsandbytes handles on the CPU: hidden 256 with 8 heads of 32 and one key/value head,
+so in-features are multiples of every blocksize used and out-features multiples of 32, while
+k_proj/v_proj (32×256: 128 blocks of 64) end in a ragged nested block of 256 scales. Ragged
+last 4-bit blocks and the shapes bitsandbytes' CPU kernel gets wrong are tested against an
+independent float64 decode and the 4-bit error bound instead.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import warnings
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import builders
+import oracles
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,33 +30,9 @@ from adapterctl.errors import BrokenFile, UsageError
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _bnb_config(quant_type: str, double_quant: bool) -> Any:
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-
-
-def _load_4bit(path: Path, quant_type: str, double_quant: bool, dtype: torch.dtype) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(
-            path,
-            quantization_config=_bnb_config(quant_type, double_quant),
-            device_map="cpu",
-            dtype=dtype,
-        )
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = builders.llama_model(layers=1, vocab=32, hidden=100, seed=3)
+    model = builders.llama_model(layers=1, vocab=32, hidden=256, seed=3, heads=8)
     return builders.save_base(model, tmp_path_factory.mktemp("nf4") / "base")
 
 
@@ -66,7 +46,12 @@ def saved(base_dir: Path) -> Any:
     def make(quant_type: str, double_quant: bool, dtype: str = "float32") -> tuple[Path, Any]:
         key = (quant_type, double_quant, dtype)
         if key not in _SAVED:
-            model = _load_4bit(base_dir, quant_type, double_quant, getattr(torch, dtype))
+            model = oracles.load_4bit(
+                base_dir,
+                quant_type=quant_type,
+                double_quant=double_quant,
+                dtype=getattr(torch, dtype),
+            )
             out = base_dir.parent / f"{quant_type}-{int(double_quant)}-{dtype}"
             model.save_pretrained(out)
             _SAVED[key] = (out, model)
@@ -78,14 +63,6 @@ def saved(base_dir: Path) -> Any:
 
 def _prefixes(sd: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k.split(".quant_state.")[0] for k in sd if ".quant_state." in k)
-
-
-def _bnb_dequant_f32(packed: torch.Tensor, qs: Any) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_4bit
-
-    qs = copy.copy(qs)
-    qs.dtype = torch.float32
-    return dequantize_4bit(packed, qs)
 
 
 def _bnb_state(sd: dict[str, torch.Tensor], prefix: str) -> Any:
@@ -125,8 +102,6 @@ def _module(model: Any, prefix: str) -> Any:
 def test_dequantize_matches_bitsandbytes(
     saved: Any, quant_type: str, double_quant: bool, dtype: str
 ) -> None:
-    from bitsandbytes.functional import dequantize_4bit
-
     path, model = saved(quant_type, double_quant, dtype)
     sd = load_file(path / "model.safetensors")
     prefixes = _prefixes(sd)
@@ -140,11 +115,13 @@ def test_dequantize_matches_bitsandbytes(
         assert state["dtype"] == dtype
         qs = _bnb_state(sd, prefix)
         # bitsandbytes in float32, and in the state's own dtype (= ours rounded once).
-        assert torch.equal(ours, _bnb_dequant_f32(sd[prefix], qs))
-        assert torch.equal(ours.to(getattr(torch, dtype)), dequantize_4bit(sd[prefix], qs))
+        assert torch.equal(ours, oracles.bnb_dequantize(sd[prefix], qs))
+        assert torch.equal(
+            ours.to(qs.dtype), oracles.bnb_dequantize(sd[prefix], qs, dtype=qs.dtype)
+        )
         # What the loaded transformers layer holds.
         weight = _module(model, prefix).weight
-        assert torch.equal(ours, _bnb_dequant_f32(weight.data, weight.quant_state))
+        assert torch.equal(ours, oracles.bnb_dequantize(weight.data, weight.quant_state))
 
 
 def test_dequantize_device_argument_and_errors(saved: Any) -> None:
@@ -171,6 +148,71 @@ def test_code_tables_match_bitsandbytes() -> None:
     assert _same(nf4.nested_code_table(), create_dynamic_map())
 
 
+# Rows a multiple of 16 but not of the blocksize (where bitsandbytes 0.50's CPU dequantize
+# errs), rows shorter than a block, and ragged last blocks.
+ODD_SHAPES = [((64, 64), 128), ((32, 192), 128), ((48, 96), 64), ((37, 101), 64), ((3, 70), 64)]
+
+
+@pytest.mark.parametrize(("shape", "blocksize"), ODD_SHAPES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("method", ["absmax", "optimal"])
+def test_dequantize_on_odd_shapes_is_the_float64_decode_within_the_bound(
+    shape: tuple[int, int], blocksize: int, quant_type: str, double_quant: bool, method: str
+) -> None:
+    """No peer here: our decoder against an independent float64 decode of the same bytes, and
+    the round trip against the 4-bit error bound (half the widest code gap times the scale)."""
+    torch.manual_seed(11)
+    w = torch.randn(*shape) * 0.05
+    out = nf4.quantize(
+        w, "w", quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+        method=method,
+    )  # fmt: skip
+    ours = nf4.dequantize(out, "w")
+    ref, tol = oracles.decode_file(out, "w")
+    assert ours.shape == w.shape and bool(((ours.double() - ref).abs() <= tol).all())
+    assert oracles.within_bound(out, "w", w)
+    if method == "absmax":  # the bound is tight enough to mean something: twice the error fails
+        assert not oracles.within_bound(out, "w", w + (ref - w.double()).float() * 3)
+
+
+def test_a_broken_oracle_fails_as_oracle_broken(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(12)
+    w = torch.randn(64, 256) * 0.02
+    packed, qs = oracles.bnb_quantize(w, blocksize=64, quant_type="nf4")
+    oracles.bnb_dequantize(packed, qs)  # the real one passes its check
+    real_dequantize, real_quantize = bnbf.dequantize_4bit, bnbf.quantize_4bit
+
+    def off(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return real_dequantize(*args, **kwargs) * 1.001
+
+    monkeypatch.setattr(bnbf, "dequantize_4bit", off)
+    with pytest.raises(pytest.fail.Exception, match=r"^oracle broken: bitsandbytes .*dequantize"):
+        oracles.bnb_dequantize(packed, qs)
+
+    def rolled(x: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        p, state = real_quantize(x, **kwargs)
+        return p.roll(1), state
+
+    monkeypatch.setattr(bnbf, "quantize_4bit", rolled)
+    with pytest.raises(pytest.fail.Exception, match=r"^oracle broken: .*quantize_4bit"):
+        oracles.bnb_quantize(w, blocksize=64, quant_type="nf4")
+
+
+def test_a_linear4bit_off_its_weight_fails_as_oracle_broken(base_dir: Path) -> None:
+    import bitsandbytes as bnb
+
+    model = oracles.load_4bit(base_dir, compute=torch.float32)  # checks its forward itself
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    original = layer.forward
+    # What the AVX512-BF16 path does to a float32-compute layer: a bf16 result.
+    layer.forward = lambda x: original(x).to(torch.bfloat16).float()
+    with pytest.raises(pytest.fail.Exception, match=r"^oracle broken: .*Linear4bit"):
+        oracles.check_forward(model)
+
+
 # ------------------------------------------------------------------------------------------
 # quantize(method="absmax") == bitsandbytes.functional.quantize_4bit
 
@@ -182,11 +224,9 @@ def test_code_tables_match_bitsandbytes() -> None:
 def test_quantize_absmax_matches_bitsandbytes(
     quant_type: str, double_quant: bool, blocksize: int, storage: torch.dtype
 ) -> None:
-    from bitsandbytes.functional import quantize_4bit
-
     torch.manual_seed(0)
     w = torch.randn(100, 300) * 0.02  # 30000 values: ragged last block and nested block
-    packed, qs = quantize_4bit(
+    packed, qs = oracles.bnb_quantize(
         w, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type,
         quant_storage=storage,
     )  # fmt: skip
@@ -198,7 +238,7 @@ def test_quantize_absmax_matches_bitsandbytes(
     assert set(ours) == set(expected)
     for key, value in expected.items():
         assert _same(ours[key], value), key
-    assert torch.equal(nf4.dequantize(ours, "w"), _bnb_dequant_f32(packed, qs))
+    assert torch.equal(nf4.dequantize(ours, "w"), oracles.bnb_dequantize(packed, qs))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -238,9 +278,6 @@ def test_quantization_config_mirrors_transformers(saved: Any) -> None:
 
 
 def test_checkpoint_from_quantize_loads_in_transformers(saved: Any, tmp_path: Path) -> None:
-    from bitsandbytes.functional import dequantize_4bit
-    from transformers import AutoModelForCausalLM
-
     src, _ = saved("nf4", True)
     out = tmp_path / "ours"
     shutil.copytree(src, out)
@@ -262,17 +299,18 @@ def test_checkpoint_from_quantize_loads_in_transformers(saved: Any, tmp_path: Pa
     config["quantization_config"] = nf4.quantization_config("nf4", True, "bfloat16")
     (out / "config.json").write_text(json.dumps(config))
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    model = oracles.load_4bit(out, as_saved=True)  # its layers compute what they hold
     for prefix, tensors in ours.items():
         weight = _module(model, prefix).weight
         assert type(weight).__name__ == "Params4bit"
         assert weight.quant_state.blocksize == nf4.read_state(tensors, prefix)["blocksize"]
-        assert torch.equal(_bnb_dequant_f32(weight.data, weight.quant_state),
+        assert torch.equal(oracles.bnb_dequantize(weight.data, weight.quant_state),
                            nf4.dequantize(tensors, prefix))  # fmt: skip
-        assert torch.equal(dequantize_4bit(weight.data, weight.quant_state),
-                           nf4.dequantize(tensors, prefix))  # fmt: skip
+        ours_16 = nf4.dequantize(tensors, prefix).to(weight.quant_state.dtype)
+        assert torch.equal(
+            oracles.bnb_dequantize(weight.data, weight.quant_state, weight.quant_state.dtype),
+            ours_16,
+        )
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]])).logits
     assert torch.isfinite(logits).all()
@@ -342,7 +380,7 @@ def test_optimal_no_worse_than_peft_merge_into_nf4(base_dir: Path) -> None:
     less of the delta on every layer."""
     from peft import LoraConfig, get_peft_model
 
-    model = _load_4bit(base_dir, "nf4", True, torch.float32)
+    model = oracles.load_4bit(base_dir, dtype=torch.float32)
     torch.manual_seed(5)
     config = LoraConfig(r=4, lora_alpha=4, target_modules=LINEARS, init_lora_weights=False)
     with warnings.catch_warnings():
@@ -359,7 +397,7 @@ def test_optimal_no_worse_than_peft_merge_into_nf4(base_dir: Path) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             weight = layer.get_base_layer().weight
-            w = _bnb_dequant_f32(weight.data, weight.quant_state)
+            w = oracles.bnb_dequantize(weight.data, weight.quant_state)
             before[name] = (w, layer.get_delta_weight("default").float())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -367,7 +405,7 @@ def test_optimal_no_worse_than_peft_merge_into_nf4(base_dir: Path) -> None:
     rows = []
     for name, (w, delta) in before.items():
         weight = merged.get_submodule(name.removeprefix("base_model.model.")).weight
-        peft_w = _bnb_dequant_f32(weight.data, weight.quant_state)
+        peft_w = oracles.bnb_dequantize(weight.data, weight.quant_state)
         ours = {
             m: nf4.dequantize(nf4.quantize(w + delta, "w", method=m), "w")
             for m in ("absmax", "optimal")
@@ -393,7 +431,7 @@ def test_cuda_matches_bitsandbytes_and_cpu() -> None:
         ours = nf4.quantize(w, "w", double_quant=dq)
         assert torch.equal(ours["w"], packed)
         back = nf4.dequantize(ours, "w")
-        assert back.is_cuda and torch.equal(back, _bnb_dequant_f32(packed, qs))
+        assert back.is_cuda and torch.equal(back, oracles.bnb_dequantize(packed, qs))
         cpu = {k: v.cpu() for k, v in ours.items()}
         assert torch.equal(nf4.dequantize(cpu, "w"), back.cpu())
         opt = nf4.quantize(w, "w", double_quant=dq, method="optimal")
