@@ -31,7 +31,7 @@ class TensorSource(Protocol):
     @property
     def numel(self) -> int: ...
     def load(self) -> torch.Tensor: ...
-    def array(self) -> np.ndarray[Any, Any]: ...
+    def array(self) -> np.ndarray[Any, Any]: ...  # its dtype, bfloat16 widened to float32
 
 
 @dataclass(frozen=True)
@@ -63,15 +63,17 @@ class MemoryTensor:
         return self.tensor
 
     def array(self) -> np.ndarray[Any, Any]:
-        """The tensor as a numpy array of the same dtype (bfloat16 via ml_dtypes), on the CPU."""
+        """The tensor as a numpy array of the same dtype, on the CPU; bfloat16 widened to
+        float32 exactly, as ``TensorInfo.array`` does (float8 via ml_dtypes)."""
         import torch
 
-        from adapterctl.tensorfile import numpy_dtype
+        from adapterctl.tensorfile import numpy_dtype, widen_bf16
 
         t = self.tensor.detach().cpu().contiguous()
-        if t.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-            bits = torch.int16 if t.element_size() == 2 else torch.int8
-            return t.view(bits).numpy().view(numpy_dtype(self.dtype))
+        if t.dtype == torch.bfloat16:
+            return widen_bf16(t.view(torch.int16).numpy())
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return t.view(torch.int8).numpy().view(numpy_dtype(self.dtype))
         return t.numpy()
 
 
@@ -146,8 +148,8 @@ class LoraModule:
     def arrays(
         self, dtype: str | None = "float32"
     ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype`` (None: as stored),
-        without torch."""
+        """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype`` (None: as stored, with
+        bfloat16 widened to float32), without torch or ml_dtypes for safetensors files."""
         b, a = self.b.array(), self.a.array()
         b, a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)  # (out, r), (r, in)
         if dtype is None:

@@ -371,7 +371,7 @@ def _read_quant_states(ckpt: Checkpoint) -> dict[str, QuantInfo]:
         if not m:
             continue
         try:
-            state = json.loads(bytes(info.load().numpy()).decode("utf-8"))
+            state = json.loads(info.array().tobytes().decode("utf-8"))  # uint8: no torch
             shape = tuple(int(d) for d in state["shape"])
             dtype = _TORCH_TO_ST.get(compute or str(state.get("dtype", "float32")), "F32")
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):

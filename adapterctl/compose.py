@@ -18,7 +18,6 @@ it is meant (see ``adapterctl.formats.peft.write_peft``).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pydantic import BaseModel
 
 from adapterctl.adapter import Adapter, ExtraTensor, LoraModule, MemoryTensor
 from adapterctl.errors import Conflict, UnsupportedAdapter, UsageError, ValidationFailed
-from adapterctl.methods import Method, MethodOptions, get_method, parse_options
+from adapterctl.methods import Method, MethodOptions, get_method, module_seed, parse_options
 
 if TYPE_CHECKING:
     import torch
@@ -122,7 +121,7 @@ def compose(
     """
     import torch
 
-    from adapterctl.merge import resolve_device
+    from adapterctl.device import resolve_device
 
     start = time.perf_counter()
     m = get_method(method) if isinstance(method, str) else method
@@ -194,12 +193,6 @@ def compose(
         seconds=time.perf_counter() - start,
     )
     return Composition(adapter=composed, report=report)
-
-
-def module_seed(seed: int, name: str) -> int:
-    """A per-module seed, so a module's random masks do not depend on which others exist."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def check_inputs(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = False) -> list[str]:

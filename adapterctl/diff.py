@@ -110,15 +110,16 @@ def diff(a: Adapter, b: Adapter, *, tol: float = DEFAULT_TOL) -> DiffReport:
 
 def module_diff(x: LoraModule, y: LoraModule) -> ModuleDiff:
     """Norms, difference, cosine and column-space angles of two modules' ΔW, in float64."""
-    import torch
+    # NumPy, not torch: diff never pays torch's import (nor ml_dtypes': bf16 is widened).
+    import numpy as np
 
     from adapterctl.lowrank import core_svd, difference_norm, inner_product, principal_angles
 
-    ax, bx = x.A(torch.float64), x.B(torch.float64) * x.scale  # (rx, in), (out, rx)
-    ay, by = y.A(torch.float64), y.B(torch.float64) * y.scale  # (ry, in), (out, ry)
+    bx, ax = x.arrays("float64")  # (out, rx), (rx, in)
+    by, ay = y.arrays("float64")  # (out, ry), (ry, in)
+    bx, by = bx * x.scale, by * y.scale
     svd_x, svd_y = core_svd(bx, ax), core_svd(by, ay)
-    nx = float(svd_x.s.square().sum().sqrt())
-    ny = float(svd_y.s.square().sum().sqrt())
+    nx, ny = svd_x.norm(), svd_y.norm()
     same_shape = tuple(x.weight_shape) == tuple(y.weight_shape) and x.layout == y.layout
     diff_norm = rel = cos = overlap = None
     angles: list[float] = []
@@ -130,9 +131,9 @@ def module_diff(x: LoraModule, y: LoraModule) -> ModuleDiff:
             cos = max(-1.0, min(1.0, ip / (nx * ny)))
         ux, uy = svd_x.column_basis(), svd_y.column_basis()
         theta = principal_angles(ux, uy)
-        if theta.numel():
+        if theta.shape[0]:
             angles = [math.degrees(float(t)) for t in theta]
-            overlap = float(torch.cos(theta).square().mean())
+            overlap = float((np.cos(theta) ** 2).mean())
     return ModuleDiff(
         name=x.name,
         shape_a=list(x.weight_shape),
@@ -150,11 +151,9 @@ def module_diff(x: LoraModule, y: LoraModule) -> ModuleDiff:
 
 
 def _norm(m: LoraModule) -> float:
-    import torch
-
     from adapterctl.lowrank import frobenius_norm
 
-    return frobenius_norm(m.B(torch.float64), m.A(torch.float64), m.scale)
+    return frobenius_norm(*m.arrays("float64"), m.scale)
 
 
 def _config_differences(a: Adapter, b: Adapter) -> list[ConfigDifference]:

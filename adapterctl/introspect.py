@@ -82,11 +82,11 @@ def module_report(
 ) -> ModuleReport:
     """Norm, stable rank and (optionally) singular values of one module, in float64,
     from the r×r core (never the dense ΔW)."""
-    import torch
+    # NumPy, not torch: inspect never pays torch's import (nor ml_dtypes': bf16 is widened).
+    import numpy as np
 
-    a = mod.A(torch.float64)  # (r, in)
-    b = mod.B(torch.float64)  # (out, r)
-    nonfinite = not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()))
+    b, a = mod.arrays("float64")  # (out, r), (r, in)
+    nonfinite = not (bool(np.isfinite(a).all()) and bool(np.isfinite(b).all()))
     # A zero factor is what PEFT's init leaves untrained: lora_B = 0 for linear/conv layers,
     # lora_embedding_A = 0 for embeddings (and a frozen half of some real adapters).
     zero_a = not nonfinite and bool((a == 0).all())
@@ -96,7 +96,7 @@ def module_report(
     values: list[float] | None = None
     if not nonfinite:
         sv = singular_values(b, a, abs(mod.scale))
-        norm = float(torch.sqrt((sv**2).sum()))
+        norm = math.sqrt(float((sv**2).sum()))
         srank = stable_rank(sv)
         if spectrum:
             values = [float(x) for x in sv]

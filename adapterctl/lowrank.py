@@ -3,6 +3,10 @@
 For ΔW = s·B·A with B (out×r) and A (r×in): QR of B and of Aᵀ gives B = Q_b R_b and
 Aᵀ = Q_a R_a, so ΔW = Q_b (s·R_b R_aᵀ) Q_aᵀ and the r×r core s·R_b R_aᵀ has the singular
 values of ΔW. Norms, spectra and stable ranks all come from that core.
+
+The functions take torch tensors (compose, resize: on any device) or NumPy arrays (inspect,
+diff, validate: the reporting commands never import torch) and answer in the same kind;
+``dense_truncate`` takes torch tensors only.
 """
 
 from __future__ import annotations
@@ -10,26 +14,53 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
+# A torch tensor or a NumPy array: each function answers in the kind it was given.
+T = TypeVar("T", "torch.Tensor", "np.ndarray[Any, Any]")
 
-def core(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+
+def _xp(x: Any) -> Any:
+    """The array library of ``x``: NumPy for an ndarray (without importing torch), else torch."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray):
+        return np
+    import torch
+
+    return torch
+
+
+def _svdvals(m: Any) -> Any:
+    """Singular values of a matrix, descending (NumPy 1.x has no ``svdvals``)."""
+    xp = _xp(m)
+    if xp.__name__ == "numpy":
+        return xp.linalg.svd(m, compute_uv=False)
+    return xp.linalg.svdvals(m)
+
+
+def _f64(x: Any) -> Any:
+    """``x`` in float64 (a copy unless it already is)."""
+    return x.double() if _xp(x).__name__ == "torch" else x.astype("float64", copy=False)
+
+
+def core(B: T, A: T, scale: float = 1.0) -> T:
     """The small core C with ΔW = Q_b C Q_aᵀ (orthonormal Q's); C is at most r×r."""
-    import torch
+    xp = _xp(B)
+    _, rb = xp.linalg.qr(B)  # B: (out, r) -> R_b (r, r)
+    _, ra = xp.linalg.qr(A.T)  # Aᵀ: (in, r) -> R_a (r, r)
+    out: T = scale * (rb @ ra.T)  # (r, r)
+    return out
 
-    _, rb = torch.linalg.qr(B)  # B: (out, r) -> R_b (r, r)
-    _, ra = torch.linalg.qr(A.T)  # Aᵀ: (in, r) -> R_a (r, r)
-    return scale * (rb @ ra.T)  # (r, r)
 
-
-def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def singular_values(B: T, A: T, scale: float = 1.0) -> T:
     """Singular values of s·B·A, descending, from the r×r core."""
-    import torch
-
-    return torch.linalg.svdvals(core(B, A, scale))
+    out: T = _svdvals(core(B, A, scale))
+    return out
 
 
 def frobenius_norm(B: Any, A: Any, scale: float = 1.0) -> float:
@@ -41,17 +72,15 @@ def frobenius_norm(B: Any, A: Any, scale: float = 1.0) -> float:
     return abs(scale) * math.sqrt(max(float(g.sum()), 0.0))
 
 
-def stable_rank(sv: torch.Tensor) -> float:
+def stable_rank(sv: T) -> float:
     """‖ΔW‖_F² / σ_max², a smooth count of significant directions (0 for a zero update)."""
-    top = float(sv.max()) if sv.numel() else 0.0
+    top = float(sv.max()) if sv.shape[0] else 0.0
     if top == 0.0:
         return 0.0
-    return float((sv.double() ** 2).sum() / top**2)
+    return float((_f64(sv) ** 2).sum() / top**2)
 
 
-def stack_factors(
-    factors: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_factors(factors: Sequence[tuple[T, T, float]]) -> tuple[T, T]:
     """Σ cᵢ·Bᵢ·Aᵢ as one pair of factors: [c₁B₁, c₂B₂, …] · [A₁; A₂; …], exactly.
 
     Args:
@@ -60,50 +89,55 @@ def stack_factors(
     Returns:
         ``(B, A)`` with B (out, Σrᵢ) and A (Σrᵢ, in).
     """
-    import torch
-
-    b = torch.cat([c * bi for bi, _, c in factors], dim=1)  # (out, Σr)
-    a = torch.cat([ai for _, ai, _ in factors], dim=0)  # (Σr, in)
+    xp = _xp(factors[0][0])
+    cat = xp.concatenate if xp.__name__ == "numpy" else xp.cat
+    b: T = cat([c * bi for bi, _, c in factors], 1)  # (out, Σr)
+    a: T = cat([ai for _, ai, _ in factors], 0)  # (Σr, in)
     return b, a
 
 
 @dataclass
-class CoreSVD:
+class CoreSVD(Generic[T]):
     """B·A = Q_b · U · diag(S) · Vh · Q_aᵀ with orthonormal Q_b (out, k), Q_a (in, k).
 
     U, S, Vh are the SVD of the k×k core R_b·R_aᵀ (k = the inner dimension of B·A), so S
     holds the singular values of B·A, descending.
     """
 
-    qb: torch.Tensor  # (out, k)
-    u: torch.Tensor  # (k, k)
-    s: torch.Tensor  # (k,)
-    vh: torch.Tensor  # (k, k)
-    qa: torch.Tensor  # (in, k)
+    qb: T  # (out, k)
+    u: T  # (k, k)
+    s: T  # (k,)
+    vh: T  # (k, k)
+    qa: T  # (in, k)
 
-    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, rank: int) -> tuple[T, T]:
         """The best rank-``rank`` approximation as (B, A), σ split evenly: B = Q_b U √S, A =
         √S Vh Q_aᵀ (balanced factors keep both in a similar range, as a 16-bit copy needs)."""
         k = min(rank, int(self.s.shape[0]))
-        root = self.s[:k].sqrt()  # (k,)
+        root = _xp(self.s).sqrt(self.s[:k])  # (k,)
         b = (self.qb @ self.u[:, :k]) * root  # (out, k) @ (k, k) -> (out, k)
         a = root[:, None] * (self.vh[:k] @ self.qa.T)  # (k, k) @ (k, in) -> (k, in)
         return b, a
 
     def energy(self, rank: int) -> float:
         """The fraction of ‖B·A‖²_F kept by the best rank-``rank`` approximation (1 if zero)."""
-        e = self.s.double() ** 2
+        e = _f64(self.s) ** 2
         total = float(e.sum())
         return 1.0 if total == 0.0 else float(e[:rank].sum()) / total
 
-    def column_basis(self, rtol: float = 1e-10) -> torch.Tensor:
+    def norm(self) -> float:
+        """‖B·A‖_F, from the singular values."""
+        return math.sqrt(float((_f64(self.s) ** 2).sum()))
+
+    def column_basis(self, rtol: float = 1e-10) -> T:
         """An orthonormal basis of the column space of B·A (singular values above rtol·σ_max)."""
-        top = float(self.s[0]) if self.s.numel() else 0.0
+        top = float(self.s[0]) if self.s.shape[0] else 0.0
         k = int((self.s > rtol * top).sum()) if top > 0 else 0
-        return self.qb @ self.u[:, :k]  # (out, k)
+        basis: T = self.qb @ self.u[:, :k]  # (out, k)
+        return basis
 
 
-def core_svd(B: torch.Tensor, A: torch.Tensor) -> CoreSVD:
+def core_svd(B: T, A: T) -> CoreSVD[T]:
     """The SVD of B·A from QR of B and Aᵀ and the SVD of the small core, never the dense
     out×in product: O((out + in)·k²) instead of O(out·in·min(out, in)).
 
@@ -111,17 +145,16 @@ def core_svd(B: torch.Tensor, A: torch.Tensor) -> CoreSVD:
         B: (out, k).
         A: (k, in).
     """
-    import torch
-
-    qb, rb = torch.linalg.qr(B)  # (out, k), (k, k) when out >= k
-    qa, ra = torch.linalg.qr(A.T)  # (in, k), (k, k) when in >= k
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # core: (k1, k2), k1 <= k, k2 <= k
+    xp = _xp(B)
+    qb, rb = xp.linalg.qr(B)  # (out, k), (k, k) when out >= k
+    qa, ra = xp.linalg.qr(A.T)  # (in, k), (k, k) when in >= k
+    u, s, vh = xp.linalg.svd(rb @ ra.T, full_matrices=False)  # core: (k1, k2), k1 <= k, k2 <= k
     return CoreSVD(qb=qb, u=u, s=s, vh=vh, qa=qa)
 
 
-def rank_for_energy(s: torch.Tensor, energy: float) -> int:
+def rank_for_energy(s: T, energy: float) -> int:
     """The smallest rank whose leading singular values keep ``energy`` of Σσ² (at least 1)."""
-    e = s.double() ** 2
+    e = _f64(s) ** 2
     total = float(e.sum())
     if total == 0.0:
         return 1
@@ -130,38 +163,35 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     return min(int((kept < energy - 1e-12).sum()) + 1, int(s.shape[0]))
 
 
-def inner_product(
-    B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
-) -> torch.Tensor:
-    """⟨B₁A₁, B₂A₂⟩_F = tr((B₁ᵀB₂)(A₂A₁ᵀ)), from r₁×r₂ Gram matrices (a 0-d tensor)."""
+def inner_product(B1: T, A1: T, B2: T, A2: T) -> Any:
+    """⟨B₁A₁, B₂A₂⟩_F = tr((B₁ᵀB₂)(A₂A₁ᵀ)), from r₁×r₂ Gram matrices (a 0-d tensor, or a
+    NumPy scalar)."""
     return ((B1.T @ B2) * (A1 @ A2.T)).sum()  # (r1, r2) ⊙ (r1, r2): tr(XYᵀ) = Σ X⊙Y
 
 
-def difference_norm(
-    B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
-) -> float:
+def difference_norm(B1: T, A1: T, B2: T, A2: T) -> float:
     """‖B₁A₁ − B₂A₂‖_F through the stacked factors [B₁, −B₂]·[A₁; A₂] and their small core.
 
     The expanded ‖X‖² + ‖Y‖² − 2⟨X, Y⟩ cancels catastrophically when X ≈ Y; the core of the
     stacked factors does not. Pass float64 factors for a float64 answer.
     """
-    import torch
-
+    xp = _xp(B1)
     b, a = stack_factors([(B1, A1, 1.0), (B2, A2, -1.0)])  # (out, r1+r2), (r1+r2, in)
-    _, rb = torch.linalg.qr(b)
-    _, ra = torch.linalg.qr(a.T)
-    return float(torch.linalg.matrix_norm(rb @ ra.T))
+    _, rb = xp.linalg.qr(b)
+    _, ra = xp.linalg.qr(a.T)
+    return float(xp.linalg.norm(rb @ ra.T))  # Frobenius
 
 
-def principal_angles(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
+def principal_angles(U1: T, U2: T) -> T:
     """Principal angles (radians, ascending) between the spans of orthonormal U₁ and U₂:
     arccos of the singular values of U₁ᵀU₂, min(k₁, k₂) of them."""
-    import torch
-
+    xp = _xp(U1)
     if U1.shape[1] == 0 or U2.shape[1] == 0:
-        return torch.zeros(0, dtype=U1.dtype)
-    cos = torch.linalg.svdvals(U1.T @ U2).clamp(-1.0, 1.0)  # (min(k1, k2),)
-    return torch.arccos(cos)
+        empty: T = xp.zeros(0, dtype=U1.dtype)
+        return empty
+    cos = xp.clip(_svdvals(U1.T @ U2), -1.0, 1.0)  # (min(k1, k2),)
+    angles: T = xp.arccos(cos)
+    return angles
 
 
 def dense_truncate(

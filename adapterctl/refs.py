@@ -59,23 +59,23 @@ def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None)
             "(huggingface-cli download REPO --local-dir DIR) and pass the folder"
         )
     path = Path(text)
-    if path.exists():
+    if registry is not None:
+        return registry.local_source(text)
+    if path.exists():  # no need to look for a registry
         return path
     from adapterctl.registry import Registry, is_ref
 
     if not is_ref(text):
         return path
-    if registry is None:
-        try:
-            registry = Registry(create=False)
-        except NotFound:
-            raise NotFound(
-                f"{text}: no such adapter file or folder, and the registry is empty; "
-                "check the path, or add it with: adapterctl add PATH --name NAME"
-            ) from None
-        with registry:
-            return registry.checkout(text)
-    return registry.checkout(text)
+    try:
+        registry = Registry(create=False)
+    except NotFound:
+        raise NotFound(
+            f"{text}: no such adapter file or folder, and the registry is empty; "
+            "check the path, or add it with: adapterctl add PATH --name NAME"
+        ) from None
+    with registry:
+        return registry.local_source(text)
 
 
 def registry_versions(

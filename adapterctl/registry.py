@@ -32,7 +32,6 @@ import re
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -67,11 +66,6 @@ if TYPE_CHECKING:
 
 HOME_ENV = "ADAPTERCTL_HOME"
 DB_NAME = "registry.db"
-# Test-only pause points in ``add`` ("blobs": after the blobs are written, before the
-# transaction; "commit": inside the transaction, before COMMIT). The process writes the
-# marker file named by ADAPTERCTL_TEST_PAUSE_FILE and waits to be killed.
-PAUSE_ENV = "ADAPTERCTL_TEST_REGISTRY_PAUSE"
-PAUSE_FILE_ENV = "ADAPTERCTL_TEST_PAUSE_FILE"
 BUSY_TIMEOUT_S = 30.0  # SQLite's own wait for a lock, per statement
 LOCK_DEADLINE_S = 120.0  # our retries on top of it, per operation
 _CHUNK = 1 << 20
@@ -353,16 +347,6 @@ def _copy_hashed(src: Path, dst: Path) -> tuple[str, int]:
         fo.flush()
         os.fsync(fo.fileno())
     return h.hexdigest(), size
-
-
-def _pause(point: str) -> None:
-    """Test-only: stop at ``point`` when ``ADAPTERCTL_TEST_REGISTRY_PAUSE`` names it."""
-    if os.environ.get(PAUSE_ENV) != point:
-        return
-    marker = os.environ.get(PAUSE_FILE_ENV)
-    if marker:
-        Path(marker).write_text(str(os.getpid()))
-    threading.Event().wait(600)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -773,9 +757,7 @@ class Registry:
         _check_name(name)
         for t in tags:
             _check_alias(t)
-        from adapterctl.refs import resolve
-
-        path = resolve(str(source), registry=self)
+        path = self.local_source(source)
         adapter, fmt = _read_artifact(path, alpha, rank, allow_checkpoint=lineage is not None)
         config = adapter.config if adapter is not None else None
         base_name = config.base_model_name_or_path if config else None
@@ -797,7 +779,6 @@ class Registry:
         with self._blob_lock(exclusive=False):
             for e in entries:
                 self._store_blob(sources[e.path], e.sha256)
-            _pause("blobs")
 
             def insert() -> int:
                 with self._write() as conn:
@@ -904,7 +885,6 @@ class Registry:
                     f"adapterctl {__version__}",
                 ],
             )
-        _pause("commit")
         return vid
 
     def record_lineage(
@@ -1406,6 +1386,19 @@ class Registry:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return out
+
+    def local_source(self, source: str | os.PathLike[str]) -> Path:
+        """The local path of a SOURCE this registry can answer: the path itself where it
+        exists (a local folder wins over a reference spelled the same), else the checkout of
+        the version a reference names, else the path unchanged (the reader reports it).
+
+        Raises:
+            NotFound: a reference that does not resolve (4).
+        """
+        path = Path(source)
+        if path.exists() or not is_ref(os.fspath(source)):
+            return path
+        return self.checkout(os.fspath(source))
 
     def checkout(self, ref: str | Version) -> Path:
         """A local, read-only copy of a version that any reader can open (cached under

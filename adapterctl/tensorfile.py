@@ -50,12 +50,42 @@ NUMPY_DTYPE_NAMES: dict[str, str] = {
 
 
 def numpy_dtype(dtype: str) -> np.dtype[Any]:
-    """The numpy dtype of a safetensors dtype name (``BF16`` is ml_dtypes' bfloat16)."""
-    import ml_dtypes
+    """The numpy dtype of a safetensors dtype name (``BF16`` is ml_dtypes' bfloat16).
+
+    ml_dtypes (about 0.5 s to import) is imported only for the dtypes NumPy lacks: bfloat16
+    and float8, which only the merge engines need as such (readers widen BF16 with
+    ``widen_bf16``).
+    """
     import numpy as np
 
     name = NUMPY_DTYPE_NAMES[dtype]
-    return np.dtype(getattr(ml_dtypes, name) if hasattr(ml_dtypes, name) else name)
+    if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        return np.dtype(name)
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+def widen_bf16(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """bfloat16 values, given as their raw 16-bit patterns, widened to float32 exactly.
+
+    A bfloat16 is the upper half of a float32 (same sign, exponent and leading mantissa bits),
+    so shifting its bits up by 16 gives the float32 of the same value, NaN and Inf included,
+    without ml_dtypes.
+
+    Args:
+        bits: any array of 2-byte elements (``uint16``, ``int16`` or ml_dtypes' bfloat16).
+
+    Returns:
+        A new float32 array of the same shape.
+
+    Example:
+        >>> widen_bf16(np.array([0x3F80, 0xC000], dtype=np.uint16))
+        array([ 1., -2.], dtype=float32)
+    """
+    import numpy as np
+
+    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class _Counter:
@@ -141,10 +171,14 @@ class TensorInfo:
         return torch.frombuffer(data, dtype=dtype).reshape(self.shape)
 
     def array(self) -> np.ndarray[Any, Any]:
-        """Read this tensor into a numpy array of its own dtype (without importing torch)."""
+        """Read this tensor into a numpy array of its own dtype, except BF16, which comes
+        widened to float32 exactly (``widen_bf16``; NumPy has no bfloat16), so reading
+        imports neither torch nor ml_dtypes."""
         import numpy as np
 
         data = self._read(NUMPY_DTYPE_NAMES, "numpy")
+        if self.dtype == "BF16":
+            return widen_bf16(np.frombuffer(data, dtype=np.uint16)).reshape(self.shape)
         return np.frombuffer(data, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
 
 

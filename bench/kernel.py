@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from adapterctl import merge_cpu
+from adapterctl.merge import numpy_engine
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 RANKS = [16, 64, 128, 256]
@@ -41,7 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    kernel = merge_cpu.KERNEL
+    kernel = numpy_engine.KERNEL
     if kernel is None:
         raise SystemExit("adapterctl._fused is not built (or ADAPTERCTL_FUSED=0)")
     rng = np.random.default_rng(0)
@@ -58,18 +58,18 @@ def main() -> None:
         for rank in RANKS:
             left = rng.standard_normal((rows, rank), dtype=np.float32) * 0.01
             right = rng.standard_normal((rank, cols), dtype=np.float32) * 0.01
-            tiles = merge_cpu._right_tiles(right)
+            tiles = numpy_engine._right_tiles(right)
 
-            chunks = merge_cpu.row_chunks(rows, cols)
+            chunks = numpy_engine.row_chunks(rows, cols)
 
             def fused(isa: str, w=w, left=left, tiles=tiles, chunks=chunks) -> None:
                 for r0, r1 in chunks:
-                    merge_cpu._kernel_rows(w[r0:r1], left[r0:r1], tiles, bf16, isa)
+                    numpy_engine._kernel_rows(w[r0:r1], left[r0:r1], tiles, bf16, isa)
 
             def numpy_path(w=w, left=left, right=right, chunks=chunks) -> None:
                 for r0, r1 in chunks:
-                    chunk = merge_cpu._numpy_rows(w[r0:r1], left[r0:r1], right)
-                    merge_cpu._finish_rows(chunk, r0, None, [], bf16)
+                    chunk = numpy_engine._numpy_rows(w[r0:r1], left[r0:r1], right)
+                    numpy_engine._finish_rows(chunk, r0, None, [], bf16)
 
             with threadpool_limits(limits=1, user_api="blas"):
                 t_fused = [

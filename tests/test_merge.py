@@ -55,23 +55,23 @@ def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
 
 @pytest.fixture(params=["numpy", "numpy-no-kernel", "torch"])
 def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with each CPU engine — ``merge_cpu`` with its compiled kernel (chunks of up to
-    1000 elements: several rows, tiles of 4 rows cut short), ``merge_cpu`` on NumPy alone and
-    ``merge_torch`` (chunks of 64 elements) — so that every tensor spans several chunks.
+    """Run a test with each CPU engine — ``numpy_engine`` with its compiled kernel (chunks of up to
+    1000 elements: several rows, tiles of 4 rows cut short), ``numpy_engine`` on NumPy alone and
+    ``torch_engine`` (chunks of 64 elements) — so that every tensor spans several chunks.
     Returns the engine's name as the report gives it."""
-    from adapterctl import merge_cpu, merge_torch
+    from adapterctl.merge import numpy_engine, torch_engine
 
-    monkeypatch.setattr(merge_torch, "CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(torch_engine, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(numpy_engine, "CHUNK_ELEMENTS", 64)
     if request.param == "numpy":
-        if merge_cpu.KERNEL is None:
+        if numpy_engine.KERNEL is None:
             pytest.skip("adapterctl._fused was not built (no C compiler at install time)")
-        monkeypatch.setattr(merge_cpu, "CHUNK_ELEMENTS", 1000)
-        monkeypatch.setattr(merge_cpu, "KERNEL_BLOCK_ELEMENTS", 1000)
+        monkeypatch.setattr(numpy_engine, "CHUNK_ELEMENTS", 1000)
+        monkeypatch.setattr(numpy_engine, "KERNEL_BLOCK_ELEMENTS", 1000)
     if request.param == "numpy-no-kernel":
-        monkeypatch.setattr(merge_cpu, "KERNEL", None)
+        monkeypatch.setattr(numpy_engine, "KERNEL", None)
     if request.param == "torch":
-        monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
+        monkeypatch.setattr(numpy_engine, "supports", lambda plan: False)
     return "torch" if request.param == "torch" else "numpy"
 
 
@@ -103,12 +103,12 @@ CASES = {
 def test_merge_equals_float64_rounded_once(
     case: str, engine: str, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
-    from adapterctl import merge_cpu
+    from adapterctl.merge import numpy_engine
 
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", **CASES[case])
     plan = plan_merge(open_checkpoint(base), [read(adapter)])
-    assert merge_cpu.supports(plan) == (engine == "numpy")  # every case runs on either
+    assert numpy_engine.supports(plan) == (engine == "numpy")  # every case runs on either
     report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
     assert report.tensors_merged and report.engine == engine
     if engine == "numpy":
@@ -123,9 +123,9 @@ def test_merge_equals_float64_rounded_once(
 
 
 def merge_cpu_kernel_name() -> str:
-    from adapterctl import merge_cpu
+    from adapterctl.merge import numpy_engine
 
-    return "numpy" if merge_cpu.KERNEL is None else f"fused-{merge_cpu.KERNEL.ISAS[0]}"
+    return "numpy" if numpy_engine.KERNEL is None else f"fused-{numpy_engine.KERNEL.ISAS[0]}"
 
 
 def test_kernel_vector_width_can_be_chosen(
@@ -245,8 +245,8 @@ def test_dora_with_other_adapters_is_refused(llama_base: tuple[Any, Path], tmp_p
     r = CliRunner().invoke(
         cli, ["merge", str(base), str(dora), str(plain), "-o", str(tmp_path / "o")]
     )
-    assert r.exit_code == 2
-    assert "DoRA is not linear" in r.output
+    assert r.exit_code == 3  # as compose refuses a DoRA input (tests/test_exit_codes.py)
+    assert "a DoRA adapter (use_dora) cannot be merged" in r.output and "not linear" in r.output
     assert not (tmp_path / "o").exists()
 
 
@@ -412,17 +412,36 @@ def test_interrupted_merge_leaves_no_output_and_rerun_works(
     model32, base = llama_base
     _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
     out, marker = tmp_path / "out", tmp_path / "paused"
-    env = dict(os.environ, ADAPTERCTL_TEST_PAUSE_AT="3", ADAPTERCTL_TEST_PAUSE_FILE=str(marker))
-    cmd = [sys.executable, "-m", "adapterctl", "merge", str(base), str(adapter), "-o", str(out)]
+    args = ["merge", str(base), str(adapter), "-o", str(out)]
     if method:  # --method runs on the torch engine
-        cmd += [str(adapter), "--method", "ties", "--density", "0.5"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        args += [str(adapter), "--method", "ties", "--density", "0.5"]
+    # The fault is injected from outside: the CLI runs with the library's run_merge wrapped so
+    # that its progress callback (called between tensors) stops after the third tensor.
+    pause = (
+        "import sys, threading, pathlib\n"
+        "import adapterctl.merge as m\n"
+        "real = m.run_merge\n"
+        "def run_merge(plan, out, **kw):\n"
+        "    calls = []\n"
+        "    def progress(done, total):\n"
+        "        calls.append(done)\n"
+        "        if len(calls) == 3:\n"
+        f"            pathlib.Path({str(marker)!r}).write_text('')\n"
+        "            threading.Event().wait(600)\n"
+        "    return real(plan, out, **{**kw, 'progress': progress})\n"
+        "m.run_merge = run_merge\n"
+        "from adapterctl.cli import main\n"
+        "sys.argv = ['adapterctl', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    cmd = [sys.executable, "-c", pause, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert marker.exists(), proc.communicate()
-    partial = Path(marker.read_text())
-    assert partial.exists()
+    (partial,) = tmp_path.glob(".out.partial-*")
+    assert (partial / "model.safetensors").exists()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert not out.exists()
@@ -430,7 +449,9 @@ def test_interrupted_merge_leaves_no_output_and_rerun_works(
         assert proc.returncode == 130
         assert b"Error: interrupted" in err and b"Traceback" not in err
         assert not partial.exists()
-    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    rerun = subprocess.run(
+        [sys.executable, "-m", "adapterctl", *args], capture_output=True, text=True
+    )
     assert rerun.returncode == 0, rerun.stderr
     assert (out / "model.safetensors").exists()
     assert not partial.exists()  # a killed run's leftovers are cleaned up by the next
@@ -444,7 +465,7 @@ def test_verify_catches_a_corrupted_tensor(
     --method and Conv1D DoRA): a tensor zeroed after writing must fail it."""
     from adapterctl.errors import ValidationFailed
     from adapterctl.merge import run_merge
-    from adapterctl.merge_verify import verify_output
+    from adapterctl.merge.verify import verify_output
     from adapterctl.tensorfile import read_header
 
     model32, base = llama_base

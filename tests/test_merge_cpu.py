@@ -6,8 +6,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,12 @@ import pytest
 import torch
 from builders import gpt2_model, llama_model, peft_adapter, save_base
 
-from adapterctl import merge_cpu
+from adapterctl import device
 from adapterctl.checkpoint import open_checkpoint
+from adapterctl.device import _nvidia_driver_present
 from adapterctl.errors import BrokenFile
 from adapterctl.formats import read
-from adapterctl.merge import _nvidia_driver_present, plan_merge, run_merge
+from adapterctl.merge import numpy_engine, plan_merge, run_merge
 
 
 @pytest.fixture(scope="module")
@@ -64,18 +67,18 @@ def test_rounding_matches_torch_bit_for_bit() -> None:
 def test_routing(tiny: tuple[Path, Path, Path], tmp_path: Path) -> None:
     base, plain, dora = tiny
     ckpt = open_checkpoint(base)
-    assert merge_cpu.supports(plan_merge(ckpt, [read(plain)]))
-    assert merge_cpu.supports(plan_merge(ckpt, [read(plain)], dtype="fp16"))
-    assert merge_cpu.supports(plan_merge(ckpt, [read(dora)]))
+    assert numpy_engine.supports(plan_merge(ckpt, [read(plain)]))
+    assert numpy_engine.supports(plan_merge(ckpt, [read(plain)], dtype="fp16"))
+    assert numpy_engine.supports(plan_merge(ckpt, [read(dora)]))
     gpt2 = save_base(gpt2_model(), tmp_path / "gpt2", torch.bfloat16)
     lora = {"target_modules": ["c_attn"], "fan_in_fan_out": True, "use_dora": True}
     _, gpt2_dora = peft_adapter(gpt2_model(), tmp_path / "gd", **lora)
-    assert not merge_cpu.supports(plan_merge(open_checkpoint(gpt2), [read(gpt2_dora)]))
-    assert not merge_cpu.supports(
+    assert not numpy_engine.supports(plan_merge(open_checkpoint(gpt2), [read(gpt2_dora)]))
+    assert not numpy_engine.supports(
         plan_merge(ckpt, [read(plain), read(plain)], method="ties", method_options={"density": 0.5})
     )
     base64 = save_base(llama_model(), tmp_path / "b64", torch.float64)
-    assert not merge_cpu.supports(plan_merge(open_checkpoint(base64), [read(plain)]))
+    assert not numpy_engine.supports(plan_merge(open_checkpoint(base64), [read(plain)]))
 
 
 _NO_TORCH = """
@@ -131,7 +134,7 @@ def test_base_truncated_after_planning_is_refused_cleanly(
     with open(shard, "r+b") as fh:
         fh.truncate(shard.stat().st_size // 2)
     if not use_numpy:
-        monkeypatch.setattr(merge_cpu, "supports", lambda plan: False)
+        monkeypatch.setattr(numpy_engine, "supports", lambda plan: False)
     with pytest.raises(BrokenFile, match="truncated"):
         run_merge(plan, tmp_path / "out", device="cpu")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
@@ -156,7 +159,7 @@ def test_full_disk_mid_merge_names_the_output_and_leaves_nothing(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(merge_cpu, "KERNEL", None)  # NumPy's path writes with os.pwrite
+    monkeypatch.setattr(numpy_engine, "KERNEL", None)  # NumPy's path writes with os.pwrite
     out = tmp_path / "merged"
     r = CliRunner().invoke(cli, ["merge", str(base), str(plain), "-o", str(out), "--device", "cpu"])
     assert r.exit_code == 1, r.output
@@ -197,10 +200,25 @@ def test_failed_write_in_the_kernel_names_the_output_and_leaves_nothing(
 def test_cgroup_quota_limits_workers(tmp_path: Path) -> None:
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("200000 100000\n")
-    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) == 2
+    assert device._cgroup_cpu_quota(str(cpu_max)) == 2
     cpu_max.write_text("50000 100000\n")
-    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) == 1
+    assert device._cgroup_cpu_quota(str(cpu_max)) == 1
     cpu_max.write_text("max 100000\n")
-    assert merge_cpu._cgroup_cpu_quota(str(cpu_max)) is None
-    assert merge_cpu._cgroup_cpu_quota(str(tmp_path / "missing")) is None
-    assert 1 <= merge_cpu.workers() <= merge_cpu.MAX_WORKERS
+    assert device._cgroup_cpu_quota(str(cpu_max)) is None
+    assert device._cgroup_cpu_quota(str(tmp_path / "missing")) is None
+    assert 1 <= device.workers() <= device.MAX_WORKERS
+
+
+def test_the_install_built_the_kernel() -> None:
+    """Where a C compiler exists the install must have built the kernel (a broken build would
+    otherwise pass unnoticed, with every merge on the slower NumPy path). Not in test_fused,
+    which is skipped as a whole where the kernel is missing."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        pytest.skip(f"no C compiler ({cc})")
+    try:
+        from adapterctl import _fused
+    except ImportError as exc:
+        pytest.fail(f"{cc} is installed but the merge kernel was not built: {exc}")
+    assert numpy_engine.KERNEL is _fused
+    assert _fused.DTYPES == ("bfloat16", "float16", "float32")

@@ -28,7 +28,7 @@ from adapterctl.cli import cli
 from adapterctl.errors import Conflict, NotFound, VersionRemoved
 from adapterctl.migrations import schema_sql
 from adapterctl.refs import resolve
-from adapterctl.registry import HOME_ENV, PAUSE_ENV, PAUSE_FILE_ENV, Registry
+from adapterctl.registry import HOME_ENV, Registry
 
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 16
@@ -444,10 +444,45 @@ def test_concurrent_adds(tmp_path: Path) -> None:
     assert report.blobs_checked == 100 + 1  # distinct weights; the four configs are identical
 
 
+# Faults injected from outside the library: the add runs in a child process with one registry
+# method wrapped to announce itself (a marker file) and wait to be killed there.
+_PAUSES = {
+    # after every blob is written, before the transaction begins
+    "blobs": """
+stored = []
+real_store, real_write = Registry._store_blob, Registry._write
+def _store_blob(self, *a, **kw):
+    stored.append(1)
+    return real_store(self, *a, **kw)
+def _write(self):
+    if stored:
+        wait()
+    return real_write(self)
+Registry._store_blob, Registry._write = _store_blob, _write
+""",
+    # inside the transaction, every row inserted, before COMMIT
+    "commit": """
+real_insert = Registry._insert_version
+def _insert_version(self, *a, **kw):
+    vid = real_insert(self, *a, **kw)
+    wait()
+    return vid
+Registry._insert_version = _insert_version
+""",
+}
+
+
 def _start_paused_add(adapter: Path, name: str, point: str, marker: Path) -> subprocess.Popen:
-    env = {**os.environ, PAUSE_ENV: point, PAUSE_FILE_ENV: str(marker)}
-    code = f"from adapterctl.registry import Registry; Registry().add({str(adapter)!r}, {name!r})"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    code = (
+        "import pathlib, threading\n"
+        "from adapterctl.registry import Registry\n"
+        "def wait():\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('')\n"
+        "    threading.Event().wait(600)\n"
+        f"{_PAUSES[point]}\n"
+        f"Registry().add({str(adapter)!r}, {name!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not marker.exists():
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""

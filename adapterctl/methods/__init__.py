@@ -10,6 +10,7 @@ applied to the dense per-module deltas through ``combine_dense``, which the stre
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -173,3 +174,9 @@ def describe(method: Method) -> MethodInfo:
         truncates=method.truncates,
         options=options,
     )
+
+
+def module_seed(seed: int, name: str) -> int:
+    """A per-module seed, so a module's random masks do not depend on which others exist."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

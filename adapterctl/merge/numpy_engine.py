@@ -35,19 +35,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adapterctl.device import workers
 from adapterctl.errors import UsageError
 from adapterctl.files import POSITIONED_WRITES, pwrite_all
-from adapterctl.merge import (
-    CHUNK_ELEMENTS,
-    PAUSE_ENV,
-    Delta,
-    Job,
-    MergePlan,
-    Overflow,
-    copy_tensor_bytes,
-    pause_for_tests,
-    require_inside,
-)
+from adapterctl.merge.plan import CHUNK_ELEMENTS, Delta, Job, MergePlan
+from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dtype
 
 if TYPE_CHECKING:
@@ -90,7 +82,6 @@ def kernel_isa() -> str | None:
 # in bf16) stays in L2 beside the factor it reads (up to 1 MiB); larger blocks measured slower.
 KERNEL_BLOCK_ELEMENTS = 1 << 16
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
-MAX_WORKERS = 8
 # Linux ≥ 5.14 (Python names it from 3.12 on); elsewhere pages fault in as they are read.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
@@ -110,26 +101,6 @@ def _plain(job: Job) -> bool:
         return False  # its norms run down the columns of the stored (in, out) weight
     source = job.replace if job.replace is not None else job.source
     return source is not None and {source.dtype, job.out_dtype} <= ENGINE_DTYPES
-
-
-def workers() -> int:
-    """Worker threads: one per usable core (CPU affinity, and a container's CPU quota where
-    cgroup v2 sets one), at most ``MAX_WORKERS``."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_WORKERS, cores, _cgroup_cpu_quota() or cores))
-
-
-def _cgroup_cpu_quota(path: str = "/sys/fs/cgroup/cpu.max") -> int | None:
-    """CPUs a cgroup v2 quota allows (``docker --cpus 2``: "200000 100000" → 2), or None."""
-    try:
-        with open(path) as fh:
-            quota, period = fh.read().split()[:2]
-        return max(1, int(quota) // int(period))
-    except (OSError, ValueError):  # no cgroup v2 file, or "max" (no quota)
-        return None
 
 
 def write_shards(
@@ -206,7 +177,6 @@ def _run_tasks(
     """Hand the jobs to the workers in order, a few ahead, reporting progress as they finish;
     the first failure stops the rest (queued jobs are cancelled)."""
     n_workers = workers()
-    pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
     pending: deque[tuple[Future[None], int]] = deque()
     with ThreadPoolExecutor(n_workers, thread_name_prefix="adapterctl-merge") as pool:
 
@@ -220,10 +190,7 @@ def _run_tasks(
                     progress(done, total)
 
         try:
-            for counter, (job, fd, offset) in enumerate(tasks):
-                if counter == pause_at:
-                    settle(0)
-                    pause_for_tests(tmp)
+            for job, fd, offset in tasks:
                 settle(2 * n_workers)
                 fut = pool.submit(_write_job, job, fd, offset, maps, overflow, isa)
                 pending.append((fut, job.nbytes_out))

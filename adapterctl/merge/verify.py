@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ValidationFailed
-from adapterctl.merge import Job, MergePlan
+from adapterctl.merge.plan import Job, MergePlan
 from adapterctl.tensorfile import DTYPE_SIZES, TensorInfo, numpy_dtype, read_header
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def _from_whole_tensors(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any]
 def _reference_base(job: Job) -> torch.Tensor:
     import torch
 
-    from adapterctl.merge_torch import load_inputs
+    from adapterctl.merge.torch_engine import load_inputs
 
     inputs = load_inputs(job)
     if job.quant_in is not None:

@@ -1,28 +1,14 @@
-"""The streaming merge of LoRA adapters into a base checkpoint.
+"""The merge plan: every output tensor and header decided before the first byte is written.
 
-Every output header is planned before the first byte is written (``plan_merge``); then each
-tensor is read once, merged in float32 on the chosen device and rounded once into its output
-dtype, and written (``run_merge``). Tensors no adapter touches are copied as bytes. The output
-goes to a temporary sibling folder that is renamed into place only when complete.
-
-Two engines write the plan: ``merge_cpu`` (NumPy, one worker thread per core, no torch import)
-for 16/32-bit merges on the CPU, and ``merge_torch`` for everything else (CUDA, bitsandbytes
-4-bit in or out, ``--method``, DoRA on GPT-2 Conv1D). This module plans and runs a merge and
-reports on it; ``merge_verify`` checks the result.
-
-For a target weight W: W' = W + Σᵢ wᵢ·scaleᵢ·ΔWᵢ, ΔW = B·A in the weight's layout. A DoRA
-adapter (merged alone) gives W' = m / ‖W + s·B·A‖_row · (W + s·B·A), the norm taken per output
-row as PEFT takes it.
+``plan_merge`` reads headers only (base and adapters), runs ``validate``'s pre-flight, and
+returns a ``MergePlan``: one ``Job`` per output tensor (copied as bytes, or merged from the base
+tensor and each adapter's ``Delta``), grouped into output shards. The engines
+(``numpy_engine``, ``torch_engine``) write a plan; ``verify`` checks one that was written.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,19 +17,16 @@ from pydantic import BaseModel
 
 from adapterctl import __version__
 from adapterctl.adapter import Adapter, Layout, LoraModule, TensorSource
-from adapterctl.checkpoint import CONV1D_MODEL_TYPES, INDEX_NAME, Checkpoint, QuantInfo
+from adapterctl.checkpoint import CONV1D_MODEL_TYPES, Checkpoint, QuantInfo
+from adapterctl.device import workers
 from adapterctl.errors import (
-    AdapterctlError,
     Conflict,
-    OperationalError,
     UnsupportedAdapter,
     UsageError,
     ValidationFailed,
 )
-from adapterctl.files import copy_range, fsync_dir, replace_dir
 from adapterctl.identity import adapter_digest, base_fingerprint
 from adapterctl.tensorfile import (
-    BYTES_READ,
     TORCH_DTYPE_NAMES,
     TensorInfo,
     tensor_nbytes,
@@ -76,7 +59,6 @@ TOKENIZER_FILES = (
 )  # fmt: skip
 _QUANT_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _VOCAB_TENSORS = ("embed_tokens", "wte", "word_embeddings", "lm_head")
-PAUSE_ENV = "ADAPTERCTL_TEST_PAUSE_AT"  # test-only: pause before writing tensor N (see tests)
 
 
 @dataclass
@@ -227,8 +209,6 @@ class MergePlan:
         tensors of the jobs that need them (4-bit in or out, DoRA on Conv1D, ``--method``, a
         4-bit Conv1D written back), and the adapters' factors. On CUDA add three pinned
         copies of the largest input."""
-        from adapterctl.merge_cpu import workers
-
         rings = max(RING, 2 * workers()) * CHUNK_ELEMENTS * (4 + 4)
         whole = 0
         for j in self.jobs:
@@ -263,7 +243,7 @@ class MergeReport(BaseModel):
     out: str
     dry_run: bool
     device: str
-    engine: str | None = None  # "numpy" (merge_cpu) or "torch" (merge_torch); None: dry run
+    engine: str | None = None  # "numpy" or "torch" (the engine that wrote it); None: dry run
     # The numpy engine's sums: "numpy", or the compiled kernel and its vector width
     # ("fused-avx512", "fused-avx2", "fused-generic").
     kernel: str | None = None
@@ -320,7 +300,9 @@ def plan_merge(
             ``convention``, ``seed``).
 
     Raises:
-        UsageError: mismatched weights, unknown dtype, DoRA combined with other adapters.
+        UsageError: mismatched weights, unknown dtype.
+        UnsupportedAdapter: a DoRA adapter with other adapters or a ``--method`` (exit 3, as
+            in ``compose``).
         ValidationFailed: an adapter does not fit the base (missing module, wrong shape).
         Conflict: two adapters replace the same tensor.
     """
@@ -337,9 +319,10 @@ def plan_merge(
         raise UsageError(f"unknown --quantize {quantize!r}; use nf4")
     dora = [a for a in adapters if any(m.is_dora for m in a.modules.values())]
     if dora and len(adapters) > 1:
-        raise UsageError(
-            f"{dora[0].path}: DoRA is not linear (W' = m·V/‖V‖), so a DoRA adapter merges "
-            "alone; merge it first, then merge the others into the result"
+        raise UnsupportedAdapter(
+            f"{dora[0].path}: a DoRA adapter (use_dora) cannot be merged with other adapters: "
+            "its update m·(W+ΔW)/‖W+ΔW‖ depends on the base weights and is not linear in ΔW; "
+            "merge it on its own first, then merge the others into the result"
         )
     combine = _method(method, method_options, adapters, weights)
     warnings = _preflight(base, adapters)
@@ -492,7 +475,7 @@ class Combine:
         """The per-module random stream (the same one ``compose`` uses for that module)."""
         import torch
 
-        from adapterctl.compose import module_seed
+        from adapterctl.methods import module_seed
 
         seed = int(getattr(self.options, "seed", 0))
         return torch.Generator().manual_seed(module_seed(seed, module))
@@ -516,8 +499,13 @@ def _method(
             f"--method {name} only makes sense for low-rank adapters: use "
             f"`adapterctl compose --method {name}`, or --method linear to merge the exact sum"
         )
-    if any(m.is_dora for a in adapters for m in a.modules.values()):
-        raise UsageError("DoRA adapters cannot be combined by --method (DoRA is not linear)")
+    dora = next((a for a in adapters if any(m.is_dora for m in a.modules.values())), None)
+    if dora is not None:
+        raise UnsupportedAdapter(
+            f"{dora.path}: a DoRA adapter (use_dora) cannot be combined by --method {name}: its "
+            "update m·(W+ΔW)/‖W+ΔW‖ depends on the base weights and is not linear in ΔW; "
+            "merge it on its own with --method linear"
+        )
     return Combine(method, parse_options(method, options), tuple(weights))
 
 
@@ -646,401 +634,3 @@ def _compute_dtype(base: Checkpoint, jobs: dict[str, Job]) -> str:
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / n).exists() for n in TOKENIZER_FILES)
-
-
-# ----------------------------------------------------------------------------- execution
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → the first CUDA device when there is one, else ``cpu``; checks the others.
-
-    Returns a device string (``cpu``, ``cuda``, ``cuda:1``). torch is imported only when the
-    answer could be CUDA: on a machine without an NVIDIA driver, ``auto`` and ``cpu`` cost
-    nothing (importing torch takes seconds, as long as a whole CPU merge of a small model).
-    """
-    if device == "cpu":
-        return "cpu"
-    if device == "auto" and not _nvidia_driver_present():
-        return "cpu"
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available; use --device cpu")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"unsupported --device {device!r}; use auto, cpu or cuda[:N]")
-    return str(dev)
-
-
-def _nvidia_driver_present() -> bool:
-    """False only where CUDA surely cannot work: Linux without the NVIDIA driver's device
-    files (native or WSL2). Elsewhere, ask torch."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return True
-    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg"))
-
-
-def run_merge(
-    plan: MergePlan,
-    out: str | os.PathLike[str],
-    *,
-    device: str = "auto",
-    force: bool = False,
-    verify: bool = False,
-    max_delta_error: float | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    fsync: bool = False,
-) -> MergeReport:
-    """Write the planned checkpoint to ``out``, atomically.
-
-    Args:
-        plan: from ``plan_merge``.
-        out: the output folder; refused if it exists unless ``force``.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``: where the float32 math runs.
-        force: replace an existing ``out``.
-        verify: re-read the output and check sampled rows of every merged tensor against a
-            fresh float64 computation.
-        max_delta_error: with 4-bit output, fail (exit 3) when the overall delta error is
-            above this; nothing is left behind.
-        progress: called once per tensor written, with (bytes written so far, total bytes).
-        fsync: flush every shard to the disk before the rename (survives a power loss, at
-            the disk's write speed). Without it, as with ``cp`` and ``save_pretrained``, the
-            OS writes the data back in its own time; the rename still guarantees that an
-            interrupted process never leaves a half-written OUT.
-
-    Returns:
-        The report (also written, with the provenance, to ``out/adapterctl.json``).
-
-    Raises:
-        Conflict: ``out`` exists and ``force`` is False.
-        OperationalError: not enough free disk space, or an I/O error.
-        ValidationFailed: the delta error exceeded ``max_delta_error``.
-    """
-    out_path = Path(out)
-    dev = resolve_device(device)
-    if out_path.exists() and not force:
-        raise Conflict(f"{out_path} already exists; pass --force to replace it")
-    parent = out_path.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_path)
-    free = shutil.disk_usage(parent).free
-    need = plan.bytes_out + (1 << 20)
-    if free < need:
-        raise OperationalError(
-            f"not enough free space in {parent}: the merge writes {need / 1e9:.2f} GB, "
-            f"{free / 1e9:.2f} GB free; free some space or choose another -o"
-        )
-    tmp = parent / f".{out_path.name}.partial-{os.getpid()}"
-    tmp.mkdir()
-    _keep_heap_small()
-    start = time.perf_counter()
-    read_before = BYTES_READ.value
-    try:
-        overflow = Overflow()
-        engine, kernel, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
-        report = _report(plan, out_path, dev, layers, time.perf_counter() - start)
-        report.engine, report.kernel = engine, kernel
-        overflowed = overflow.warning()
-        if overflowed:
-            report.warnings.append(overflowed)
-        report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
-        err = report.delta_error
-        if max_delta_error is not None and err is not None and err > max_delta_error:
-            raise ValidationFailed(
-                f"4-bit re-quantisation kept too little of the adapter: delta error "
-                f"{report.delta_error:.3f} > --max-delta-error {max_delta_error}; "
-                "merge without --quantize"
-            )
-        _write_side_files(plan, tmp, report)
-        if verify:
-            from adapterctl.merge_verify import verify_output
-
-            report.verified = verify_output(plan, tmp)
-            (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
-        if fsync:
-            fsync_dir(tmp)
-        replace_dir(tmp, out_path)
-        return report
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, AdapterctlError) or exc.filename:
-            raise
-        # A write that failed mid-merge (a full disk, a quota, an I/O error) names no file.
-        raise OperationalError(
-            f"{out_path}: writing the merged model failed ({exc.strerror or exc}); nothing "
-            "was left behind; free some space or choose another -o"
-        ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _execute(
-    plan: MergePlan,
-    tmp: Path,
-    dev: str,
-    progress: Callable[[int, int], None] | None,
-    durable: bool,
-    overflow: Overflow,
-) -> tuple[str, str | None, list[LayerError]]:
-    """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
-    plain 16/32-bit merges (``merge_cpu``: no torch import), torch otherwise. Returns the
-    engine's name, the NumPy engine's kernel (None for torch) and the 4-bit layers' delta
-    errors."""
-    from adapterctl import merge_cpu
-
-    if dev == "cpu" and merge_cpu.supports(plan):
-        return "numpy", merge_cpu.write_shards(plan, tmp, progress, durable, overflow), []
-    from adapterctl import merge_torch
-
-    layers = merge_torch.write_shards(plan, tmp, dev, progress, durable, overflow)
-    return "torch", None, layers
-
-
-def _keep_heap_small() -> None:
-    """Make glibc hand big tensor buffers back to the OS when freed.
-
-    glibc raises its mmap threshold after large frees, after which freed tensor memory stays
-    in the heap (per thread) and the process's anonymous memory grows with each tensor;
-    fixing the threshold keeps peak memory at the few tensors actually alive.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
-
-
-def _remove_stale_partials(out_path: Path) -> None:
-    """Delete partial outputs of earlier runs that were killed (their process is gone)."""
-    parent = out_path.resolve().parent
-    for p in parent.glob(f".{out_path.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _copied_bytes(plan: MergePlan) -> int:
-    return sum(j.source.nbytes for j in plan.jobs if j.copy_bytes and j.source is not None)
-
-
-# ------------------------------------------------------------------- shared by the engines
-
-
-class Overflow:
-    """Values that became ±inf when rounded into a float16 output, per tensor. The engines
-    count them (only for float16 outputs, where a bf16 or float32 value beyond ±65504 does
-    not fit); ``run_merge`` turns the counts into a warning. Safe to add to from threads."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def add(self, name: str, n: int) -> None:
-        if n:
-            with self._lock:
-                self.counts[name] = self.counts.get(name, 0) + n
-
-    def warning(self) -> str | None:
-        if not self.counts:
-            return None
-        name, n = max(self.counts.items(), key=lambda kv: kv[1])
-        return (
-            f"{len(self.counts)} tensor(s) hold values beyond float16's range (±65504) that "
-            f"became ±inf, e.g. {n} in {name}; write bf16 or fp32 (--dtype) instead"
-        )
-
-
-def pause_for_tests(tmp: Path) -> None:
-    """Test-only pause point: announce the partial folder and wait to be killed."""
-    marker = os.environ.get("ADAPTERCTL_TEST_PAUSE_FILE")
-    if marker:
-        Path(marker).write_text(str(tmp))
-    threading.Event().wait(600)
-
-
-def require_inside(info: TensorInfo, size: int) -> None:
-    """Refuse a base file that has shrunk below a tensor since it was opened."""
-    if info.end > size:
-        from adapterctl.errors import BrokenFile
-
-        raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
-
-
-def copy_tensor_bytes(info: TensorInfo, fd: int, offset: int) -> None:
-    """Copy a tensor's bytes from the base file into ``fd`` at ``offset`` (in the kernel where
-    possible)."""
-    try:
-        copy_range(info.path, info.start, info.nbytes, fd, offset)
-    except EOFError:
-        from adapterctl.errors import BrokenFile
-
-        raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it") from None
-
-
-# ----------------------------------------------------------------------------- side files
-
-
-def _write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
-    base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
-    skip = {INDEX_NAME, "adapterctl.json"}
-    tokenizer_names = set(TOKENIZER_FILES)
-    for f in sorted(base_dir.iterdir()):
-        if not f.is_file() or f.name in skip or f.suffix in (".safetensors", ".bin", ".pt"):
-            continue
-        if f.name.startswith("."):
-            continue
-        if plan.tokenizer_from is not None and f.name in tokenizer_names:
-            continue
-        if f.name == "config.json" and plan.config:
-            continue
-        shutil.copy2(f, tmp / f.name)
-    if plan.tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            src = plan.tokenizer_from / name
-            if src.exists():
-                shutil.copy2(src, tmp / name)
-    if plan.config:
-        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
-    if len(plan.shards) > 1:
-        index = {
-            "metadata": {"total_size": sum(e[3] for s in plan.shards for e in s.entries())},
-            "weight_map": {e[0]: s.name for s in plan.shards for e in s.entries()},
-        }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    (tmp / "adapterctl.json").write_text(_provenance_json(plan, report))
-
-
-def _provenance_json(plan: MergePlan, report: MergeReport) -> str:
-    data = dict(plan.provenance)
-    data["result"] = {
-        "tensors_merged": len(report.tensors_merged),
-        "delta_error": report.delta_error,
-        "verified_rows": report.verified,
-    }
-    return json.dumps(data, indent=2) + "\n"
-
-
-def _report(
-    plan: MergePlan, out: Path, dev: Any, layers: list[LayerError], seconds: float
-) -> MergeReport:
-    import math
-
-    jobs = plan.jobs
-    total_delta = math.sqrt(sum(layer.delta_norm**2 for layer in layers))
-    total_err = (
-        math.sqrt(sum((layer.delta_error * layer.delta_norm) ** 2 for layer in layers))
-        / total_delta
-        if layers and total_delta > 0
-        else None
-    )
-    warnings = list(plan.warnings)
-    if total_err is not None and total_err > 0.5:
-        warnings.append(
-            f"4-bit re-quantisation erased most of the adapter: delta error {total_err:.2f} "
-            "(1.0 = nothing of ΔW survives); merge without --quantize to keep it"
-        )
-    return MergeReport(
-        out=str(out),
-        dry_run=False,
-        device=str(dev),
-        shards=[s.name for s in plan.shards],
-        tensors_total=len(jobs),
-        tensors_merged=[j.name for j in jobs if j.deltas or j.dora or j.bias_add],
-        tensors_replaced=[j.name for j in jobs if j.replace is not None and j.source is not None],
-        tensors_added=[j.name for j in jobs if j.source is None],
-        tensors_copied=sum(1 for j in jobs if j.copy_bytes),
-        bytes_read=plan.bytes_in,
-        bytes_written=plan.bytes_out,
-        peak_memory_estimate=plan.peak_memory_estimate(),
-        seconds=seconds,
-        quantize=None if plan.quantize is None else plan.quantize.quant_type,
-        delta_error=total_err,
-        layers=layers,
-        warnings=warnings,
-        provenance=plan.provenance,
-    )
-
-
-def dry_run_report(plan: MergePlan, out: str | os.PathLike[str]) -> MergeReport:
-    """The report of a merge that is planned but not written (``--dry-run``)."""
-    report = _report(plan, Path(out), "-", [], 0.0)
-    report.dry_run = True
-    return report
-
-
-def check_base_pins(
-    versions: list[Any], base: Checkpoint, *, allow_mismatch: bool = False
-) -> tuple[list[str], list[str]]:
-    """Check each registry input's base pin against ``base`` (DESIGN: "Identity").
-
-    Args:
-        versions: ``adapterctl.refs.registry_versions`` of the SOURCEs (None: a local path,
-            which has no pin to check).
-        base: the checkpoint about to be merged into.
-        allow_mismatch: report a mismatch as a warning instead of refusing.
-
-    Returns:
-        (what was checked, one line per input; warnings for allowed mismatches).
-
-    Raises:
-        Conflict: a pin differs from ``base`` and ``allow_mismatch`` is False (exit 5).
-    """
-    if not any(v is not None for v in versions):
-        return [], []
-    from adapterctl.registry import Registry
-
-    checks: list[str] = []
-    warnings: list[str] = []
-    with Registry(create=False) as reg:
-        for v in versions:
-            if v is None:
-                continue
-            try:
-                checks.append(f"{v.ref}: base pin checked by {reg.check_base_pin(v, base)}")
-            except Conflict as exc:
-                if not allow_mismatch:
-                    raise
-                warnings.append(f"--allow-base-mismatch: {exc}")
-    return checks, warnings
-
-
-def merge(
-    base: Checkpoint,
-    adapters: list[Adapter],
-    out: str | os.PathLike[str],
-    weights: list[float] | None = None,
-    **options: Any,
-) -> MergeReport:
-    """Plan and run a merge in one call (see ``plan_merge`` and ``run_merge`` for options).
-
-    Example:
-        >>> from adapterctl.checkpoint import open_checkpoint
-        >>> from adapterctl.formats import read
-        >>> report = merge(open_checkpoint("base"), [read("adapter")], "merged")
-        >>> report.tensors_merged[:1]
-        ['model.layers.0.self_attn.q_proj.weight']
-    """
-    plan_keys = {"dtype", "quantize", "quant_method", "max_shard_size", "method", "method_options"}
-    plan = plan_merge(
-        base, adapters, weights, **{k: v for k, v in options.items() if k in plan_keys}
-    )
-    return run_merge(plan, out, **{k: v for k, v in options.items() if k not in plan_keys})

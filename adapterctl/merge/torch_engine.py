@@ -19,20 +19,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import OperationalError
-from adapterctl.merge import (
+from adapterctl.merge.plan import (
     CHUNK_ELEMENTS,
     NF4_STATE_BYTES,
-    PAUSE_ENV,
     RING,
     Delta,
     Job,
     LayerError,
     MergePlan,
-    Overflow,
-    copy_tensor_bytes,
-    pause_for_tests,
-    require_inside,
 )
+from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TORCH_DTYPE_NAMES, TensorInfo, header_bytes
 
 if TYPE_CHECKING:
@@ -101,8 +97,6 @@ def _write_shards(
     layers: list[LayerError] = []
     factors = _FactorCache(dev)
     ws = _Workspace(dev)
-    pause_at = int(os.environ.get(PAUSE_ENV, "-1"))
-    counter = 0
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-write") as wpool,
@@ -115,10 +109,6 @@ def _write_shards(
                 writer = _Writer(fh, wpool, overflow)
                 ws.writer = writer
                 for job, inputs in _read_ahead(pool, shard.jobs, dev):
-                    if counter == pause_at:
-                        writer.drain()
-                        pause_for_tests(tmp)
-                    counter += 1
                     if job.copy_bytes:
                         assert job.source is not None
                         writer.drain()  # everything before this tensor is written
@@ -423,7 +413,7 @@ def _write_job(
     for name, _dtype, _shape, nbytes in job.stored():
         data = stored[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
-            raise OperationalError(f"internal: {name} has {data.numel()} bytes, planned {nbytes}")
+            raise RuntimeError(f"internal: {name} has {data.numel()} bytes, planned {nbytes}")
         _write_all(fh, data.numpy())
     if not job.merged:
         return None

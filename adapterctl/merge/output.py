@@ -1,0 +1,100 @@
+"""What a merge writes besides the tensors: config, tokenizer, index, provenance, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from adapterctl.checkpoint import INDEX_NAME
+from adapterctl.merge.plan import TOKENIZER_FILES, LayerError, MergePlan, MergeReport
+
+
+def write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
+    base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
+    skip = {INDEX_NAME, "adapterctl.json"}
+    tokenizer_names = set(TOKENIZER_FILES)
+    for f in sorted(base_dir.iterdir()):
+        if not f.is_file() or f.name in skip or f.suffix in (".safetensors", ".bin", ".pt"):
+            continue
+        if f.name.startswith("."):
+            continue
+        if plan.tokenizer_from is not None and f.name in tokenizer_names:
+            continue
+        if f.name == "config.json" and plan.config:
+            continue
+        shutil.copy2(f, tmp / f.name)
+    if plan.tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            src = plan.tokenizer_from / name
+            if src.exists():
+                shutil.copy2(src, tmp / name)
+    if plan.config:
+        (tmp / "config.json").write_text(json.dumps(plan.config, indent=2) + "\n")
+    if len(plan.shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e[3] for s in plan.shards for e in s.entries())},
+            "weight_map": {e[0]: s.name for s in plan.shards for e in s.entries()},
+        }
+        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "adapterctl.json").write_text(provenance_json(plan, report))
+
+
+def provenance_json(plan: MergePlan, report: MergeReport) -> str:
+    data = dict(plan.provenance)
+    data["result"] = {
+        "tensors_merged": len(report.tensors_merged),
+        "delta_error": report.delta_error,
+        "verified_rows": report.verified,
+    }
+    return json.dumps(data, indent=2) + "\n"
+
+
+def build_report(
+    plan: MergePlan, out: Path, dev: Any, layers: list[LayerError], seconds: float
+) -> MergeReport:
+    import math
+
+    jobs = plan.jobs
+    total_delta = math.sqrt(sum(layer.delta_norm**2 for layer in layers))
+    total_err = (
+        math.sqrt(sum((layer.delta_error * layer.delta_norm) ** 2 for layer in layers))
+        / total_delta
+        if layers and total_delta > 0
+        else None
+    )
+    warnings = list(plan.warnings)
+    if total_err is not None and total_err > 0.5:
+        warnings.append(
+            f"4-bit re-quantisation erased most of the adapter: delta error {total_err:.2f} "
+            "(1.0 = nothing of ΔW survives); merge without --quantize to keep it"
+        )
+    return MergeReport(
+        out=str(out),
+        dry_run=False,
+        device=str(dev),
+        shards=[s.name for s in plan.shards],
+        tensors_total=len(jobs),
+        tensors_merged=[j.name for j in jobs if j.deltas or j.dora or j.bias_add],
+        tensors_replaced=[j.name for j in jobs if j.replace is not None and j.source is not None],
+        tensors_added=[j.name for j in jobs if j.source is None],
+        tensors_copied=sum(1 for j in jobs if j.copy_bytes),
+        bytes_read=plan.bytes_in,
+        bytes_written=plan.bytes_out,
+        peak_memory_estimate=plan.peak_memory_estimate(),
+        seconds=seconds,
+        quantize=None if plan.quantize is None else plan.quantize.quant_type,
+        delta_error=total_err,
+        layers=layers,
+        warnings=warnings,
+        provenance=plan.provenance,
+    )
+
+
+def dry_run_report(plan: MergePlan, out: str | os.PathLike[str]) -> MergeReport:
+    """The report of a merge that is planned but not written (``--dry-run``)."""
+    report = build_report(plan, Path(out), "-", [], 0.0)
+    report.dry_run = True
+    return report

@@ -1,0 +1,138 @@
+"""The reporting commands start light: ``inspect``, ``validate``, ``diff``, ``list`` and
+``show`` import neither torch, nor bitsandbytes, nor ml_dtypes (torch alone costs about a
+second and 200 MB; ml_dtypes half a second), and loading the plugins imports none of them.
+
+Each command runs in a fresh interpreter (this test process has long imported torch) that
+writes, at exit, which of those modules it holds. The inputs are the demo's: a sharded bf16
+base and bf16 and float32 adapters, so reading bfloat16 factors is covered, plus an NF4
+base (merged and quantised by adapterctl) whose quant states ``inspect``/``validate`` read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterctl import demo
+from adapterctl.tensorfile import read_header, widen_bf16
+
+HEAVY = ("torch", "bitsandbytes", "ml_dtypes")
+
+# Runs the CLI's entry point on argv[2:] and writes the heavy modules it imported to argv[1].
+CLI_SCRIPT = f"""
+import atexit, json, sys
+out = sys.argv[1]
+def report():
+    with open(out, "w") as fh:
+        json.dump([m for m in {HEAVY!r} if m in sys.modules], fh)
+atexit.register(report)
+sys.argv = ["adapterctl", *sys.argv[2:]]
+from adapterctl.cli import main
+main()
+"""
+
+# Loads every plugin and calls every registration hook, then reports the same way.
+PLUGINS_SCRIPT = f"""
+import json, sys
+from adapterctl import hookspecs
+from adapterctl.plugins import collect, plugin_names
+hooks = [n for n in vars(hookspecs) if n.startswith("register_")]
+assert hooks and plugin_names()
+for hook in hooks:
+    collect(hook)
+with open(sys.argv[1], "w") as fh:
+    json.dump([m for m in {HEAVY!r} if m in sys.modules], fh)
+"""
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The demo's base and adapters, an NF4 base, and a registry holding ``chat@1`` and
+    ``code@1``."""
+    root = tmp_path_factory.mktemp("startup")
+    built = demo.build(root)
+    home = root / "home"
+    paths = {
+        "base": str(root / built.base),
+        "chat": str(root / built.adapters["chat-lora"]),
+        "code": str(root / built.adapters["code-rslora"]),  # bf16 factors
+        "nf4": str(root / "nf4"),
+        "home": str(home),
+    }
+    adapterctl = [sys.executable, "-m", "adapterctl"]
+    for name in ("chat", "code"):
+        _run([*adapterctl, "add", paths[name], "--name", name, "--base", paths["base"]], home)
+    _run([*adapterctl, "merge", paths["base"], paths["chat"], "-o", paths["nf4"],
+          "--quantize", "nf4"], home)  # fmt: skip
+    return paths
+
+
+def _run(cmd: list[str], home: Path | str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTERCTL_DEBUG"}
+    env["ADAPTERCTL_HOME"] = str(home)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{cmd[3:]} exited {proc.returncode}: {proc.stderr}"
+    return proc
+
+
+COMMANDS = {
+    "inspect": ["inspect", "{code}", "--base", "{base}", "--spectrum"],
+    "inspect --json": ["inspect", "{chat}", "--json"],
+    "validate": ["validate", "{code}", "--base", "{base}"],
+    "validate --json": ["validate", "{chat}", "--base", "{base}", "--json"],
+    "inspect nf4 base": ["inspect", "{code}", "--base", "{nf4}"],
+    "validate nf4 base": ["validate", "{code}", "--base", "{nf4}"],
+    "diff": ["diff", "{chat}", "{code}"],
+    "list": ["list"],
+    "show": ["show", "code@1"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_reporting_commands_import_no_heavy_module(
+    command: str, files: dict[str, str], tmp_path: Path
+) -> None:
+    args = [a.format(**files) for a in COMMANDS[command]]
+    out = tmp_path / "imported.json"
+    proc = _run([sys.executable, "-c", CLI_SCRIPT, str(out), *args], files["home"])
+    assert proc.stdout.strip()  # it did report something
+    assert json.loads(out.read_text()) == [], f"adapterctl {' '.join(args)} imported them"
+
+
+def test_loading_plugins_imports_no_heavy_module(files: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "imported.json"
+    _run([sys.executable, "-c", PLUGINS_SCRIPT, str(out)], files["home"])
+    assert json.loads(out.read_text()) == []
+
+
+def test_widen_bf16_is_exact_for_every_bit_pattern() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # (65536,)
+    got = widen_bf16(bits)
+    want = bits.view(ml_dtypes.bfloat16).astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == bits.shape
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # ±0, ±inf too
+    assert np.array_equal(got.view(np.uint32) >> 16, bits.astype(np.uint32))  # NaN payloads kept
+
+
+def test_bf16_tensors_read_as_float32_without_ml_dtypes(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    t[0, 0], t[1, 1] = float("inf"), float("nan")
+    save_file({"w": t}, str(tmp_path / "x.safetensors"))
+    got = read_header(tmp_path / "x.safetensors").tensors["w"].array()
+    want = t.float().numpy()
+    assert got.dtype == np.float32 and got.shape == (3, 5)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert struct.pack("<f", got[0, 0]) == struct.pack("<f", float("inf"))
