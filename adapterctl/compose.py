@@ -18,6 +18,7 @@ it is meant (see ``adapterctl.formats.peft.write_peft``).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class ComposeReport(BaseModel):
     carried: list[str]  # full tensors carried over (modules_to_save copies, trained biases…)
     warnings: list[str]
     seconds: float
+    registered: str | None = None  # the registry version OUT was recorded as
 
 
 @dataclass
@@ -119,6 +121,9 @@ def compose(
         >>> round(result.report.energy_kept, 3)
         0.998
     """
+    from adapterctl.extras import require
+
+    require("torch", "compose")
     import torch
 
     from adapterctl.device import resolve_device
@@ -201,7 +206,8 @@ def check_inputs(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = Fal
     DoRA inputs are refused (exit 3), as are inputs failing ``validate``'s structure rules;
     inputs naming different base models are a conflict (exit 5) unless allowed.
     """
-    from adapterctl.validate import _model_key, validate
+    from adapterctl.identity import model_key
+    from adapterctl.validate import validate
 
     warnings: list[str] = []
     for a in adapters:
@@ -225,7 +231,7 @@ def check_inputs(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = Fal
                 f"left out (e.g. {a.unknown_tensors[0]})"
             )
     named = {
-        (_model_key(a.config.base_model_name_or_path), a.config.base_model_name_or_path)
+        (model_key(a.config.base_model_name_or_path), a.config.base_model_name_or_path)
         for a in adapters
         if a.config.base_model_name_or_path
     }
@@ -378,3 +384,104 @@ def _template_config(adapters: Sequence[Adapter]) -> Any:
             "bias": bias,
         }
     )
+
+
+def compose_to(
+    sources: Sequence[str | os.PathLike[str] | Adapter],
+    out: str | os.PathLike[str],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    options: Mapping[str, Any] | None = None,
+    *,
+    device: str = "auto",
+    allow_base_mismatch: bool = False,
+    alpha: float | None = None,
+    force: bool = False,
+    register_as: str | None = None,
+) -> ComposeReport:
+    """Compose SOURCEs, write the result as a PEFT folder at ``out`` and, if asked, register
+    it with its lineage: ``adapterctl compose`` in one call.
+
+    Registry inputs must share one base pin (or ``allow_base_mismatch``); ``out`` is refused
+    before any work if it exists (unless ``force``).
+
+    Args:
+        sources: local paths, registry references or read ``Adapter`` objects.
+        out: the output folder.
+        weights, method, options, device, allow_base_mismatch: as for :func:`compose`.
+        alpha: LoRA alpha of bare ``.safetensors`` sources.
+        force: replace an existing ``out``.
+        register_as: record ``out`` as the next version of this name (every source must then
+            be a registry reference).
+
+    Returns:
+        The report, with ``out`` and (when registered) ``registered`` set.
+
+    Raises:
+        Conflict: ``out`` exists, or registry inputs are pinned to different bases (5); and
+            what :func:`compose` raises.
+
+    Example:
+        >>> compose_to(["chat@1", "code@1"], "chat-code", [0.6, 0.4], "ties",
+        ...            {"density": 0.5, "rank": 16}, register_as="chat-code").registered
+        'chat-code@1'
+    """
+    from adapterctl.files import refuse_existing
+    from adapterctl.formats import read
+    from adapterctl.formats.peft import write_peft
+    from adapterctl.refs import registry_versions, resolve
+
+    refuse_existing(out, force=force)
+    paths = [s for s in sources if not isinstance(s, Adapter)]
+    found = dict(zip(map(id, paths), registry_versions([os.fspath(p) for p in paths]), strict=True))
+    versions = [None if isinstance(s, Adapter) else found[id(s)] for s in sources]
+    if register_as and any(v is None for v in versions):
+        raise UsageError(
+            "--register records lineage, so every SOURCE must be a registry reference; "
+            "add local adapters first with: adapterctl add PATH --name NAME"
+        )
+    pin_warnings: list[str] = []
+    if any(v is not None for v in versions):
+        from adapterctl.registry import check_same_base
+
+        pin_warnings = check_same_base(
+            [v for v in versions if v is not None], allow_mismatch=allow_base_mismatch
+        )
+    adapters = [s if isinstance(s, Adapter) else read(resolve(s), alpha=alpha) for s in sources]
+    result = compose(
+        adapters, weights, method, options, device=device, allow_base_mismatch=allow_base_mismatch
+    )
+    write_peft(result.adapter, Path(out), force=force, metadata=_provenance(result.report))
+    report = result.report
+    report.out = os.fspath(out)
+    report.warnings = [w for a in adapters for w in a.warnings] + pin_warnings + report.warnings
+    if register_as:
+        from adapterctl.registry import Registry
+
+        used = list(weights) if weights is not None else [1.0] * len(sources)
+        with Registry() as reg:
+            registered = reg.record_lineage(
+                register_as,
+                [(v, w) for v, w in zip(versions, used, strict=True) if v is not None],
+                method,
+                {k: v for k, v in (options or {}).items() if v is not None},
+                out,
+            )
+        report.registered = registered.ref
+    return report
+
+
+def _provenance(report: ComposeReport) -> dict[str, str]:
+    """The safetensors metadata of a composed adapter: what made it."""
+    import json
+
+    from adapterctl import __version__
+
+    data = {
+        "adapterctl": __version__,
+        "method": report.method,
+        "options": report.options,
+        "weights": report.weights,
+        "inputs": report.inputs,
+    }
+    return {"adapterctl": json.dumps(data, sort_keys=True)}

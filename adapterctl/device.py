@@ -21,10 +21,17 @@ def resolve_device(device: str) -> str:
         return "cpu"
     if device == "auto" and not _nvidia_driver_present():
         return "cpu"
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:  # no torch: the CPU engines, whatever the hardware
+            return "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    from adapterctl.extras import require
+
+    require("torch", f"--device {device}")
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:

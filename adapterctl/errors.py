@@ -49,6 +49,11 @@ class NotFound(AdapterctlError, LookupError):
     exit_code = 4
 
 
+class MissingExtra(NotFound, ImportError):
+    """An optional part of the install is missing (exit 4); the message names the extra that
+    brings it (``pip install 'adapterctl[torch]'``)."""
+
+
 class VersionRemoved(NotFound):
     """A registry reference names a version that was removed (it left a tombstone) (exit 4)."""
 

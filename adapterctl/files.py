@@ -9,6 +9,18 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from adapterctl.errors import Conflict
+
+
+def refuse_existing(out: str | os.PathLike[str], *, force: bool) -> None:
+    """Refuse an output path that exists, unless ``force`` (the one wording everywhere).
+
+    Raises:
+        Conflict: ``out`` exists and ``force`` is False (exit 5).
+    """
+    if not force and os.path.lexists(out):
+        raise Conflict(f"{os.fspath(out)}: already exists; choose another -o or pass --force")
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (new names, renames) to disk; a no-op where folders cannot be

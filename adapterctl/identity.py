@@ -7,14 +7,17 @@
 - Base content digest: sha256 over each weight file's name and sha256 (the value the Hub
   stores as an LFS file's sha256), so a Hub base can be pinned without downloading it.
 - Version digest (the registry's key): sha256 of the canonical manifest plus the base pin.
+- Model key: a base *name* reduced to what identifies the model, for comparing names as a
+  hint (a name mismatch is a warning, never a refusal).
 
-Everything here is hashlib + json: registering an adapter never needs torch.
+Everything here is hashlib, json and re: registering an adapter never needs torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from adapterctl.checkpoint import Checkpoint
 
 _CHUNK = 1 << 20  # large enough that the per-call overhead vanishes
+_QUANT_SUFFIX = re.compile(r"(?:-unsloth)?(?:-bnb)?-(?:4bit|8bit|nf4)$")
 
 
 def file_sha256(path: Path) -> str:
@@ -93,3 +97,22 @@ def version_digest(entries: list[dict[str, object]], pin: dict[str, object]) -> 
     files = sorted(entries, key=lambda e: str(e["path"]))
     data = canonical_json({"files": files, "base": pin})
     return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+
+
+def model_key(name: str) -> str:
+    """A base name reduced to what identifies the model: the last path part (or the repo name
+    of a Hugging Face cache path), lower-cased, without a ``-bnb-4bit``-style suffix.
+
+    Example:
+        >>> model_key("unsloth/Llama-3.2-1B-Instruct-bnb-4bit")
+        'llama-3.2-1b-instruct'
+    """
+    parts = [p for p in re.split(r"[/\\]", name.strip()) if p]
+    if not parts:
+        return ""
+    key = parts[-1]
+    for p in reversed(parts):
+        if p.startswith("models--"):
+            key = p.split("--")[-1]
+            break
+    return _QUANT_SUFFIX.sub("", key.lower())

@@ -6,6 +6,7 @@ core (QR of B and Aᵀ), so resizing costs O((out + in)·r²) per module, never 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,9 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         >>> r.report.ranks
         [5, 7, 12]
     """
+    from adapterctl.extras import require
+
+    require("torch", "resize")
     import torch
 
     from adapterctl.compose import check_inputs, factors_module
@@ -131,3 +135,49 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         seconds=time.perf_counter() - start,
     )
     return Resized(adapter=resized, report=report)
+
+
+def resize_to(
+    source: str | os.PathLike[str] | Adapter,
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    alpha: float | None = None,
+    force: bool = False,
+) -> ResizeReport:
+    """Resize SOURCE and write the result as a PEFT folder at ``out``: ``adapterctl resize``
+    in one call (``out`` is refused before any work if it exists, unless ``force``).
+
+    Args:
+        source: a local path, a registry reference or a read ``Adapter``.
+        out: the output folder.
+        rank, energy: as for :func:`resize` (exactly one).
+        alpha: LoRA alpha of a bare ``.safetensors`` source.
+        force: replace an existing ``out``.
+
+    Returns:
+        The report, with ``out`` set and the source's reading warnings included.
+
+    Raises:
+        UsageError: not exactly one of ``rank`` and ``energy`` (2).
+        Conflict: ``out`` exists (5).
+
+    Example:
+        >>> resize_to("chat@1", "chat-r4", rank=4).energy_kept
+        0.91
+    """
+    from adapterctl.files import refuse_existing
+    from adapterctl.formats import read
+    from adapterctl.formats.peft import write_peft
+    from adapterctl.refs import resolve
+
+    if (rank is None) == (energy is None):
+        raise UsageError("pass exactly one of --rank R or --energy E")
+    refuse_existing(out, force=force)
+    adapter = source if isinstance(source, Adapter) else read(resolve(source), alpha=alpha)
+    result = resize(adapter, rank=rank, energy=energy)
+    write_peft(result.adapter, Path(out), force=force)
+    result.report.out = os.fspath(out)
+    result.report.warnings = adapter.warnings + result.report.warnings
+    return result.report

@@ -136,3 +136,83 @@ def test_bf16_tensors_read_as_float32_without_ml_dtypes(tmp_path: Path) -> None:
     assert got.dtype == np.float32 and got.shape == (3, 5)
     assert np.array_equal(got, want, equal_nan=True)
     assert struct.pack("<f", got[0, 0]) == struct.pack("<f", float("inf"))
+
+
+# Without torch and bitsandbytes (as after `pip install adapterctl`): the core works, and what
+# needs an extra says which one. The modules are blocked in a fresh interpreter, which is what
+# a virtualenv without them looks like to Python.
+NO_TORCH_SCRIPT = """
+import sys
+sys.modules["torch"] = None
+sys.modules["bitsandbytes"] = None
+sys.argv = ["adapterctl", *sys.argv[1:]]
+from adapterctl.cli import main
+main()
+"""
+
+CORE = {
+    "inspect": ["inspect", "{code}", "--base", "{base}"],
+    "validate": ["validate", "{chat}", "--base", "{base}"],
+    "diff": ["diff", "{chat}", "{code}"],
+    "add": ["add", "{chat}", "--name", "light", "--base", "{base}"],
+    "list": ["list"],
+    "merge": ["merge", "{base}", "{chat}", "-o", "{tmp}/merged", "--verify"],
+}
+NEED_EXTRA = {
+    "merge --quantize nf4": (
+        ["merge", "{base}", "{chat}", "-o", "{tmp}/q", "--quantize", "nf4"],
+        "nf4",
+    ),
+    "merge from nf4": (["merge", "{nf4}", "{chat}", "-o", "{tmp}/q"], "nf4"),
+    "merge --method": (
+        [
+            "merge",
+            "{base}",
+            "{chat}",
+            "{code}",
+            "-o",
+            "{tmp}/m",
+            "--method",
+            "ties",
+            "--density",
+            "0.5",
+        ],
+        "torch",
+    ),
+    "compose": (["compose", "{chat}", "{code}", "-o", "{tmp}/c", "--method", "linear"], "torch"),
+    "resize": (["resize", "{chat}", "-o", "{tmp}/r", "--rank", "2"], "torch"),
+    "demo": (["demo"], "torch"),
+}
+
+
+def _no_torch(
+    args: list[str], files: dict[str, str], tmp: Path
+) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "ADAPTERCTL_DEBUG"}
+    env["ADAPTERCTL_HOME"] = str(tmp / "home")
+    argv = [a.format(**files, tmp=tmp) for a in args]
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH_SCRIPT, *argv], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(CORE))
+def test_the_core_works_without_torch(command: str, files: dict[str, str], tmp_path: Path) -> None:
+    proc = _no_torch(CORE[command], files, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    if command == "merge":
+        assert (tmp_path / "merged" / "model-00001-of-00002.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", list(NEED_EXTRA))
+def test_what_needs_torch_names_the_extra(
+    command: str, files: dict[str, str], tmp_path: Path
+) -> None:
+    args, extra = NEED_EXTRA[command]
+    proc = _no_torch(args, files, tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("Error: ") and f"pip install 'adapterctl[{extra}]'" in lines[0]
+    assert not list(tmp_path.glob("[qmcr]")) and not list(tmp_path.glob(".*partial*"))

@@ -73,6 +73,11 @@ class AdapterctlGroup(click.Group):
             why = exc.strerror or str(exc) or type(exc).__name__
             _die(f"{where}{why}; check the path, its permissions and free space", 1)
         except Exception as exc:
+            from adapterctl.extras import EXTRAS, missing
+
+            if isinstance(exc, ModuleNotFoundError) and exc.name in EXTRAS:  # an optional part
+                err = missing(exc.name, f"`adapterctl {ctx.invoked_subcommand}`")
+                _die(str(err), err.exit_code)
             if os.environ.get("ADAPTERCTL_DEBUG"):
                 traceback.print_exc()
             detail = str(exc).splitlines()[0] if str(exc) else ""

@@ -12,11 +12,8 @@ from adapterctl.cli.options import (
     emit,
     force_option,
     json_option,
-    load_source,
     method_options,
     register_option,
-    registry_inputs,
-    warn,
     weights_option,
 )
 
@@ -61,66 +58,19 @@ def compose_command(
     are refused (exit 5) unless --allow-base-mismatch. modules_to_save copies are
     carried over unweighted (different copies of one tensor: exit 3).
     """
-    from pathlib import Path
+    from adapterctl.compose import compose_to
 
-    from adapterctl.compose import compose
-    from adapterctl.errors import Conflict
-    from adapterctl.formats.peft import write_peft
-
-    weight_list = check_weights(weights, sources)
-    if Path(out).exists() and not force:
-        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
-    versions = registry_inputs(sources, register_as)
-    pin_warnings: list[str] = []
-    if any(v is not None for v in versions):
-        from adapterctl.registry import check_same_base
-
-        pin_warnings = check_same_base(
-            [v for v in versions if v is not None], allow_mismatch=allow_base_mismatch
-        )
-    adapters = [load_source(s, alpha, None) for s in sources]
-    for a in adapters:
-        for w in a.warnings:
-            warn(w)
     options = {
         "density": density, "rank": rank, "majority_sign": majority_sign,
         "convention": convention, "seed": seed,
     }  # fmt: skip
-    result = compose(
-        adapters, weight_list, method, options, device=device,
-        allow_base_mismatch=allow_base_mismatch,
+    report = compose_to(
+        list(sources), out, check_weights(weights, sources), method, options, device=device,
+        allow_base_mismatch=allow_base_mismatch, alpha=alpha, force=force,
+        register_as=register_as,
     )  # fmt: skip
-    write_peft(result.adapter, out, force=force, metadata=_provenance(result.report))
-    result.report.out = str(out)
-    result.report.warnings = pin_warnings + result.report.warnings
-    if register_as:
-        from adapterctl.registry import Registry
-
-        weights_used = weight_list or [1.0] * len(sources)
-        with Registry() as reg:
-            registered = reg.record_lineage(
-                register_as,
-                [(v, w) for v, w in zip(versions, weights_used, strict=True) if v is not None],
-                method,
-                {k: v for k, v in options.items() if v is not None},
-                out,
-            )
-        click.echo(f"registered as {registered.ref}", err=True)
+    if report.registered:
+        click.echo(f"registered as {report.registered}", err=True)
     from adapterctl.cli.render import render_compose
 
-    emit(result.report, as_json, render_compose)
-
-
-def _provenance(report: object) -> dict[str, str]:
-    import json
-
-    from adapterctl import __version__
-
-    data = {
-        "adapterctl": __version__,
-        "method": getattr(report, "method", None),
-        "options": getattr(report, "options", None),
-        "weights": getattr(report, "weights", None),
-        "inputs": getattr(report, "inputs", None),
-    }
-    return {"adapterctl": json.dumps(data, sort_keys=True)}
+    emit(report, as_json, render_compose)

@@ -13,14 +13,11 @@ from adapterctl.cli import cli
 from adapterctl.cli.options import (
     check_weights,
     device_option,
+    emit,
     force_option,
     json_option,
-    load_base,
-    load_source,
     method_options,
     register_option,
-    registry_inputs,
-    warn,
     weights_option,
 )
 from adapterctl.errors import UsageError
@@ -97,67 +94,35 @@ def merge_command(
     dequantised (exactly W_nf4 + ΔW, in the compute dtype) unless --quantize nf4.
     The output is written to a temporary sibling and renamed into place when complete.
     """
-    from adapterctl.merge import check_base_pins, dry_run_report, plan_merge, run_merge
+    from adapterctl.merge import merge
 
-    weight_list = check_weights(weights, sources)
-    versions = registry_inputs(sources, register_as)
-    ckpt = load_base(base)
-    pin_checks, pin_warnings = check_base_pins(versions, ckpt, allow_mismatch=allow_base_mismatch)
-    adapters = [load_source(s, alpha, None) for s in sources]
-    for a in adapters:
-        for w in a.warnings:
-            warn(w)
-    plan = plan_merge(
-        ckpt, adapters, weight_list, dtype=dtype, quantize=quantize,
-        quant_method=quant_method,
-        max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
-        method=method,
-        method_options={
-            "density": density, "majority_sign": majority_sign, "convention": convention,
-            "seed": seed,
-        },
-    )  # fmt: skip
-    if dry_run:
-        report = dry_run_report(plan, out)
-    else:
-        with _progress(as_json, len(plan.jobs)) as progress:
-            report = run_merge(
-                plan, out, device=device, force=force, verify=verify,
-                max_delta_error=max_delta_error, progress=progress, fsync=fsync,
-            )  # fmt: skip
-    report.base_pin_checks = pin_checks
-    report.warnings = pin_warnings + report.warnings
-    if register_as and not dry_run:
-        from adapterctl.registry import Registry
-
-        with Registry() as reg:
-            registered = reg.record_lineage(
-                register_as,
-                [(v, w) for v, w in zip(versions, plan.weights, strict=True) if v is not None],
-                f"merge:{method}",
-                {k: v for k, v in plan.provenance.get("method", {}).items() if k != "name"},
-                out,
-                base=ckpt,
-            )
-        report.registered = registered.ref
-    for w in report.warnings:
-        warn(w)
-    if as_json:
-        click.echo(report.model_dump_json(indent=2))
-        return
+    with _progress(as_json) as progress:
+        report = merge(
+            base, list(sources), out, check_weights(weights, sources), dtype=dtype,
+            quantize=quantize, quant_method=quant_method,
+            max_shard_size=parse_size(max_shard_size) if max_shard_size else None,
+            method=method,
+            method_options={
+                "density": density, "majority_sign": majority_sign, "convention": convention,
+                "seed": seed,
+            },
+            device=device, force=force, verify=verify, max_delta_error=max_delta_error,
+            fsync=fsync, dry_run=dry_run, allow_base_mismatch=allow_base_mismatch, alpha=alpha,
+            register_as=register_as, progress=progress,
+        )  # fmt: skip
     from adapterctl.cli.render import render_merge
 
-    render_merge(report, plan)
+    emit(report, as_json, render_merge)
 
 
 class _progress:
     """A rich progress bar on stderr (bytes and tensors) when it is a terminal; a no-op
     otherwise. ``run_merge`` reports once per tensor written."""
 
-    def __init__(self, quiet: bool, tensors: int) -> None:
+    def __init__(self, quiet: bool) -> None:
         self.bar: Any = None
         self.task: Any = None
-        self.tensors, self.done = tensors, 0
+        self.done = 0
         if not quiet and sys.stderr.isatty():
             from rich.progress import (
                 BarColumn,
@@ -180,12 +145,12 @@ class _progress:
         if self.bar is None:
             return None
         self.bar.__enter__()
-        self.task = self.bar.add_task("merge", total=None, tensors=f"0/{self.tensors} tensors")
+        self.task = self.bar.add_task("merge", total=None, tensors="0 tensors")
 
         def update(done: int, total: int) -> None:
             assert self.bar is not None
             self.done += 1
-            tensors = f"{self.done}/{self.tensors} tensors"
+            tensors = f"{self.done} tensors"
             self.bar.update(self.task, completed=done, total=total, tensors=tensors)
 
         return update

@@ -102,7 +102,7 @@ def render_inspect(r: InspectReport) -> None:
         out.print(f"{len(r.nonfinite_modules)} module(s) hold NaN or Inf.")
 
 
-def render_merge(r: Any, plan: Any) -> None:
+def render_merge(r: Any) -> None:
     """Summary of a merge (or of its plan, with --dry-run): plain lines, so that a merge never
     pays for importing rich."""
     import click

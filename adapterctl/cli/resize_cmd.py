@@ -5,8 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import emit, force_option, json_option, load_source, warn
-from adapterctl.errors import UsageError
+from adapterctl.cli.options import emit, force_option, json_option
 
 
 @cli.command("resize")
@@ -34,22 +33,9 @@ def resize_command(
     reports the energy kept. The output is a standard PEFT folder with the scale folded
     into lora_B (alpha = r).
     """
-    from pathlib import Path
+    from adapterctl.resize import resize_to
 
-    from adapterctl.errors import Conflict
-    from adapterctl.formats.peft import write_peft
-    from adapterctl.resize import resize
-
-    if (rank is None) == (energy is None):
-        raise UsageError("pass exactly one of --rank R or --energy E")
-    if Path(out).exists() and not force:
-        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
-    adapter = load_source(source, alpha, None)
-    for w in adapter.warnings:
-        warn(w)
-    result = resize(adapter, rank=rank, energy=energy)
-    write_peft(result.adapter, out, force=force)
-    result.report.out = str(out)
+    report = resize_to(source, out, rank=rank, energy=energy, alpha=alpha, force=force)
     from adapterctl.cli.render import render_resize
 
-    emit(result.report, as_json, render_resize)
+    emit(report, as_json, render_resize)

@@ -158,6 +158,9 @@ def load_bin(path: Path) -> dict[str, TensorSource]:
     """Read a pickled state dict safely (``weights_only=True``); refuse anything but tensors."""
     import pickle
 
+    from adapterctl.extras import require
+
+    require("torch", "reading a pickled .bin adapter")
     import torch
 
     check_not_pointer(path)
@@ -330,12 +333,10 @@ def write_peft(
     import torch
     from safetensors.torch import save_file
 
-    from adapterctl.errors import Conflict
-    from adapterctl.files import replace_dir
+    from adapterctl.files import refuse_existing, replace_dir
 
     out = Path(out)
-    if out.exists() and not force:
-        raise Conflict(f"{out}: already exists; choose another -o or pass --force")
+    refuse_existing(out, force=force)
     dora = [n for n, m in adapter.modules.items() if m.is_dora]
     if dora:
         raise UnsupportedAdapter(

@@ -20,15 +20,21 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from adapterctl.adapter import Adapter
 from adapterctl.checkpoint import Checkpoint
 from adapterctl.device import resolve_device
-from adapterctl.errors import AdapterctlError, Conflict, OperationalError, ValidationFailed
-from adapterctl.files import fsync_dir, replace_dir
+from adapterctl.errors import (
+    AdapterctlError,
+    Conflict,
+    OperationalError,
+    UsageError,
+    ValidationFailed,
+)
+from adapterctl.files import fsync_dir, refuse_existing, replace_dir
 from adapterctl.merge.output import build_report, dry_run_report, provenance_json, write_side_files
 from adapterctl.merge.plan import (
     DTYPE_CHOICES,
@@ -40,12 +46,16 @@ from adapterctl.merge.plan import (
 from adapterctl.merge.writing import Overflow
 from adapterctl.tensorfile import BYTES_READ
 
+ENGINES = ("auto", "numpy", "torch")
+
 __all__ = [
     "DTYPE_CHOICES",
+    "ENGINES",
     "LayerError",
     "MergePlan",
     "MergeReport",
     "check_base_pins",
+    "choose_engine",
     "dry_run_report",
     "merge",
     "plan_merge",
@@ -58,6 +68,7 @@ def run_merge(
     out: str | os.PathLike[str],
     *,
     device: str = "auto",
+    engine: str = "auto",
     force: bool = False,
     verify: bool = False,
     max_delta_error: float | None = None,
@@ -70,6 +81,7 @@ def run_merge(
         plan: from ``plan_merge``.
         out: the output folder; refused if it exists unless ``force``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``: where the float32 math runs.
+        engine: ``auto`` (``choose_engine``), ``numpy`` or ``torch``.
         force: replace an existing ``out``.
         verify: re-read the output and check sampled rows of every merged tensor against a
             fresh float64 computation.
@@ -88,11 +100,12 @@ def run_merge(
         Conflict: ``out`` exists and ``force`` is False.
         OperationalError: not enough free disk space, or an I/O error.
         ValidationFailed: the delta error exceeded ``max_delta_error``.
+        MissingExtra: the merge needs torch, which is not installed (exit 4).
     """
     out_path = Path(out)
     dev = resolve_device(device)
-    if out_path.exists() and not force:
-        raise Conflict(f"{out_path} already exists; pass --force to replace it")
+    engine = choose_engine(plan, dev, engine)
+    refuse_existing(out_path, force=force)
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_path)
@@ -110,7 +123,7 @@ def run_merge(
     read_before = BYTES_READ.value
     try:
         overflow = Overflow()
-        engine, kernel, layers = _execute(plan, tmp, dev, progress, fsync, overflow)
+        kernel, layers = _execute(plan, tmp, dev, engine, progress, fsync, overflow)
         report = build_report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine, report.kernel = engine, kernel
         overflowed = overflow.warning()
@@ -148,26 +161,57 @@ def run_merge(
         raise
 
 
+def choose_engine(plan: MergePlan, dev: str, engine: str = "auto") -> str:
+    """The engine that writes ``plan`` on ``dev``: ``numpy`` (CPU, plain 16/32-bit merges, no
+    torch) where it can, else ``torch`` (4-bit in or out, ``--method``, DoRA on Conv1D,
+    float64, CUDA).
+
+    Args:
+        plan: from ``plan_merge``.
+        dev: a resolved device (``resolve_device``).
+        engine: ``auto``, or ``numpy``/``torch`` to insist on one.
+
+    Raises:
+        UsageError: the engine asked for cannot write this plan on this device.
+        MissingExtra: the plan needs torch and it is not installed (exit 4).
+    """
+    from adapterctl.merge import numpy_engine
+
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    numpy_ok = dev == "cpu" and numpy_engine.supports(plan)
+    if engine == "numpy" and not numpy_ok:
+        raise UsageError(
+            "the numpy engine writes plain 16/32-bit merges on the CPU only; use engine auto"
+        )
+    if engine != "torch" and numpy_ok:
+        return "numpy"
+    from adapterctl.extras import require
+
+    four_bit = plan.quantize is not None or any(j.quant_in is not None for j in plan.jobs)
+    purpose = "a 4-bit merge" if four_bit else "this merge (--method, DoRA, float64 or CUDA)"
+    require("torch", purpose, extra="nf4" if four_bit else "torch")
+    return "torch"
+
+
 def _execute(
     plan: MergePlan,
     tmp: Path,
     dev: str,
+    engine: str,
     progress: Callable[[int, int], None] | None,
     durable: bool,
     overflow: Overflow,
-) -> tuple[str, str | None, list[LayerError]]:
-    """Write the plan's shards into ``tmp`` with the engine that fits: NumPy on the CPU for
-    plain 16/32-bit merges (``numpy_engine``: no torch import), torch otherwise. Returns the
-    engine's name, the NumPy engine's kernel (None for torch) and the 4-bit layers' delta
-    errors."""
-    from adapterctl.merge import numpy_engine
+) -> tuple[str | None, list[LayerError]]:
+    """Write the plan's shards into ``tmp`` with ``engine``. Returns the NumPy engine's kernel
+    (None for torch) and the 4-bit layers' delta errors."""
+    if engine == "numpy":
+        from adapterctl.merge import numpy_engine
 
-    if dev == "cpu" and numpy_engine.supports(plan):
-        return "numpy", numpy_engine.write_shards(plan, tmp, progress, durable, overflow), []
+        return numpy_engine.write_shards(plan, tmp, progress, durable, overflow), []
     from adapterctl.merge import torch_engine
 
-    layers = torch_engine.write_shards(plan, tmp, dev, progress, durable, overflow)
-    return "torch", None, layers
+    return None, torch_engine.write_shards(plan, tmp, dev, progress, durable, overflow)
 
 
 def _keep_heap_small() -> None:
@@ -248,23 +292,117 @@ def check_base_pins(
 
 
 def merge(
-    base: Checkpoint,
-    adapters: list[Adapter],
+    base: str | os.PathLike[str] | Checkpoint,
+    adapters: Sequence[str | os.PathLike[str] | Adapter],
     out: str | os.PathLike[str],
-    weights: list[float] | None = None,
-    **options: Any,
+    weights: Sequence[float] | None = None,
+    *,
+    dtype: str = "auto",
+    quantize: str | None = None,
+    quant_method: str = "optimal",
+    max_shard_size: int | None = None,
+    method: str | None = None,
+    method_options: Mapping[str, Any] | None = None,
+    device: str = "auto",
+    engine: str = "auto",
+    force: bool = False,
+    verify: bool = False,
+    max_delta_error: float | None = None,
+    fsync: bool = False,
+    dry_run: bool = False,
+    allow_base_mismatch: bool = False,
+    alpha: float | None = None,
+    register_as: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MergeReport:
-    """Plan and run a merge in one call (see ``plan_merge`` and ``run_merge`` for options).
+    """Merge adapters into a base checkpoint, from SOURCE strings to a written (and, if asked,
+    registered) OUT, in one call.
+
+    Registry inputs have their base pins checked against ``base``; every adapter passes
+    ``validate``'s pre-flight; the merge is planned from headers, written atomically, and with
+    ``register_as`` recorded as the next version of that name with its lineage.
+
+    Args:
+        base: a base checkpoint folder (or an open ``Checkpoint``).
+        adapters: SOURCEs (local paths or registry references) or read ``Adapter`` objects.
+        out: the output folder.
+        weights: one weight per adapter (default 1.0 each).
+        dtype: ``auto`` (the base's), ``bf16``, ``fp16`` or ``fp32``.
+        quantize: ``"nf4"``/``"fp4"``: write the linear weights in bitsandbytes 4-bit.
+        quant_method: ``optimal`` or ``absmax`` (bitsandbytes' own) 4-bit scales.
+        max_shard_size: repack the output into shards of at most this many bytes.
+        method: a composition method applied at full rank per module (``ties``, ``dare_*``,
+            ``magnitude_prune``); None or ``linear`` for the exact weighted sum.
+        method_options: its options (``density``, ``majority_sign``, ``convention``, ``seed``).
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        engine: ``auto``, ``numpy`` or ``torch`` (see ``choose_engine``).
+        force: replace an existing ``out``.
+        verify: re-read ``out`` and check sampled rows against float64 math.
+        max_delta_error: with 4-bit output, fail when more of ΔW is lost than this.
+        fsync: flush the output to the disk before the rename.
+        dry_run: plan only; write nothing (the report says what would be written).
+        allow_base_mismatch: report a base-pin mismatch as a warning instead of refusing.
+        alpha: LoRA alpha of bare ``.safetensors`` sources.
+        register_as: record ``out`` in the registry as the next version of this name (every
+            adapter must then be a registry reference, since lineage links versions).
+        progress: called once per tensor written with (bytes written, total bytes).
+
+    Returns:
+        The report; ``registered`` names the new version when ``register_as`` was given.
+
+    Raises:
+        UsageError: bad arguments (2). ValidationFailed: an adapter does not fit ``base`` (3).
+        NotFound: a missing source, base or version, or a missing extra (4). Conflict: ``out``
+        exists, or a base pin differs (5). OperationalError: I/O (1).
 
     Example:
-        >>> from adapterctl.checkpoint import open_checkpoint
-        >>> from adapterctl.formats import read
-        >>> report = merge(open_checkpoint("base"), [read("adapter")], "merged")
-        >>> report.tensors_merged[:1]
-        ['model.layers.0.self_attn.q_proj.weight']
+        >>> report = merge("models/Llama-3.2-1B", ["chat@prod"], "merged", register_as="chat-m")
+        >>> report.registered
+        'chat-m@1'
     """
-    plan_keys = {"dtype", "quantize", "quant_method", "max_shard_size", "method", "method_options"}
+    from adapterctl.checkpoint import open_checkpoint
+    from adapterctl.formats import read
+    from adapterctl.refs import registry_versions, resolve
+
+    ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    sources = [a for a in adapters if not isinstance(a, Adapter)]
+    versions = registry_versions([os.fspath(s) for s in sources]) if sources else []
+    by_source = dict(zip(map(id, sources), versions, strict=True))
+    inputs = [None if isinstance(a, Adapter) else by_source[id(a)] for a in adapters]
+    if register_as and any(v is None for v in inputs):
+        raise UsageError(
+            "--register records lineage, so every SOURCE must be a registry reference; "
+            "add local adapters first with: adapterctl add PATH --name NAME"
+        )
+    pin_checks, pin_warnings = check_base_pins(inputs, ckpt, allow_mismatch=allow_base_mismatch)
+    read_in = [
+        a if isinstance(a, Adapter) else read(resolve(a), alpha=alpha, rank=None) for a in adapters
+    ]
     plan = plan_merge(
-        base, adapters, weights, **{k: v for k, v in options.items() if k in plan_keys}
-    )
-    return run_merge(plan, out, **{k: v for k, v in options.items() if k not in plan_keys})
+        ckpt, read_in, None if weights is None else list(weights), dtype=dtype,
+        quantize=quantize, quant_method=quant_method, max_shard_size=max_shard_size,
+        method=method, method_options=None if method_options is None else dict(method_options),
+    )  # fmt: skip
+    if dry_run:
+        report = dry_run_report(plan, out)
+    else:
+        report = run_merge(
+            plan, out, device=device, engine=engine, force=force, verify=verify,
+            max_delta_error=max_delta_error, progress=progress, fsync=fsync,
+        )  # fmt: skip
+    report.base_pin_checks = pin_checks
+    report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
+    if register_as and not dry_run:
+        from adapterctl.registry import Registry
+
+        with Registry() as reg:
+            registered = reg.record_lineage(
+                register_as,
+                [(v, w) for v, w in zip(inputs, plan.weights, strict=True) if v is not None],
+                f"merge:{method}",
+                {k: v for k, v in plan.provenance.get("method", {}).items() if k != "name"},
+                out,
+                base=ckpt,
+            )
+        report.registered = registered.ref
+    return report

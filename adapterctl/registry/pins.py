@@ -1,0 +1,188 @@
+"""Base pins: which base a version belongs to, how strongly that is known, and the checks
+against it (a checkpoint about to be merged into; several versions about to be combined).
+
+The weight-file hashes behind a content digest are cached in the ``base_hashes`` table, keyed
+by absolute path, size and mtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapterctl.errors import Conflict, NotFound, UsageError
+from adapterctl.identity import base_content_digest, base_fingerprint
+from adapterctl.registry.db import LazyDatabase, now, retry, rows
+from adapterctl.registry.models import PIN_LABELS, BasePin, FileEntry, Version, short_digest
+
+if TYPE_CHECKING:
+    from adapterctl.checkpoint import Checkpoint
+
+
+def open_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
+    """The checkpoint ``base`` names (an open one is returned as is).
+
+    Raises:
+        NotFound: an ``hf://`` base (not available yet), or no checkpoint there (4).
+    """
+    from adapterctl.checkpoint import Checkpoint, open_checkpoint
+
+    if isinstance(base, Checkpoint):
+        return base
+    if str(base).startswith("hf://"):
+        raise NotFound(
+            f"{base}: Hub bases are not available yet; download the base and pass its folder"
+        )
+    return open_checkpoint(base)
+
+
+def base_file_hashes(
+    database: LazyDatabase, ckpt: Checkpoint, *, compute: bool
+) -> list[FileEntry] | None:
+    """The sha256 of each of a base's weight files, from the cache or, with ``compute``,
+    hashed now and cached (see ``Registry.base_file_hashes``)."""
+    from adapterctl.identity import file_sha256
+
+    root = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    out: list[FileEntry] = []
+    for shard in ckpt.shards:
+        st = shard.stat()
+        key = str(shard.resolve())
+
+        def lookup(key: str = key) -> list[dict]:
+            return rows(database.db.conn, "SELECT * FROM base_hashes WHERE path = ?", [key])
+
+        found = retry(lookup, "reading the base hash cache")
+        row = found[0] if found else None
+        if row and row["size"] == st.st_size and row["mtime_ns"] == st.st_mtime_ns:
+            sha = str(row["sha256"])
+        elif compute:
+            sha = file_sha256(shard)
+
+            def store(key: str = key, sha: str = sha, st: os.stat_result = st) -> None:
+                with database.write() as conn:
+                    conn.execute(
+                        "INSERT OR REPLACE INTO base_hashes VALUES (?, ?, ?, ?, ?)",
+                        [key, st.st_size, st.st_mtime_ns, sha, now()],
+                    )
+
+            retry(store, "caching a base hash")
+        else:
+            return None
+        out.append(FileEntry(path=shard.relative_to(root).as_posix(), size=st.st_size, sha256=sha))
+    return sorted(out, key=lambda e: e.path)
+
+
+def pin_base(
+    database: LazyDatabase,
+    base: str | os.PathLike[str] | Checkpoint | None,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    hash_base: bool = False,
+) -> BasePin:
+    """Pin a base: fingerprint always, content digest when asked or cached (see
+    ``Registry.pin_base``).
+
+    Raises:
+        UsageError: ``hash_base`` without a base (2).
+    """
+    if base is None:
+        if hash_base:
+            raise UsageError("--hash-base needs a local base; pass --base BASE")
+        return BasePin(level="name only" if name else "none", name=name, revision=revision)
+    ckpt = open_base(base)
+    files = base_file_hashes(database, ckpt, compute=hash_base)
+    return BasePin(
+        level="content digest" if files else "fingerprint",
+        fingerprint=base_fingerprint(ckpt),
+        content_digest=base_content_digest((f.path, f.sha256) for f in files) if files else None,
+        files=files or [],
+        name=name,
+        revision=revision,
+        path=str(Path(ckpt.path).resolve()),
+        architecture=ckpt.architecture,
+    )
+
+
+def check_pin(
+    database: LazyDatabase, v: Version, checkpoint: Checkpoint, *, hash_base: bool = False
+) -> str:
+    """Check that ``checkpoint`` is the base ``v`` is pinned to (see
+    ``Registry.check_base_pin``).
+
+    Returns:
+        Which check ran (a ``PIN_LABELS`` value).
+
+    Raises:
+        Conflict: the checkpoint differs from the pin (5).
+    """
+    pin = v.base
+    if pin.level in ("none", "name only"):
+        return pin.label
+    if pin.content_digest:
+        files = base_file_hashes(database, checkpoint, compute=hash_base)
+        if files is not None:
+            got = base_content_digest((f.path, f.sha256) for f in files)
+            if got != pin.content_digest:
+                raise Conflict(
+                    f"{v.ref} is pinned to base content {short_digest(pin.content_digest)} "
+                    f"({pin.path or pin.name or '?'}) but {checkpoint.path} has "
+                    f"{short_digest(got)} (other weights); merge into the base it was trained "
+                    "on, or pass --allow-base-mismatch"
+                )
+            return PIN_LABELS["content digest"]
+    got_fp = base_fingerprint(checkpoint)
+    if got_fp != pin.fingerprint:
+        raise Conflict(
+            f"{v.ref} is pinned to base fingerprint {short_digest(pin.fingerprint)} "
+            f"({pin.architecture or '?'}, {pin.path or pin.name or '?'}) but "
+            f"{checkpoint.path} has {short_digest(got_fp)} (other tensor names, shapes or "
+            "dtypes); merge into the base it was trained on, or pass --allow-base-mismatch"
+        )
+    return PIN_LABELS["fingerprint"]
+
+
+def check_same_base(versions: Sequence[Version], *, allow_mismatch: bool = False) -> list[str]:
+    """Refuse combining versions pinned to different bases (DESIGN: "Identity").
+
+    Fingerprints are compared, and content digests where every pin has one; name-only pins
+    cannot be compared and are skipped.
+
+    Args:
+        versions: the registry inputs of a compose or merge.
+        allow_mismatch: report a mismatch as a warning instead of refusing.
+
+    Returns:
+        Warnings (a mismatch that was allowed).
+
+    Raises:
+        Conflict: the pins differ and ``allow_mismatch`` is False (exit 5).
+    """
+    pinned = [v for v in versions if v.base.fingerprint]
+    fps = {v.base.fingerprint for v in pinned}
+    contents = {v.base.content_digest for v in pinned}
+    if len(fps) <= 1 and (None in contents or len(contents) <= 1):
+        return []
+    listing = ", ".join(
+        f"{v.ref} → {short_digest(v.base.content_digest or v.base.fingerprint)}" for v in pinned
+    )
+    message = f"the inputs are pinned to different bases ({listing})"
+    if not allow_mismatch:
+        raise Conflict(f"{message}; combine adapters of one base, or pass --allow-base-mismatch")
+    return [f"--allow-base-mismatch: {message}"]
+
+
+def shared_pin(pins: Sequence[BasePin]) -> BasePin | None:
+    """The pin all ``pins`` agree on: their fingerprint, with their content digest when they
+    all have the same one; None when they name different bases (or none)."""
+    fps = {p.fingerprint for p in pins}
+    if not pins or len(fps) != 1 or None in fps:
+        return None
+    contents = {p.content_digest for p in pins}
+    if len(contents) == 1 and None not in contents:
+        return pins[0]
+    plain = next(p for p in pins if p.content_digest is None) if None in contents else pins[0]
+    return plain.model_copy(update={"level": "fingerprint", "content_digest": None, "files": []})
