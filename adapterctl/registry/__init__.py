@@ -352,38 +352,11 @@ class Registry:
             vid = retry(insert, f"adding {name}")
         return self._version_by_id(vid)
 
-    def _insert_version(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        name: str,
-        entries: builtins.list[FileEntry],
-        files_digest: str,
-        digest: str,
-        fmt: str,
-        size: int,
-        pin: BasePin,
-        message: str | None,
-        source: str,
-        tags: Sequence[str],
-        lineage: Lineage | None,
-    ) -> int:
+    def _insert_version(self, conn: sqlite3.Connection, **fields: Any) -> int:
         """Insert the rows of a new version in the open write transaction ``conn``; its row id
-        (``intake.insert_version``; a method so tests can inject faults around it)."""
-        return intake.insert_version(
-            conn,
-            name=name,
-            entries=entries,
-            files_digest=files_digest,
-            digest=digest,
-            fmt=fmt,
-            size=size,
-            pin=pin,
-            message=message,
-            source=source,
-            tags=tags,
-            lineage=lineage,
-        )
+        (``intake.insert_version``, whose keyword arguments ``fields`` are; a method so tests
+        can inject faults around it)."""
+        return intake.insert_version(conn, **fields)
 
     def record_lineage(
         self,
