@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.errors import OperationalError
 from adapterctl.merge.plan import (
     CHUNK_ELEMENTS,
     NF4_STATE_BYTES,
@@ -456,7 +455,8 @@ def _pad_state(state: torch.Tensor) -> torch.Tensor:
 
     raw = bytes(state.cpu().numpy())
     if len(raw) > NF4_STATE_BYTES:
-        raise OperationalError(f"4-bit quant state larger than {NF4_STATE_BYTES} bytes")
+        # The header was planned with this size: outgrowing it is a planning bug (exit 70).
+        raise RuntimeError(f"internal: 4-bit quant state larger than {NF4_STATE_BYTES} bytes")
     raw += b" " * (NF4_STATE_BYTES - len(raw))
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
