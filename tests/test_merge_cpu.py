@@ -222,3 +222,41 @@ def test_the_install_built_the_kernel() -> None:
         pytest.fail(f"{cc} is installed but the merge kernel was not built: {exc}")
     assert numpy_engine.KERNEL is _fused
     assert _fused.DTYPES == ("bfloat16", "float16", "float32")
+
+
+@pytest.mark.parametrize(
+    ("isa", "rank", "cols", "pays"),
+    [
+        ("avx512", 16, 4096, True),  # measured 2.2-3.2x faster than NumPy
+        ("avx512", 64, 11008, True),
+        ("avx512", 128, 4096, False),  # measured 0.8x: OpenBLAS wins
+        ("avx2", 128, 4096, False),
+        ("avx512", 128, 11008, True),  # measured 1.7x
+        ("avx512", 256, 4096, True),  # measured 1.25x
+        ("generic", 16, 4096, True),  # on a par
+        ("generic", 64, 4096, False),  # measured 2-3x slower
+        ("generic", 256, 11008, False),
+    ],
+)
+def test_the_kernel_runs_only_where_it_was_measured_faster(
+    isa: str, rank: int, cols: int, pays: bool
+) -> None:
+    assert numpy_engine.kernel_pays(isa, rank, cols) is pays
+
+
+def test_the_report_names_what_summed(tmp_path: Path) -> None:
+    """Tensors whose summed rank the kernel loses at go to NumPy, and the report says which
+    summed: the kernel, NumPy, or both."""
+    if numpy_engine.KERNEL is None:
+        pytest.skip("built without the kernel")
+    isa = numpy_engine.kernel_isa()
+    assert isa is not None and not numpy_engine.kernel_pays(isa, 128, 16)
+    model = llama_model()
+    base = open_checkpoint(save_base(model, tmp_path / "base", torch.bfloat16))
+    _, low = peft_adapter(copy.deepcopy(model), tmp_path / "low", target_modules="all-linear")
+    _, high = peft_adapter(copy.deepcopy(model), tmp_path / "high", r=128)  # q_proj, v_proj
+    merged = {}
+    for name, adapters in {"low": [low], "high": [high], "mixed": [low, high]}.items():
+        report = run_merge(plan_merge(base, [read(a) for a in adapters]), tmp_path / f"o-{name}")
+        merged[name] = report.kernel
+    assert merged == {"low": f"fused-{isa}", "high": "numpy", "mixed": f"fused-{isa}+numpy"}

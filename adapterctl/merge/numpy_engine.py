@@ -123,6 +123,7 @@ def write_shards(
     from threadpoolctl import threadpool_limits
 
     isa = kernel_isa()
+    used: set[str] = set()  # "fused" and/or "numpy": what summed the merged tensors
     fds: list[int] = []
     tasks: list[tuple[Job, int, int]] = []  # (job, output file, offset of its bytes there)
     headers = 0
@@ -140,7 +141,7 @@ def write_shards(
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
             total = headers + plan.bytes_out
-            _run_tasks(tasks, maps, overflow or Overflow(), isa, tmp, headers, total, progress)
+            _run_tasks(tasks, maps, overflow or Overflow(), isa, used, headers, total, progress)
         if durable:
             for fd in fds:
                 os.fsync(fd)
@@ -148,7 +149,25 @@ def write_shards(
         for fd in fds:
             os.close(fd)
         maps.close()
-    return "numpy" if isa is None else f"fused-{isa}"
+    if isa is None or used == {"numpy"}:
+        return "numpy"
+    return f"fused-{isa}+numpy" if "numpy" in used else f"fused-{isa}"
+
+
+def kernel_pays(isa: str, rank: int, cols: int) -> bool:
+    """Whether the compiled kernel sums W + L·R faster than NumPy's ``sgemm`` here, as
+    ``bench/kernel.py`` measured it (bench/RESULTS.md, "kernel"): the 4-float build only at
+    the lowest ranks (it is 2–3× slower from rank 64); the 8/16-float builds everywhere but
+    ranks around 128 on rows of up to 8192 values, where OpenBLAS was 1.2× faster.
+
+    Args:
+        isa: the kernel's vector width (``kernel_isa``).
+        rank: the summed rank of the tensor's deltas (Σ rᵢ).
+        cols: values per row of the stored weight.
+    """
+    if isa == "generic":
+        return rank <= 16
+    return not (96 < rank <= 192 and cols <= 8192)
 
 
 def _schedule(tasks: list[tuple[Job, int, int]]) -> list[tuple[Job, int, int]]:
@@ -169,7 +188,7 @@ def _run_tasks(
     maps: _BaseMaps,
     overflow: Overflow,
     isa: str | None,
-    tmp: Path,
+    used: set[str],
     done: int,
     total: int,
     progress: Callable[[int, int], None] | None,
@@ -192,7 +211,7 @@ def _run_tasks(
         try:
             for job, fd, offset in tasks:
                 settle(2 * n_workers)
-                fut = pool.submit(_write_job, job, fd, offset, maps, overflow, isa)
+                fut = pool.submit(_write_job, job, fd, offset, maps, overflow, isa, used)
                 pending.append((fut, job.nbytes_out))
             settle(0)
         except BaseException:
@@ -260,10 +279,16 @@ _BUFFERS = _Buffers()
 
 
 def _write_job(
-    job: Job, fd: int, offset: int, maps: _BaseMaps, overflow: Overflow, isa: str | None
+    job: Job,
+    fd: int,
+    offset: int,
+    maps: _BaseMaps,
+    overflow: Overflow,
+    isa: str | None,
+    used: set[str],
 ) -> None:
     """Merge one tensor and write it at ``offset`` of ``fd`` (in a worker thread), with the
-    compiled kernel's ``isa`` (None: NumPy alone)."""
+    compiled kernel's ``isa`` where it pays (None: NumPy alone); adds what summed to ``used``."""
     import numpy as np
 
     if job.copy_bytes:
@@ -294,7 +319,9 @@ def _write_job(
     out_dtype = numpy_dtype(job.out_dtype)
     finish = magnitude is not None or bool(biases)  # float32 sums needed before rounding
     wanted = np.dtype(np.float32) if finish else out_dtype
-    kernel_dtype = _kernel_dtype(flat.dtype, wanted) if isa is not None else None
+    pays = isa is not None and kernel_pays(isa, right.shape[0], cols)
+    kernel_dtype = _kernel_dtype(flat.dtype, wanted) if pays else None
+    used.add("numpy" if kernel_dtype is None else "fused")
     if kernel_dtype is not None:
         right = _right_tiles(right)
     if kernel_dtype is not None and not finish:
