@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.errors import ValidationFailed
 
 DEFAULT_TOL = 1e-6  # float32 noise: factors rounded to float32 differ by ~1e-7 relative
 
@@ -73,6 +74,9 @@ def diff(a: Adapter, b: Adapter, *, tol: float = DEFAULT_TOL) -> DiffReport:
     Returns:
         The report.
 
+    Raises:
+        ValidationFailed: a common module's factors hold NaN or Inf (exit 3).
+
     Example:
         >>> diff(read("run1/checkpoint-500"), read("run1/checkpoint-1000")).verdict
         'different'
@@ -117,6 +121,12 @@ def module_diff(x: LoraModule, y: LoraModule) -> ModuleDiff:
 
     bx, ax = x.arrays("float64")  # (out, rx), (rx, in)
     by, ay = y.arrays("float64")  # (out, ry), (ry, in)
+    for side, factors in (("A", (bx, ax)), ("B", (by, ay))):
+        if not all(np.isfinite(f).all() for f in factors):
+            raise ValidationFailed(
+                f"{x.name}: adapter {side}'s factors hold NaN or Inf, so its update has no "
+                "norm to compare; find the broken modules with: adapterctl validate SOURCE"
+            )
     bx, by = bx * x.scale, by * y.scale
     svd_x, svd_y = core_svd(bx, ax), core_svd(by, ay)
     nx, ny = svd_x.norm(), svd_y.norm()

@@ -144,3 +144,23 @@ def test_cli_verdicts(pair: dict[str, Path]) -> None:
     assert data["most_different"] == data["only_in_a"] + data["only_in_b"]
     r = CliRunner().invoke(cli, ["diff", x, str(pair["root"] / "missing")])
     assert r.exit_code == 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_factors_are_refused_not_crashed_on(
+    pair: dict[str, Path], tmp_path: Path, bad: float
+) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(pair["x"], broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "q_proj.lora_A" in k)
+    tensors[key][0, 0] = bad
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    for args, side in (([pair["x"], broken], "B"), ([broken, pair["y"]], "A")):
+        r = CliRunner().invoke(cli, ["diff", *map(str, args)])
+        assert r.exit_code == 3, r.output
+        assert r.stderr.strip().splitlines() == [
+            "Error: model.layers.0.self_attn.q_proj: adapter "
+            f"{side}'s factors hold NaN or Inf, so its update has no norm to compare; "
+            "find the broken modules with: adapterctl validate SOURCE"
+        ]
