@@ -427,19 +427,11 @@ def compose_to(
         'chat-code@1'
     """
     from adapterctl.files import refuse_existing
-    from adapterctl.formats import read
     from adapterctl.formats.peft import write_peft
-    from adapterctl.refs import registry_versions, resolve
+    from adapterctl.refs import read_inputs
 
     refuse_existing(out, force=force)
-    paths = [s for s in sources if not isinstance(s, Adapter)]
-    found = dict(zip(map(id, paths), registry_versions([os.fspath(p) for p in paths]), strict=True))
-    versions = [None if isinstance(s, Adapter) else found[id(s)] for s in sources]
-    if register_as and any(v is None for v in versions):
-        raise UsageError(
-            "--register records lineage, so every SOURCE must be a registry reference; "
-            "add local adapters first with: adapterctl add PATH --name NAME"
-        )
+    adapters, versions = read_inputs(sources, alpha=alpha, register_as=register_as)
     pin_warnings: list[str] = []
     if any(v is not None for v in versions):
         from adapterctl.registry import check_same_base
@@ -447,7 +439,6 @@ def compose_to(
         pin_warnings = check_same_base(
             [v for v in versions if v is not None], allow_mismatch=allow_base_mismatch
         )
-    adapters = [s if isinstance(s, Adapter) else read(resolve(s), alpha=alpha) for s in sources]
     result = compose(
         adapters, weights, method, options, device=device, allow_base_mismatch=allow_base_mismatch
     )

@@ -16,12 +16,14 @@ Resolving never creates a registry: with no database, a reference is simply not 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterctl.errors import NotFound
+from adapterctl.errors import NotFound, UsageError
 
 if TYPE_CHECKING:
+    from adapterctl.adapter import Adapter
     from adapterctl.registry import Registry, Version
 
 HUB_SCHEME = "hf://"
@@ -97,3 +99,51 @@ def registry_versions(
     reg = registry or Registry(create=False)
     by_ref = {r: reg.resolve(r) for r in refs}
     return [by_ref.get(s) for s in sources]
+
+
+def read_source(
+    source: str | os.PathLike[str] | Adapter, *, alpha: float | None = None, rank: int | None = None
+) -> Adapter:
+    """SOURCE read as an adapter (an ``Adapter`` passes through).
+
+    Args:
+        source: a local path, a registry reference, or an adapter already read.
+        alpha: LoRA alpha of a bare ``.safetensors``.
+        rank: its rank.
+
+    Raises:
+        NotFound: no such path or reference (4).
+    """
+    from adapterctl.adapter import Adapter
+    from adapterctl.formats import read
+
+    if isinstance(source, Adapter):
+        return source
+    return read(resolve(source), alpha=alpha, rank=rank)
+
+
+def read_inputs(
+    sources: Sequence[str | os.PathLike[str] | Adapter],
+    *,
+    alpha: float | None = None,
+    register_as: str | None = None,
+) -> tuple[list[Adapter], list[Version | None]]:
+    """The adapters a workflow combines, and the registry version each came from (None for a
+    local path or an adapter already read), whose base pins and lineage the workflow records.
+
+    Raises:
+        UsageError: ``register_as`` with a source that is not a registry reference (lineage
+            links versions) (2).
+        NotFound: no such path or reference (4).
+    """
+    from adapterctl.adapter import Adapter
+
+    texts = [None if isinstance(s, Adapter) else os.fspath(s) for s in sources]
+    found = iter(registry_versions([t for t in texts if t is not None]))
+    versions = [None if t is None else next(found) for t in texts]
+    if register_as and any(v is None for v in versions):
+        raise UsageError(
+            "--register records lineage, so every SOURCE must be a registry reference; "
+            "add local adapters first with: adapterctl add PATH --name NAME"
+        )
+    return [read_source(s, alpha=alpha) for s in sources], versions

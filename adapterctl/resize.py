@@ -168,14 +168,13 @@ def resize_to(
         0.91
     """
     from adapterctl.files import refuse_existing
-    from adapterctl.formats import read
     from adapterctl.formats.peft import write_peft
-    from adapterctl.refs import resolve
+    from adapterctl.refs import read_source
 
     if (rank is None) == (energy is None):
         raise UsageError("pass exactly one of --rank R or --energy E")
     refuse_existing(out, force=force)
-    adapter = source if isinstance(source, Adapter) else read(resolve(source), alpha=alpha)
+    adapter = read_source(source, alpha=alpha)
     result = resize(adapter, rank=rank, energy=energy)
     write_peft(result.adapter, Path(out), force=force)
     result.report.out = os.fspath(out)

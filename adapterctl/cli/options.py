@@ -39,10 +39,9 @@ def base_option(f: F) -> F:
 def load_source(source: str, alpha: float | None, rank: int | None) -> Any:
     """Read SOURCE (a path, a registry reference or hf://…) as an adapter (imports the
     library lazily)."""
-    from adapterctl.formats import read
-    from adapterctl.refs import resolve
+    from adapterctl.refs import read_source
 
-    return read(resolve(source), alpha=alpha, rank=rank)
+    return read_source(source, alpha=alpha, rank=rank)
 
 
 def load_base(base: str | None) -> Any:
@@ -134,21 +133,6 @@ def register_option(f: F) -> F:
         help="Record OUT in the registry as the next version of NAME, with its lineage "
         "(every SOURCE must be a registry reference).",
     )(f)  # fmt: skip
-
-
-def registry_inputs(sources: tuple[str, ...], register_as: str | None) -> list[Any]:
-    """The registry version of each SOURCE (None for a local path); with ``--register``,
-    every SOURCE must be one, since lineage links versions."""
-    from adapterctl.errors import UsageError
-    from adapterctl.refs import registry_versions
-
-    versions = registry_versions(list(sources))
-    if register_as and any(v is None for v in versions):
-        raise UsageError(
-            "--register records lineage, so every SOURCE must be a registry reference; "
-            "add local adapters first with: adapterctl add PATH --name NAME"
-        )
-    return versions
 
 
 def emit(report: Any, as_json: bool, render: Callable[[Any], None]) -> None:

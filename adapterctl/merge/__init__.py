@@ -361,23 +361,11 @@ def merge(
         'chat-m@1'
     """
     from adapterctl.checkpoint import open_checkpoint
-    from adapterctl.formats import read
-    from adapterctl.refs import registry_versions, resolve
+    from adapterctl.refs import read_inputs
 
     ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
-    sources = [a for a in adapters if not isinstance(a, Adapter)]
-    versions = registry_versions([os.fspath(s) for s in sources]) if sources else []
-    by_source = dict(zip(map(id, sources), versions, strict=True))
-    inputs = [None if isinstance(a, Adapter) else by_source[id(a)] for a in adapters]
-    if register_as and any(v is None for v in inputs):
-        raise UsageError(
-            "--register records lineage, so every SOURCE must be a registry reference; "
-            "add local adapters first with: adapterctl add PATH --name NAME"
-        )
+    read_in, inputs = read_inputs(adapters, alpha=alpha, register_as=register_as)
     pin_checks, pin_warnings = check_base_pins(inputs, ckpt, allow_mismatch=allow_base_mismatch)
-    read_in = [
-        a if isinstance(a, Adapter) else read(resolve(a), alpha=alpha, rank=None) for a in adapters
-    ]
     plan = plan_merge(
         ckpt, read_in, None if weights is None else list(weights), dtype=dtype,
         quantize=quantize, quant_method=quant_method, max_shard_size=max_shard_size,
