@@ -156,21 +156,41 @@ class LoraModule:
             return b, a
         return b.astype(dtype, copy=False), a.astype(dtype, copy=False)
 
+    def factors(
+        self, coeff: float | None = None, dtype: str = "float32"
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """(L, R) with L·R = ``coeff``·B·A in the stored layout of the weight this module
+        updates, flattened to rows: (out, r) @ (r, in) for ``linear``/``conv`` (conv kernels:
+        (out, in·k)); (in, r) @ (r, out) for ``conv1d``/``embedding`` (stored (in, out)).
+
+        Args:
+            coeff: applied to B in float64 before the one rounding into ``dtype``; default
+                the module's scale.
+            dtype: the factors' numpy dtype.
+        """
+        import numpy as np
+
+        b, a = self.arrays("float64")  # (out, r), (r, in)
+        cb = (self.scale if coeff is None else coeff) * b
+        if self.layout in ("conv1d", "embedding"):
+            return (
+                np.ascontiguousarray(a.T, dtype=dtype),  # (in, r)
+                np.ascontiguousarray(cb.T, dtype=dtype),  # (r, out)
+            )
+        return np.ascontiguousarray(cb, dtype=dtype), np.ascontiguousarray(a, dtype=dtype)
+
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ΔW = scale·B·A in the base weight's layout and shape.
+        """The dense ΔW = scale·B·A in the base weight's layout and shape (float32 unless
+        ``dtype``), computed in float64 and rounded once.
 
         Use for merging one module at a time; prefer ``adapterctl.lowrank`` for norms and
         spectra, which never form this matrix.
         """
-        return self.dense(self.B(dtype), self.A(dtype))
+        import torch
 
-    def dense(self, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """scale·``b``·``a`` (this module's factors as matrices, on any device and dtype) in
-        the base weight's layout and shape."""
-        d = self.scale * (b @ a)  # (out, r) @ (r, in) -> (out, in)
-        if self.layout in ("conv1d", "embedding"):
-            return d.T.contiguous()  # (in, out)
-        return d.reshape(self.weight_shape)
+        left, right = self.factors(dtype="float64")
+        d = torch.from_numpy(left @ right)  # (rows, r) @ (r, cols)
+        return d.reshape(self.weight_shape).to(dtype or torch.float32)
 
 
 @dataclass

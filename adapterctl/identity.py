@@ -9,6 +9,8 @@
 - Version digest (the registry's key): sha256 of the canonical manifest plus the base pin.
 - Model key: a base *name* reduced to what identifies the model, for comparing names as a
   hint (a name mismatch is a warning, never a refusal).
+- Pin comparison: a checkpoint against a version's base pin (``check_pin``), and the pins of
+  several versions against each other (``check_same_base``, ``shared_pin``).
 
 Everything here is hashlib, json and re: registering an adapter never needs torch.
 """
@@ -18,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from adapterctl.errors import Conflict
 
 if TYPE_CHECKING:
     from adapterctl.checkpoint import Checkpoint
@@ -116,3 +120,123 @@ def model_key(name: str) -> str:
             key = p.split("--")[-1]
             break
     return _QUANT_SUFFIX.sub("", key.lower())
+
+
+def short_digest(digest: str | None) -> str:
+    """A digest shortened for messages (``sha256:`` and 12 hex digits), ``-`` for none."""
+    return "-" if not digest else digest[:19]
+
+
+class Pin(Protocol):
+    """What pin comparison reads of a base pin (``adapterctl.registry.BasePin``)."""
+
+    @property
+    def level(self) -> str: ...
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def content_digest(self) -> str | None: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def path(self) -> str | None: ...
+    @property
+    def architecture(self) -> str | None: ...
+
+
+P = TypeVar("P", bound=Pin)
+
+
+def check_pin(
+    ref: str,
+    pin: Pin,
+    checkpoint: Checkpoint,
+    content_digest: Callable[[], str | None],
+) -> str:
+    """Check that ``checkpoint`` is the base the version ``ref`` is pinned to.
+
+    The content digest is compared where the pin has one and ``content_digest()`` gives the
+    checkpoint's (None: its files are not hashed; the fingerprint is compared instead).
+
+    Returns:
+        The level that was checked: ``content digest``, ``fingerprint``, or the pin's own level
+        when it holds nothing to check (``name only``, ``none``).
+
+    Raises:
+        Conflict: the checkpoint is another base (exit 5).
+    """
+    if pin.level in ("none", "name only"):
+        return pin.level
+    fix = "merge into the base it was trained on, or pass --allow-base-mismatch"
+    got = content_digest() if pin.content_digest else None
+    if got is not None:
+        if got != pin.content_digest:
+            raise Conflict(
+                f"{ref} is pinned to base content {short_digest(pin.content_digest)} "
+                f"({pin.path or pin.name or '?'}) but {checkpoint.path} has "
+                f"{short_digest(got)} (other weights); {fix}"
+            )
+        return "content digest"
+    got_fp = base_fingerprint(checkpoint)
+    if got_fp != pin.fingerprint:
+        raise Conflict(
+            f"{ref} is pinned to base fingerprint {short_digest(pin.fingerprint)} "
+            f"({pin.architecture or '?'}, {pin.path or pin.name or '?'}) but "
+            f"{checkpoint.path} has {short_digest(got_fp)} (other tensor names, shapes or "
+            f"dtypes); {fix}"
+        )
+    return "fingerprint"
+
+
+def check_same_base(pins: Sequence[tuple[str, Pin]], *, allow_mismatch: bool = False) -> list[str]:
+    """Refuse combining versions pinned to different bases (DESIGN: "Identity").
+
+    Fingerprints are compared, and content digests where every pin has one; name-only pins
+    cannot be compared and are skipped.
+
+    Args:
+        pins: (ref, base pin) of each registry input of a compose or merge.
+        allow_mismatch: report a mismatch as a warning instead of refusing.
+
+    Returns:
+        Warnings (a mismatch that was allowed).
+
+    Raises:
+        Conflict: the pins differ and ``allow_mismatch`` is False (exit 5).
+    """
+    pinned = [(ref, p) for ref, p in pins if p.fingerprint]
+    if _agreement([p for _, p in pinned]) != "differ":
+        return []
+    listing = ", ".join(
+        f"{ref} → {short_digest(p.content_digest or p.fingerprint)}" for ref, p in pinned
+    )
+    message = f"the inputs are pinned to different bases ({listing})"
+    if not allow_mismatch:
+        raise Conflict(f"{message}; combine adapters of one base, or pass --allow-base-mismatch")
+    return [f"--allow-base-mismatch: {message}"]
+
+
+def shared_pin(pins: Sequence[P]) -> tuple[P, bool] | None:
+    """The pin all ``pins`` agree on, and whether they agree on its content digest too (else
+    on the fingerprint only, and the content digest must be dropped); None when they name
+    different bases, or one has no fingerprint."""
+    if not pins or any(not p.fingerprint for p in pins):
+        return None
+    agreement = _agreement(pins)
+    if agreement == "differ":
+        return None
+    if agreement == "content":
+        return pins[0], True
+    return next((p for p in pins if p.content_digest is None), pins[0]), False
+
+
+def _agreement(pins: Sequence[Pin]) -> str:
+    """How far fingerprinted ``pins`` agree: ``content`` (one fingerprint, one content digest
+    that all have), ``fingerprint`` (one fingerprint; content digests missing somewhere, or
+    none), or ``differ`` (other fingerprints, or content digests that all have and differ)."""
+    if len({p.fingerprint for p in pins}) > 1:
+        return "differ"
+    contents = {p.content_digest for p in pins}
+    if None in contents or not contents:
+        return "fingerprint"
+    return "content" if len(contents) == 1 else "differ"

@@ -18,22 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.merge.plan import (
-    CHUNK_ELEMENTS,
-    NF4_STATE_BYTES,
-    RING,
-    Delta,
-    Job,
-    LayerError,
-    MergePlan,
-)
+from adapterctl.merge import math
+from adapterctl.merge.plan import CHUNK_ELEMENTS, NF4_STATE_BYTES, RING, Job, LayerError, MergePlan
 from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TORCH_DTYPE_NAMES, TensorInfo, header_bytes
 
 if TYPE_CHECKING:
     import torch
-
-    from adapterctl.adapter import LoraModule
 
 
 def write_shards(
@@ -94,7 +85,6 @@ def _write_shards(
     total = sum(len(h) for h in headers) + plan.bytes_out
     done = 0
     layers: list[LayerError] = []
-    factors = _FactorCache(dev)
     ws = _Workspace(dev)
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapterctl-read") as pool,
@@ -116,7 +106,7 @@ def _write_shards(
                         fh.seek(at + job.source.nbytes)
                         done += job.source.nbytes
                     else:
-                        layer = _write_job(job, inputs, fh, writer, dev, factors, ws)
+                        layer = _write_job(job, inputs, fh, writer, dev, ws)
                         done += job.nbytes_out
                         if layer is not None:
                             layers.append(layer)
@@ -242,20 +232,6 @@ def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -
     return buf.view(dtype).reshape(info.shape)
 
 
-class _FactorCache:
-    """Adapter factors moved to the device once, as float32 (out, r) / (r, in) matrices."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, mod: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(mod)
-        if key not in self._cache:
-            self._cache[key] = (mod.B().to(self.dev), mod.A().to(self.dev))
-        return self._cache[key]
-
-
 class _Workspace:
     """Buffers reused across tensors, so merging allocates nothing per chunk: rings of float32
     chunks on the device (small enough to stay in cache) and of output-dtype staging chunks
@@ -359,7 +335,6 @@ def _write_job(
     fh: Any,
     writer: _Writer,
     dev: torch.device,
-    factors: _FactorCache,
     ws: _Workspace,
 ) -> LayerError | None:
     """Merge one job and write its stored bytes; returns the 4-bit delta error when quantising.
@@ -378,13 +353,13 @@ def _write_job(
         w = inputs["w"]
     if job.transpose_out:
         writer.drain()
-        merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, factors, ws)]).T
+        merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, ws)]).T
         rounded = merged_t.to(out_dtype)
         _count_overflow(job.name, rounded, merged_t, writer.overflow)
         _write_all(fh, rounded.cpu().contiguous().view(torch.uint8).numpy())
         return None
     if job.quantize is None:
-        for chunk in _merged_rows(job, w, dev, factors, ws):
+        for chunk in _merged_rows(job, w, dev, ws):
             host, slot = ws.host(chunk, out_dtype)
             keys: tuple[tuple[str, int], ...] = (("host", slot),)
             if ws.is_work(chunk) and ws.work_slot is not None:
@@ -397,7 +372,7 @@ def _write_job(
     rows = w.shape[0]
     merged = torch.empty((rows, w[0].numel()), dtype=torch.float32, device=dev)  # (out, in)
     r0 = 0
-    for chunk in _merged_rows(job, w, dev, factors, ws):
+    for chunk in _merged_rows(job, w, dev, ws):
         merged[r0 : r0 + chunk.shape[0]] = chunk
         r0 += chunk.shape[0]
     merged = merged.reshape(w.shape)
@@ -462,64 +437,33 @@ def _pad_state(state: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_rows(
-    job: Job, w: torch.Tensor, dev: torch.device, factors: _FactorCache, ws: _Workspace
+    job: Job, w: torch.Tensor, dev: torch.device, ws: _Workspace
 ) -> Iterator[torch.Tensor]:
-    """Yield W' in float32 row chunks, in order: W + Σ wᵢ·sᵢ·BᵢAᵢ, the DoRA update, or W + lora
-    biases. Chunks are views of a reused buffer: consume each before asking for the next."""
+    """Yield W' in float32 row chunks, in order (``adapterctl.merge.math``: W + L·R, DoRA's
+    rescaling, lora biases). Chunks are views of a reused buffer: consume each before asking
+    for the next; a ``--method`` merge or column-wise DoRA norms come as one whole tensor."""
     import torch
 
     rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = w.reshape(rows, -1)  # conv kernels flattened: (out, in·k); a bias is (out, 1)
     cols = flat.shape[1]
-    biases = [(b.load().to(dev, torch.float32).reshape(-1, 1), c) for b, c in job.bias_add]
+    upd = math.update(job, rows, cols).map(lambda a: torch.from_numpy(a).to(dev))
     if job.combine is not None:
-        # The method needs every input's whole dense ΔW (TIES trims by global magnitude).
         v = w.to(dev, torch.float32, copy=True)  # own copy: w may be a read-only map
-        deltas = [torch.zeros_like(v) for _ in job.combine.weights]
-        for d in job.deltas:
-            deltas[d.index] = d.module.dense(*factors.get(d.module)).reshape(v.shape)
-        gen = job.combine.generator(job.deltas[0].module.name)
-        v.add_(
-            job.combine.method.combine_dense(deltas, job.combine.weights, job.combine.options, gen)
-        )
-        for bias, coeff in biases:
-            v.add_(bias.reshape(v.shape), alpha=coeff)
-        yield v.reshape(rows, cols)
+        v.add_(math.combined(job, v))
+        yield math.finish(v.reshape(rows, cols), upd)
         return
-    dora = job.dora
-    if dora is not None and dora.layout == "conv1d":
-        # Stored (in, out): DoRA's per-output norms run down columns, so take it whole.
-        b, a = factors.get(dora.module)  # (out, r), (r, in)
-        v = w.to(dev, torch.float32, copy=True)  # (in, out); w may be a read-only map
-        v.addmm_(a.T, b.T, alpha=dora.weight * dora.module.scale)
-        v.mul_((_magnitude(dora, dev) / torch.linalg.vector_norm(v, dim=0))[None, :])
-        yield v
+    if not upd.row_local:
+        # DoRA on a weight stored (in, out): its per-output norms run down columns: whole.
+        v = flat.to(dev, torch.float32, copy=True)  # w may be a read-only map
+        v.addmm_(upd.left, upd.right)  # (in, r) @ (r, out)
+        yield math.finish(v, upd)
         return
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         chunk = ws.work(r1 - r0, cols)
         chunk.copy_(flat[r0:r1], non_blocking=True)  # (rows, cols) float32
-        for d in job.deltas:
-            b, a = factors.get(d.module)  # (out, r), (r, in)
-            coeff = d.weight * d.module.scale
-            if d.layout in ("conv1d", "embedding"):
-                # stored (in, out): rows of (B·A)ᵀ are Aᵀ[rows] @ Bᵀ
-                chunk.addmm_(a[:, r0:r1].T, b.T, alpha=coeff)  # (rows, r) @ (r, out)
-            else:
-                chunk.addmm_(b[r0:r1], a, alpha=coeff)  # (rows, r) @ (r, in)
-        if dora is not None:
-            b, a = factors.get(dora.module)
-            chunk.addmm_(b[r0:r1], a, alpha=dora.weight * dora.module.scale)  # V = W + s·B·A
-            m = _magnitude(dora, dev)[r0:r1]  # (rows,)
-            chunk.mul_((m / torch.linalg.vector_norm(chunk, dim=1))[:, None])
-        for bias, coeff in biases:
-            chunk.add_(bias[r0:r1], alpha=coeff)
-        yield chunk
-
-
-def _magnitude(d: Delta, dev: torch.device) -> torch.Tensor:
-    import torch
-
-    assert d.module.magnitude is not None
-    return d.module.magnitude.load().to(dev, torch.float32).reshape(-1)  # (out,)
+        if upd.rank:
+            chunk.addmm_(upd.left[r0:r1], upd.right)  # (rows, Σr) @ (Σr, cols)
+        yield math.finish(chunk, upd, slice(r0, r1))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ValidationFailed
+from adapterctl.merge import math
 from adapterctl.merge.plan import Job, MergePlan
 from adapterctl.tensorfile import DTYPE_SIZES, TensorInfo, numpy_dtype, read_header
 
@@ -88,22 +89,10 @@ def _sampled_rows(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any]:
         ref = _read_rows(source, pick)
     else:  # a tensor already in memory (legacy .bin adapter)
         ref = source.array().reshape(_rows(job), -1)[pick].astype(np.float64)
-    for d in job.deltas:
-        b, a = d.module.arrays("float64")  # (out, r), (r, in)
-        c = d.weight * d.module.scale
-        if d.layout in ("conv1d", "embedding"):
-            ref += c * (a.T[pick] @ b.T)  # rows of (B·A)ᵀ: stored (in, out)
-        else:
-            ref += c * (b[pick] @ a)  # (k, r) @ (r, in)
-    if job.dora is not None:
-        mod = job.dora.module
-        assert mod.magnitude is not None
-        b, a = mod.arrays("float64")
-        v = ref + job.dora.weight * mod.scale * (b[pick] @ a)  # V = W + s·B·A, (k, in)
-        m = mod.magnitude.array().astype(np.float64).reshape(-1)[pick]
-        ref = v * (m / np.linalg.norm(v, axis=1))[:, None]
-    for bias, coeff in job.bias_add:
-        ref += coeff * bias.array().astype(np.float64).reshape(-1, 1)[pick]
+    upd = math.update(job, _rows(job), ref.shape[1], "float64")
+    if upd.rank:
+        ref += upd.left[pick] @ upd.right  # (k, Σr) @ (Σr, cols)
+    math.finish(ref, upd, pick)
     return _read_rows(out, pick), ref
 
 
@@ -150,28 +139,14 @@ def _reference_base(job: Job) -> torch.Tensor:
 
 
 def _reference(job: Job, w: torch.Tensor) -> torch.Tensor:
-    """The float64 merged tensor, computed densely."""
+    """The float64 merged tensor, computed densely (``adapterctl.merge.math``)."""
     import torch
 
-    if job.dora is not None:
-        mod = job.dora.module
-        assert mod.magnitude is not None
-        v = w + job.dora.weight * mod.delta(torch.float64)
-        m = mod.magnitude.load().to(torch.float64).reshape(-1)
-        if job.dora.layout == "conv1d":
-            return v * (m / torch.linalg.vector_norm(v, dim=0))[None, :]
-        flat = v.reshape(v.shape[0], -1)
-        return (flat * (m / torch.linalg.vector_norm(flat, dim=1))[:, None]).reshape(v.shape)
+    rows = w.shape[0] if w.ndim else 1
+    v = w.reshape(rows, -1).clone()  # (rows, cols) float64
+    upd = math.update(job, rows, v.shape[1], "float64").map(torch.from_numpy)
     if job.combine is not None:
-        deltas = [torch.zeros_like(w) for _ in job.combine.weights]
-        for d in job.deltas:
-            deltas[d.index] = d.module.delta(torch.float64).reshape(w.shape)
-        gen = job.combine.generator(job.deltas[0].module.name)
-        return w + job.combine.method.combine_dense(
-            deltas, job.combine.weights, job.combine.options, gen
-        )
-    for d in job.deltas:
-        w = w + d.weight * d.module.delta(torch.float64).reshape(w.shape)
-    for bias, coeff in job.bias_add:
-        w = w + coeff * bias.load().to(torch.float64)
-    return w
+        v += math.combined(job, w).reshape(rows, -1)
+    if upd.rank:
+        v += upd.left @ upd.right  # (rows, Σr) @ (Σr, cols)
+    return math.finish(v, upd).reshape(w.shape)

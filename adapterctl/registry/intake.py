@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import AdapterctlError, BrokenFile, Conflict, NotFound
-from adapterctl.identity import manifest, manifest_digest, version_digest
+from adapterctl.identity import manifest, manifest_digest, short_digest, version_digest
 from adapterctl.registry.db import now
 from adapterctl.registry.history import move_alias, record_parents
 from adapterctl.registry.lookups import lookup
-from adapterctl.registry.models import BasePin, FileEntry, Version, short_digest
+from adapterctl.registry.models import BasePin, FileEntry, Version
 
 if TYPE_CHECKING:
     from adapterctl.adapter import Adapter

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import NotFound, VersionRemoved
-from adapterctl.identity import base_fingerprint
+from adapterctl.identity import base_fingerprint, short_digest
 from adapterctl.registry.db import rows
 from adapterctl.registry.grammar import DigestRef, parse_ref
 from adapterctl.registry.history import children, lineage_tree
@@ -24,7 +24,6 @@ from adapterctl.registry.models import (
     Remote,
     Tombstone,
     Version,
-    short_digest,
 )
 from adapterctl.registry.pins import open_base
 

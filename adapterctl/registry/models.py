@@ -17,11 +17,6 @@ PIN_LABELS: dict[str, str] = {
 }
 
 
-def short_digest(digest: str | None) -> str:
-    """A digest shortened for messages (``sha256:`` and 12 hex digits), ``-`` for none."""
-    return "-" if not digest else digest[:19]
-
-
 class FileEntry(BaseModel):
     """One file of a version (or of a pinned base): relative path, size, hex sha256."""
 

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterctl.errors import Conflict, NotFound, UsageError
+from adapterctl import identity
+from adapterctl.errors import NotFound, UsageError
 from adapterctl.identity import base_content_digest, base_fingerprint
 from adapterctl.registry.db import LazyDatabase, now, retry, rows
-from adapterctl.registry.models import PIN_LABELS, BasePin, FileEntry, Version, short_digest
+from adapterctl.registry.models import PIN_LABELS, BasePin, FileEntry, Version
 
 if TYPE_CHECKING:
     from adapterctl.checkpoint import Checkpoint
@@ -111,7 +112,7 @@ def check_pin(
     database: LazyDatabase, v: Version, checkpoint: Checkpoint, *, hash_base: bool = False
 ) -> str:
     """Check that ``checkpoint`` is the base ``v`` is pinned to (see
-    ``Registry.check_base_pin``).
+    ``Registry.check_base_pin``; the comparison is ``identity.check_pin``).
 
     Returns:
         Which check ran (a ``PIN_LABELS`` value).
@@ -119,70 +120,28 @@ def check_pin(
     Raises:
         Conflict: the checkpoint differs from the pin (5).
     """
-    pin = v.base
-    if pin.level in ("none", "name only"):
-        return pin.label
-    if pin.content_digest:
+
+    def content_digest() -> str | None:
         files = base_file_hashes(database, checkpoint, compute=hash_base)
-        if files is not None:
-            got = base_content_digest((f.path, f.sha256) for f in files)
-            if got != pin.content_digest:
-                raise Conflict(
-                    f"{v.ref} is pinned to base content {short_digest(pin.content_digest)} "
-                    f"({pin.path or pin.name or '?'}) but {checkpoint.path} has "
-                    f"{short_digest(got)} (other weights); merge into the base it was trained "
-                    "on, or pass --allow-base-mismatch"
-                )
-            return PIN_LABELS["content digest"]
-    got_fp = base_fingerprint(checkpoint)
-    if got_fp != pin.fingerprint:
-        raise Conflict(
-            f"{v.ref} is pinned to base fingerprint {short_digest(pin.fingerprint)} "
-            f"({pin.architecture or '?'}, {pin.path or pin.name or '?'}) but "
-            f"{checkpoint.path} has {short_digest(got_fp)} (other tensor names, shapes or "
-            "dtypes); merge into the base it was trained on, or pass --allow-base-mismatch"
-        )
-    return PIN_LABELS["fingerprint"]
+        return None if files is None else base_content_digest((f.path, f.sha256) for f in files)
+
+    return PIN_LABELS[identity.check_pin(v.ref, v.base, checkpoint, content_digest)]
 
 
 def check_same_base(versions: Sequence[Version], *, allow_mismatch: bool = False) -> list[str]:
-    """Refuse combining versions pinned to different bases (DESIGN: "Identity").
-
-    Fingerprints are compared, and content digests where every pin has one; name-only pins
-    cannot be compared and are skipped.
-
-    Args:
-        versions: the registry inputs of a compose or merge.
-        allow_mismatch: report a mismatch as a warning instead of refusing.
-
-    Returns:
-        Warnings (a mismatch that was allowed).
-
-    Raises:
-        Conflict: the pins differ and ``allow_mismatch`` is False (exit 5).
-    """
-    pinned = [v for v in versions if v.base.fingerprint]
-    fps = {v.base.fingerprint for v in pinned}
-    contents = {v.base.content_digest for v in pinned}
-    if len(fps) <= 1 and (None in contents or len(contents) <= 1):
-        return []
-    listing = ", ".join(
-        f"{v.ref} → {short_digest(v.base.content_digest or v.base.fingerprint)}" for v in pinned
+    """``identity.check_same_base`` over registry versions' pins."""
+    return identity.check_same_base(
+        [(v.ref, v.base) for v in versions], allow_mismatch=allow_mismatch
     )
-    message = f"the inputs are pinned to different bases ({listing})"
-    if not allow_mismatch:
-        raise Conflict(f"{message}; combine adapters of one base, or pass --allow-base-mismatch")
-    return [f"--allow-base-mismatch: {message}"]
 
 
 def shared_pin(pins: Sequence[BasePin]) -> BasePin | None:
-    """The pin all ``pins`` agree on: their fingerprint, with their content digest when they
-    all have the same one; None when they name different bases (or none)."""
-    fps = {p.fingerprint for p in pins}
-    if not pins or len(fps) != 1 or None in fps:
+    """The pin all ``pins`` agree on (``identity.shared_pin``): their fingerprint, with their
+    content digest when they all have the same one; None when they name different bases."""
+    found = identity.shared_pin(pins)
+    if found is None:
         return None
-    contents = {p.content_digest for p in pins}
-    if len(contents) == 1 and None not in contents:
-        return pins[0]
-    plain = next(p for p in pins if p.content_digest is None) if None in contents else pins[0]
-    return plain.model_copy(update={"level": "fingerprint", "content_digest": None, "files": []})
+    pin, with_content = found
+    if with_content:
+        return pin
+    return pin.model_copy(update={"level": "fingerprint", "content_digest": None, "files": []})
