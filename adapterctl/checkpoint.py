@@ -16,14 +16,13 @@ from typing import Any
 
 from adapterctl.adapter import Adapter, Layout, LoraModule
 from adapterctl.errors import BrokenFile, NotFound, UnsupportedBase
+from adapterctl.nf4 import layout as nf4_layout
 from adapterctl.tensorfile import TensorInfo, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # Models whose linear layers are transformers' Conv1D (weights stored in×out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
-_QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<kind>nf4|fp4)$")
-_QUANT_AUX = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks|decoder_layers)\.(\d+)\.")
 _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 
@@ -39,6 +38,7 @@ class QuantInfo:
     dtype: str  # logical (compute) dtype, safetensors name
     nested: bool
     state: dict[str, Any]
+    statistics: tuple[str, ...] = ()  # names of its stored aux tensors, then its quant state
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,11 @@ class Checkpoint:
         """Logical name -> (shape, dtype) for every tensor a model would hold in memory."""
         out: dict[str, tuple[tuple[int, ...], str]] = {}
         for name, info in self.tensors.items():
-            if self._is_quant_aux(name):
+            if nf4_layout.is_statistic(name, self.quant):
                 continue
             q = self.quant.get(name)
             out[name] = (q.shape, q.dtype) if q else (info.shape, info.dtype)
         return out
-
-    def _is_quant_aux(self, name: str) -> bool:
-        if ".quant_state." in name:
-            return True
-        return name.endswith(_QUANT_AUX) and name.rsplit(".", 1)[0] in self.quant
 
     @property
     def architecture(self) -> str | None:
@@ -366,24 +361,19 @@ def _read_quant_states(ckpt: Checkpoint) -> dict[str, QuantInfo]:
     qc = ckpt.config.get("quantization_config") or {}
     compute = str(qc.get("bnb_4bit_compute_dtype", "")) if isinstance(qc, dict) else ""
     out: dict[str, QuantInfo] = {}
-    for name, info in ckpt.tensors.items():
-        m = _QUANT_STATE.match(name)
-        if not m:
-            continue
-        try:
-            state = json.loads(info.array().tobytes().decode("utf-8"))  # uint8: no torch
-            shape = tuple(int(d) for d in state["shape"])
-            dtype = _TORCH_TO_ST.get(compute or str(state.get("dtype", "float32")), "F32")
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise BrokenFile(f"{info.path}: malformed bitsandbytes quant state {name}") from None
-        out[m["weight"]] = QuantInfo(
-            weight=m["weight"],
-            quant_type=str(state.get("quant_type", m["kind"])),
-            blocksize=int(state.get("blocksize", 64)),
-            shape=shape,
-            dtype=dtype,
-            nested=f"{m['weight']}.nested_absmax" in ckpt.tensors,
+    for weight, group in nf4_layout.groups(ckpt.tensors).items():
+        info = ckpt.tensors[group.state]
+        blob = info.array().tobytes()  # uint8: no torch
+        state = nf4_layout.parse_state(blob, f"{info.path}: {group.state}")
+        out[weight] = QuantInfo(
+            weight=weight,
+            quant_type=str(state["quant_type"]),
+            blocksize=state["blocksize"],
+            shape=tuple(state["shape"]),
+            dtype=_TORCH_TO_ST.get(compute or str(state.get("dtype", "float32")), "F32"),
+            nested=group.nested,
             state=state,
+            statistics=group.statistics,
         )
     return out
 

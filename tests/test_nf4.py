@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterctl import nf4
 from adapterctl.errors import BrokenFile, UsageError
+from adapterctl.nf4 import quantization
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -247,8 +248,8 @@ def test_pure_torch_absmax_matches_bitsandbytes(quant_type: str, double_quant: b
     torch.manual_seed(1)
     w = torch.randn(64, 130)
     w[3] = 0.0  # an all-zero block
-    ref = nf4._quantize_absmax(w, quant_type, 64, double_quant)
-    ours = nf4._quantize_absmax_torch(w, quant_type, 64, double_quant)
+    ref = quantization._quantize_absmax(w, quant_type, 64, double_quant)
+    ours = quantization._quantize_absmax_torch(w, quant_type, 64, double_quant)
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     if double_quant:
         assert ours[2] is not None and ref[2] is not None
@@ -356,11 +357,13 @@ def test_guard_error_matches_dequantize_on_ragged_sizes() -> None:
     torch.manual_seed(7)
     for qt in nf4.QUANT_TYPES:
         w = torch.randn(37, 101)  # 3737 values: the last block of 64 is ragged
-        packed, scales, nested = nf4._quantize_absmax(w, qt, 64, True)
+        packed, scales, nested = quantization._quantize_absmax(w, qt, 64, True)
         direct = float(
             (nf4.dequantize(nf4.quantize(w, "w", quant_type=qt), "w") - w).square().sum()
         )
-        assert nf4._sq_error(w, packed, scales, nested, qt, 64) == pytest.approx(direct, rel=1e-5)
+        assert quantization._sq_error(w, packed, scales, nested, qt, 64) == pytest.approx(
+            direct, rel=1e-5
+        )
 
 
 def test_delta_error() -> None:

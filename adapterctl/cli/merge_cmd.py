@@ -21,6 +21,7 @@ from adapterctl.cli.options import (
     weights_option,
 )
 from adapterctl.errors import UsageError
+from adapterctl.nf4 import layout as nf4_layout
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
@@ -55,11 +56,11 @@ def parse_size(text: str) -> int:
     show_default=True, help="Output dtype; auto keeps each tensor's (4-bit → compute dtype).",
 )  # fmt: skip
 @click.option(
-    "--quantize", type=click.Choice(["nf4", "fp4"]), default=None,
+    "--quantize", type=click.Choice(nf4_layout.QUANT_TYPES), default=None,
     help="Write linear weights in bitsandbytes 4-bit (reports how much of ΔW survives).",
 )  # fmt: skip
 @click.option(
-    "--quant-method", type=click.Choice(["optimal", "absmax"]), default="optimal",
+    "--quant-method", type=click.Choice(nf4_layout.METHODS), default="optimal",
     show_default=True, help="4-bit block scales: error-minimising search, or plain absmax.",
 )  # fmt: skip
 @click.option(

@@ -26,6 +26,7 @@ from adapterctl.errors import (
     ValidationFailed,
 )
 from adapterctl.identity import adapter_digest, base_fingerprint
+from adapterctl.nf4 import layout as nf4_layout
 from adapterctl.tensorfile import (
     TORCH_DTYPE_NAMES,
     TensorInfo,
@@ -40,7 +41,6 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 # Rows per merge chunk are chosen so one float32 chunk (1 MiB) stays in the CPU's cache.
 CHUNK_ELEMENTS = 1 << 18
 RING = 3  # chunk buffers the torch engine cycles through
-NF4_STATE_BYTES = 384  # quant-state JSON is space-padded to this size so headers can be planned
 # Names of weights that transformers never turns into 4-bit Linear layers.
 _NOT_LINEAR = (
     "embed",
@@ -57,7 +57,6 @@ TOKENIZER_FILES = (
     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
     "spiece.model", "vocab.txt",
 )  # fmt: skip
-_QUANT_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 _VOCAB_TENSORS = ("embed_tokens", "wte", "word_embeddings", "lm_head")
 
 
@@ -110,7 +109,11 @@ class Job:
         if self.copy_bytes and self.source is not None:
             return [(self.name, self.source.dtype, self.source.shape, self.source.nbytes)]
         if self.quantize is not None:
-            return self.quantize.entries(self.name, self.shape)
+            q = self.quantize
+            return nf4_layout.stored_tensors(
+                self.name, self.shape, quant_type=q.quant_type, blocksize=q.blocksize,
+                double_quant=q.double_quant,
+            )  # fmt: skip
         return [(self.name, self.out_dtype, self.shape, tensor_nbytes(self.out_dtype, self.shape))]
 
     @property
@@ -134,28 +137,6 @@ class QuantSpec:
     blocksize: int = 64
     double_quant: bool = True
     method: str = "optimal"
-
-    def entries(
-        self, name: str, shape: tuple[int, ...]
-    ) -> list[tuple[str, str, tuple[int, ...], int]]:
-        numel = 1
-        for d in shape:
-            numel *= d
-        blocks = -(-numel // self.blocksize)
-        out: list[tuple[str, str, tuple[int, ...]]] = [(name, "U8", ((numel + 1) // 2, 1))]
-        if self.double_quant:
-            out += [
-                (f"{name}.absmax", "U8", (blocks,)),
-                (f"{name}.quant_map", "F32", (16,)),
-                (f"{name}.nested_absmax", "F32", (-(-blocks // 256),)),
-                (f"{name}.nested_quant_map", "F32", (256,)),
-            ]
-        else:
-            out += [(f"{name}.absmax", "F32", (blocks,)), (f"{name}.quant_map", "F32", (16,))]
-        out.append(
-            (f"{name}.quant_state.bitsandbytes__{self.quant_type}", "U8", (NF4_STATE_BYTES,))
-        )
-        return [(n, d, s, tensor_nbytes(d, s)) for n, d, s in out]
 
 
 @dataclass
@@ -315,7 +296,7 @@ def plan_merge(
         )
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
-    if quantize is not None and quantize not in ("nf4", "fp4"):
+    if quantize is not None and quantize not in nf4_layout.QUANT_TYPES:
         raise UsageError(f"unknown --quantize {quantize!r}; use nf4")
     dora = [a for a in adapters if any(m.is_dora for m in a.modules.values())]
     if dora and len(adapters) > 1:
@@ -340,11 +321,7 @@ def plan_merge(
             quant = base.quant.get(name)
             jobs[name] = Job(name, shape, out, source=info, quant_in=quant)
             if quant is not None:
-                jobs[name].quant_aux = [
-                    base.tensors[f"{name}{suffix}"]
-                    for suffix in _QUANT_AUX_SUFFIXES
-                    if f"{name}{suffix}" in base.tensors
-                ] + [base.tensors[f"{name}.quant_state.bitsandbytes__{quant.quant_type}"]]
+                jobs[name].quant_aux = [base.tensors[n] for n in quant.statistics]
     added: list[str] = []
     extra_owner: dict[str, Path] = {}
     for index, (adapter, w) in enumerate(zip(adapters, weights, strict=True)):
@@ -597,15 +574,9 @@ def _output_config(
     if spec is None:
         config.pop("quantization_config", None)
     else:
-        compute = _compute_dtype(base, jobs)
-        config["quantization_config"] = {
-            "_load_in_4bit": True, "_load_in_8bit": False,
-            "bnb_4bit_compute_dtype": compute, "bnb_4bit_quant_storage": "uint8",
-            "bnb_4bit_quant_type": spec.quant_type, "bnb_4bit_use_double_quant": spec.double_quant,
-            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
-            "llm_int8_skip_modules": skip or None, "llm_int8_threshold": 6.0,
-            "load_in_4bit": True, "load_in_8bit": False, "quant_method": "bitsandbytes",
-        }  # fmt: skip
+        config["quantization_config"] = nf4_layout.quantization_config(
+            spec.quant_type, spec.double_quant, _compute_dtype(base, jobs), skip or None
+        )
     if force:
         name = TORCH_DTYPE_NAMES[force]
         for key in ("torch_dtype", "dtype"):

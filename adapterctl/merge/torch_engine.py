@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.merge import math
-from adapterctl.merge.plan import CHUNK_ELEMENTS, NF4_STATE_BYTES, RING, Job, LayerError, MergePlan
+from adapterctl.merge.plan import CHUNK_ELEMENTS, RING, Job, LayerError, MergePlan
 from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TORCH_DTYPE_NAMES, TensorInfo, header_bytes
 
@@ -380,10 +380,8 @@ def _write_job(
     stored = nf4.quantize(
         merged, job.name, quant_type=spec.quant_type, blocksize=spec.blocksize,
         double_quant=spec.double_quant, dtype=TORCH_DTYPE_NAMES[job.out_dtype],
-        method=spec.method,
+        method=spec.method, pad_state=True,
     )  # fmt: skip
-    state_key = f"{job.name}.quant_state.bitsandbytes__{spec.quant_type}"
-    stored[state_key] = _pad_state(stored[state_key])
     for name, _dtype, _shape, nbytes in job.stored():
         data = stored[name].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
@@ -423,17 +421,6 @@ def _write_all(fh: Any, data: Any) -> None:
 def _buffer(array: Any) -> memoryview:
     """A numpy array's bytes as a memoryview (no copy)."""
     return memoryview(array)
-
-
-def _pad_state(state: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    raw = bytes(state.cpu().numpy())
-    if len(raw) > NF4_STATE_BYTES:
-        # The header was planned with this size: outgrowing it is a planning bug (exit 70).
-        raise RuntimeError(f"internal: 4-bit quant state larger than {NF4_STATE_BYTES} bytes")
-    raw += b" " * (NF4_STATE_BYTES - len(raw))
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
 def _merged_rows(
