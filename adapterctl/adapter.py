@@ -31,7 +31,7 @@ class TensorSource(Protocol):
     @property
     def numel(self) -> int: ...
     def load(self) -> torch.Tensor: ...
-    def array(self) -> np.ndarray[Any, Any]: ...  # its dtype, bfloat16 widened to float32
+    def array(self) -> np.ndarray[Any, Any]: ...  # its dtype; bf16, float8 as float32
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,17 @@ class MemoryTensor:
         return self.tensor
 
     def array(self) -> np.ndarray[Any, Any]:
-        """The tensor as a numpy array of the same dtype, on the CPU; bfloat16 widened to
-        float32 exactly, as ``TensorInfo.array`` does (float8 via ml_dtypes)."""
+        """The tensor as a numpy array of the same dtype, on the CPU; bfloat16 and float8
+        widened to float32 exactly, as ``TensorInfo.array`` does (``floats.widen``)."""
         import torch
 
-        from adapterctl.tensorfile import numpy_dtype, widen_bf16
+        from adapterctl.floats import widen_bf16, widen_f8
 
         t = self.tensor.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
             return widen_bf16(t.view(torch.int16).numpy())
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            return t.view(torch.int8).numpy().view(numpy_dtype(self.dtype))
+            return widen_f8(t.view(torch.uint8).numpy(), self.dtype)
         return t.numpy()
 
 
@@ -149,7 +149,7 @@ class LoraModule:
         self, dtype: str | None = "float32"
     ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """(B, A) as numpy (out, r) and (r, in) matrices of ``dtype`` (None: as stored, with
-        bfloat16 widened to float32), without torch or ml_dtypes for safetensors files."""
+        bfloat16 and float8 widened to float32), without torch for safetensors files."""
         b, a = self.b.array(), self.a.array()
         b, a = b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)  # (out, r), (r, in)
         if dtype is None:

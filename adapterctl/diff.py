@@ -114,7 +114,7 @@ def diff(a: Adapter, b: Adapter, *, tol: float = DEFAULT_TOL) -> DiffReport:
 
 def module_diff(x: LoraModule, y: LoraModule) -> ModuleDiff:
     """Norms, difference, cosine and column-space angles of two modules' ΔW, in float64."""
-    # NumPy, not torch: diff never pays torch's import (nor ml_dtypes': bf16 is widened).
+    # NumPy, not torch: diff never pays torch's import (bf16 is widened by bit arithmetic).
     import numpy as np
 
     from adapterctl.lowrank import core_svd, difference_norm, inner_product, principal_angles

@@ -82,7 +82,7 @@ def module_report(
 ) -> ModuleReport:
     """Norm, stable rank and (optionally) singular values of one module, in float64,
     from the r×r core (never the dense ΔW)."""
-    # NumPy, not torch: inspect never pays torch's import (nor ml_dtypes': bf16 is widened).
+    # NumPy, not torch: inspect never pays torch's import (bf16 is widened by bit arithmetic).
     import numpy as np
 
     b, a = mod.arrays("float64")  # (out, r), (r, in)

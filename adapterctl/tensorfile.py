@@ -40,52 +40,35 @@ TORCH_DTYPE_NAMES: dict[str, str] = {
 }  # fmt: skip
 
 
-# safetensors dtype name -> numpy dtype name (bfloat16 and float8 from ml_dtypes)
+# safetensors dtype name -> the numpy dtype its tensors are held in: their own where NumPy has
+# it; for the float formats NumPy lacks (bfloat16, float8), the unsigned integer of the same
+# width, holding the raw bits that ``adapterctl.floats`` converts.
 NUMPY_DTYPE_NAMES: dict[str, str] = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "uint16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
     "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "uint8", "F8_E5M2": "uint8",
 }  # fmt: skip
 
 
 def numpy_dtype(dtype: str) -> np.dtype[Any]:
-    """The numpy dtype of a safetensors dtype name (``BF16`` is ml_dtypes' bfloat16).
+    """The numpy dtype a tensor of safetensors dtype ``dtype`` is held in, byte for byte.
 
-    ml_dtypes (about 0.5 s to import) is imported only for the dtypes NumPy lacks: bfloat16
-    and float8, which only the merge engines need as such (readers widen BF16 with
-    ``widen_bf16``).
-    """
-    import numpy as np
+    NumPy has no bfloat16 or float8, so ``BF16`` is held as ``uint16`` and ``F8_E4M3`` /
+    ``F8_E5M2`` as ``uint8``: their raw bit patterns, which ``adapterctl.floats`` widens to
+    float32 (``floats.widen``) and rounds back (``floats.round_bf16``). The dtype says how to
+    store, not what the values are: carry the safetensors name along to read them.
 
-    name = NUMPY_DTYPE_NAMES[dtype]
-    if name not in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        return np.dtype(name)
-    import ml_dtypes
-
-    return np.dtype(getattr(ml_dtypes, name))
-
-
-def widen_bf16(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """bfloat16 values, given as their raw 16-bit patterns, widened to float32 exactly.
-
-    A bfloat16 is the upper half of a float32 (same sign, exponent and leading mantissa bits),
-    so shifting its bits up by 16 gives the float32 of the same value, NaN and Inf included,
-    without ml_dtypes.
-
-    Args:
-        bits: any array of 2-byte elements (``uint16``, ``int16`` or ml_dtypes' bfloat16).
-
-    Returns:
-        A new float32 array of the same shape.
+    Raises:
+        KeyError: NumPy cannot hold ``dtype`` (the 4- and 6-bit floats, F8_E8M0).
 
     Example:
-        >>> widen_bf16(np.array([0x3F80, 0xC000], dtype=np.uint16))
-        array([ 1., -2.], dtype=float32)
+        >>> numpy_dtype("BF16"), numpy_dtype("F16")
+        (dtype('uint16'), dtype('float16'))
     """
     import numpy as np
 
-    return (bits.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.dtype(NUMPY_DTYPE_NAMES[dtype])
 
 
 class _Counter:
@@ -171,15 +154,16 @@ class TensorInfo:
         return torch.frombuffer(data, dtype=dtype).reshape(self.shape)
 
     def array(self) -> np.ndarray[Any, Any]:
-        """Read this tensor into a numpy array of its own dtype, except BF16, which comes
-        widened to float32 exactly (``widen_bf16``; NumPy has no bfloat16), so reading
-        imports neither torch nor ml_dtypes."""
+        """Read this tensor into a numpy array of its own dtype, except the floats NumPy lacks
+        (BF16, F8_E4M3, F8_E5M2), which come widened to float32 exactly (``floats.widen``),
+        so reading never imports torch."""
         import numpy as np
 
+        from adapterctl.floats import widen
+
         data = self._read(NUMPY_DTYPE_NAMES, "numpy")
-        if self.dtype == "BF16":
-            return widen_bf16(np.frombuffer(data, dtype=np.uint16)).reshape(self.shape)
-        return np.frombuffer(data, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
+        held = np.frombuffer(data, dtype=numpy_dtype(self.dtype)).reshape(self.shape)
+        return widen(held, self.dtype)
 
 
 @dataclass

@@ -4,10 +4,10 @@ For Llama-7B weight shapes (4096 x 4096, 4096 x 11008, 11008 x 4096) in bf16 and
 256 (several adapters merged at once add their ranks), times one core merging the whole
 weight in the engine's row chunks: the fused kernel (`adapterctl._fused`: widen, add L·R,
 round, one pass), in each vector width the CPU runs (AVX-512, AVX2, generic: 16, 8 or 4
-floats), against NumPy's `matmul` + widening add + ml_dtypes rounding, all into a bf16
-output, OpenBLAS on one thread. Reports ns per merged element (best of --repeat) and NumPy's
-time over the widest kernel's; the FMAs alone need rank / 16 cycles per element at one 16-lane
-FMA per cycle.
+floats), against NumPy's `matmul` + widening add + rounding (`adapterctl.floats`: bfloat16
+held as its bits), all into a bf16 output, OpenBLAS on one thread. Reports ns per merged
+element (best of --repeat) and NumPy's time over the widest kernel's; the FMAs alone need
+rank / 16 cycles per element at one 16-lane FMA per cycle.
 
     python bench/kernel.py --repeat 3
 """
@@ -18,10 +18,10 @@ import argparse
 import time
 from collections.abc import Callable
 
-import ml_dtypes
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from adapterctl.floats import round_bf16
 from adapterctl.merge import numpy_engine
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
@@ -45,7 +45,6 @@ def main() -> None:
     if kernel is None:
         raise SystemExit("adapterctl._fused is not built (or ADAPTERCTL_FUSED=0)")
     rng = np.random.default_rng(0)
-    bf16 = np.dtype(ml_dtypes.bfloat16)
     isas = list(kernel.ISAS)
     print(
         "| weight | rank | "
@@ -54,7 +53,7 @@ def main() -> None:
     )
     print("|---|---:|" + "---:|" * (len(isas) + 2))
     for rows, cols in SHAPES:
-        w = (rng.standard_normal((rows, cols), dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+        w = round_bf16(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)  # bf16 bits
         for rank in RANKS:
             left = rng.standard_normal((rows, rank), dtype=np.float32) * 0.01
             right = rng.standard_normal((rank, cols), dtype=np.float32) * 0.01
@@ -64,12 +63,12 @@ def main() -> None:
 
             def fused(isa: str, w=w, left=left, tiles=tiles, chunks=chunks) -> None:
                 for r0, r1 in chunks:
-                    numpy_engine._kernel_rows(w[r0:r1], left[r0:r1], tiles, bf16, isa)
+                    numpy_engine._kernel_rows(w[r0:r1], "BF16", left[r0:r1], tiles, "BF16", isa)
 
             def numpy_path(w=w, left=left, right=right, chunks=chunks) -> None:
                 for r0, r1 in chunks:
-                    chunk = numpy_engine._numpy_rows(w[r0:r1], left[r0:r1], right)
-                    numpy_engine._finish_rows(chunk, r0, None, [], bf16)
+                    chunk = numpy_engine._numpy_rows(w[r0:r1], "BF16", left[r0:r1], right)
+                    numpy_engine._finish_rows(chunk, r0, None, [], "BF16")
 
             with threadpool_limits(limits=1, user_api="blas"):
                 t_fused = [

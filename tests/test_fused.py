@@ -1,6 +1,7 @@
 """The compiled merge kernel (``adapterctl._fused``): its sums against float64 math, its
-roundings bit for bit against ml_dtypes / NumPy (torch's, see test_merge_cpu), its overflow
-count and its refusals of malformed buffers (that the install built it: test_merge_cpu)."""
+roundings bit for bit against the NumPy engine's (``floats.round_bf16``, NumPy's float16 cast:
+torch's, see test_floats), its overflow count and its refusals of malformed buffers (that the
+install built it: test_merge_cpu)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import os
 import subprocess
 import sys
 
-import ml_dtypes
 import numpy as np
 import pytest
 
+from adapterctl import floats
 from adapterctl.merge import numpy_engine
 
-DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16, "float32": np.float32}
+# The kernel's dtypes as NumPy holds them: bfloat16 as its bits (NumPy has no bfloat16).
+DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 CODES = {"bfloat16": 0, "float16": 1, "float32": 2}
 PAIRS = list(itertools.product(DTYPES, DTYPES))
+# (mantissa bits, exponent of the smallest normal value)
+PRECISION = {"bfloat16": (7, -126), "float16": (10, -14), "float32": (23, -126)}
 
 fused = pytest.importorskip("adapterctl._fused", reason="built without a C compiler")
 
@@ -26,10 +30,29 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a.view(np.float32)
 
 
+def _round(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``x`` rounded into ``dtype`` as held (DTYPES): the NumPy engine's rounding."""
+    x = np.asarray(x, np.float32)
+    if dtype == "bfloat16":
+        return floats.round_bf16(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(DTYPES[dtype])
+
+
+def _widen(a: np.ndarray, dtype: str) -> np.ndarray:
+    """``a``, held as DTYPES[dtype], as float32 (exactly)."""
+    return floats.widen_bf16(a) if dtype == "bfloat16" else a.astype(np.float32)
+
+
 def _run(
-    base: np.ndarray, left: np.ndarray, right: np.ndarray, out_dtype: str, isa: str | None = None
+    base: np.ndarray,
+    base_dtype: str,
+    left: np.ndarray,
+    right: np.ndarray,
+    out_dtype: str,
+    isa: str | None = None,
 ) -> tuple[np.ndarray, int]:
-    if "float16" in (base.dtype.name, out_dtype) and not fused.FLOAT16:
+    if "float16" in (base_dtype, out_dtype) and not fused.FLOAT16:
         pytest.skip("built by a compiler without _Float16: float16 merges use NumPy")
     rows, cols = base.shape
     out = np.empty((rows, cols), DTYPES[out_dtype])
@@ -41,7 +64,7 @@ def _run(
         rows,
         cols,
         right.shape[0],
-        CODES[base.dtype.name],
+        CODES[base_dtype],
         CODES[out_dtype],
         isa,
     )
@@ -77,7 +100,7 @@ def _patterns(base_dtype: str) -> np.ndarray:
         )
         return np.concatenate([bits, bf16_ties, f16_ties, special]).view(np.float32)
     every = np.arange(2**16, dtype=np.uint32).astype(np.uint16)  # all 65536 values
-    return every.view(DTYPES[base_dtype])
+    return every.view(DTYPES[base_dtype])  # bfloat16: held as these bits
 
 
 # Every vector width this CPU runs (AVX-512, AVX2, generic on x86-64): each is its own code.
@@ -103,26 +126,31 @@ def test_the_widest_vectors_run_by_default() -> None:
 @ISAS
 @pytest.mark.parametrize(("base_dtype", "out_dtype"), PAIRS)
 def test_conversions_are_the_reference_roundings(base_dtype: str, out_dtype: str, isa: str) -> None:
-    """With rank 0 the kernel only widens and rounds: bit for bit what ml_dtypes (bfloat16)
-    and NumPy (float16) do, which is what torch does; a NaN stays a NaN of the same sign."""
+    """With rank 0 the kernel only widens and rounds: bit for bit what the NumPy engine does
+    (``floats.round_bf16``, NumPy's float16 cast), which is what torch does; a NaN stays a NaN
+    of the same sign, rounded into bfloat16 to the very bits ``round_bf16`` gives."""
     values = _patterns(base_dtype)
     cols = 37  # whole 32-column tiles and a scalar tail
     values = values[: values.size // cols * cols].reshape(-1, cols)
-    ours, _ = _run(values, np.empty((len(values), 0)), np.empty((0, cols)), out_dtype, isa)
-    with np.errstate(over="ignore", invalid="ignore"):
-        ref = values.astype(np.float32).astype(DTYPES[out_dtype])
-    nan = np.isnan(values.astype(np.float32))
+    ours, _ = _run(
+        values, base_dtype, np.empty((len(values), 0)), np.empty((0, cols)), out_dtype, isa
+    )
+    wide = _widen(values, base_dtype)
+    ref = _round(wide, out_dtype)
+    nan = np.isnan(wide)
     assert np.array_equal(_bits(ours)[~nan], _bits(ref)[~nan])
-    got = ours.astype(np.float32)[nan]
+    got = _widen(ours, out_dtype)[nan]
     assert np.isnan(got).all()
-    assert np.array_equal(np.signbit(got), np.signbit(values.astype(np.float32)[nan]))
+    assert np.array_equal(np.signbit(got), np.signbit(wide[nan]))
+    if out_dtype == "bfloat16":  # NaNs too: NumPy and kernel merges write the same bytes
+        assert np.array_equal(ours, ref)
 
 
 def _ulp(x: np.ndarray, dtype: str) -> np.ndarray:
     """The spacing of ``dtype`` at |x| (float64), for normal and subnormal values alike."""
-    info = ml_dtypes.finfo(DTYPES[dtype]) if dtype == "bfloat16" else np.finfo(DTYPES[dtype])
-    exp = np.floor(np.log2(np.maximum(np.abs(x), float(info.smallest_normal))))
-    return np.exp2(exp - info.nmant)
+    nmant, min_exp = PRECISION[dtype]
+    exp = np.floor(np.log2(np.maximum(np.abs(x), 2.0**min_exp)))
+    return np.exp2(exp - nmant)
 
 
 @ISAS
@@ -141,14 +169,15 @@ def test_sums_are_float64_math_rounded_once(
     """W + L·R within half an output ulp plus float32 noise of the exact sum, for tiles of 1, 2
     or 4 rows cut short, column tails, panels of columns and ranks from 1 to 70."""
     rng = np.random.default_rng(rows * 1000 + cols + rank)
-    base = (rng.standard_normal((rows, cols)) * 0.5).astype(DTYPES[base_dtype])
+    base = _round(rng.standard_normal((rows, cols)) * 0.5, base_dtype)
     left = rng.standard_normal((rows, rank)).astype(np.float32)
     right = (rng.standard_normal((rank, cols)) * 0.05).astype(np.float32)
-    ours, inf = _run(base, left, right, out_dtype, isa)
+    ours, inf = _run(base, base_dtype, left, right, out_dtype, isa)
     terms = left.astype(np.float64)[:, :, None] * right.astype(np.float64)[None]  # (rows, r, c)
-    exact = base.astype(np.float64) + terms.sum(axis=1)
-    noise = (rank + 1) * np.finfo(np.float32).eps * (np.abs(base) + np.abs(terms).sum(axis=1))
-    err = np.abs(ours.astype(np.float64) - exact)
+    wide = _widen(base, base_dtype).astype(np.float64)
+    exact = wide + terms.sum(axis=1)
+    noise = (rank + 1) * np.finfo(np.float32).eps * (np.abs(wide) + np.abs(terms).sum(axis=1))
+    err = np.abs(_widen(ours, out_dtype).astype(np.float64) - exact)
     assert (err <= 0.5 * _ulp(exact, out_dtype) + noise).all()
     assert inf == 0
 
@@ -158,9 +187,9 @@ def test_sums_are_float64_math_rounded_once(
 def test_float16_overflow_is_counted(base_dtype: str, isa: str) -> None:
     """Finite sums beyond float16's range are counted; ±inf and NaN inputs are not."""
     row = np.array([7e4, -7e4, 1.0, np.inf, np.nan, 65504.0, 65520.0, -1e5], np.float32)
-    base = np.tile(row, (3, 5)).astype(DTYPES[base_dtype])  # (3, 40): tile and tail
-    out, inf = _run(base, np.zeros((3, 1)), np.zeros((1, 40)), "float16", isa)
-    wide = base.astype(np.float32)  # in bfloat16 65504 is 65536: it overflows as well
+    base = _round(np.tile(row, (3, 5)), base_dtype)  # (3, 40): tile and tail
+    out, inf = _run(base, base_dtype, np.zeros((3, 1)), np.zeros((1, 40)), "float16", isa)
+    wide = _widen(base, base_dtype)  # in bfloat16 65504 is 65536: it overflows as well
     over = np.isfinite(wide) & (np.abs(wide) >= 65520)  # 65520 is the tie that rounds up
     assert inf == over.sum() == 3 * 5 * (4 if base_dtype == "float32" else 5)
     assert np.array_equal(np.isinf(out.astype(np.float32)), over | np.isinf(wide))
@@ -172,7 +201,7 @@ def test_float16_without_compiler_support_is_refused() -> None:
         pytest.skip("this build has _Float16")
     with pytest.raises(NotImplementedError, match="float16 not supported"):
         fused.addmm_round(bytearray(2), bytes(2), bytes(0), bytes(0), 1, 1, 0, 1, 1)
-    assert numpy_engine._kernel_dtype(np.dtype(np.float16), np.dtype(np.float16)) is None
+    assert numpy_engine._kernel_dtype("F16", "F16") is None
 
 
 def test_malformed_buffers_are_refused() -> None:
@@ -207,10 +236,10 @@ def test_into_a_file_equals_the_kernel_in_memory(
     """addmm_round_into writes, block of rows by block of rows at the offset given, exactly
     what addmm_round computes in memory."""
     rng = np.random.default_rng(rows + cols)
-    base = rng.standard_normal((rows, cols)).astype(ml_dtypes.bfloat16)
+    base = _round(rng.standard_normal((rows, cols)), "bfloat16")
     left = rng.standard_normal((rows, 7)).astype(np.float32)
     right = rng.standard_normal((7, cols)).astype(np.float32)
-    ref, _ = _run(base, left, right, "bfloat16", isa)
+    ref, _ = _run(base, "bfloat16", left, right, "bfloat16", isa)
     path = tmp_path / "out.bin"  # type: ignore[operator]
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     try:

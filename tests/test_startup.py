@@ -1,6 +1,8 @@
 """The reporting commands start light: ``inspect``, ``validate``, ``diff``, ``list`` and
-``show`` import neither torch, nor bitsandbytes, nor ml_dtypes (torch alone costs about a
-second and 200 MB; ml_dtypes half a second), and loading the plugins imports none of them.
+``show`` import neither torch nor bitsandbytes (torch alone costs about a second and 200 MB),
+nor does a plain CPU merge, and loading the plugins imports none of them. Nor is ml_dtypes
+(half a second) ever imported: bfloat16 and float8 are bit arithmetic (``adapterctl.floats``),
+and it is no longer a dependency.
 
 Each command runs in a fresh interpreter (this test process has long imported torch) that
 writes, at exit, which of those modules it holds. The inputs are the demo's: a sharded bf16
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from adapterctl import demo
-from adapterctl.tensorfile import read_header, widen_bf16
+from adapterctl.tensorfile import read_header
 
 HEAVY = ("torch", "bitsandbytes", "ml_dtypes")
 
@@ -112,29 +114,30 @@ def test_loading_plugins_imports_no_heavy_module(files: dict[str, str], tmp_path
     assert json.loads(out.read_text()) == []
 
 
-def test_widen_bf16_is_exact_for_every_bit_pattern() -> None:
-    ml_dtypes = pytest.importorskip("ml_dtypes")
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # (65536,)
-    got = widen_bf16(bits)
-    want = bits.view(ml_dtypes.bfloat16).astype(np.float32)
-    assert got.dtype == np.float32 and got.shape == bits.shape
-    nan = np.isnan(want)
-    assert np.array_equal(np.isnan(got), nan)
-    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # ±0, ±inf too
-    assert np.array_equal(got.view(np.uint32) >> 16, bits.astype(np.uint32))  # NaN payloads kept
+def test_plain_cpu_merge_imports_no_heavy_module(files: dict[str, str], tmp_path: Path) -> None:
+    """The NumPy engine merges the bf16 base (rounding by bit arithmetic) and ``--verify``
+    re-reads it, with none of torch, bitsandbytes, ml_dtypes."""
+    out = tmp_path / "imported.json"
+    args = ["merge", files["base"], files["code"], "-o", str(tmp_path / "merged"), "--device",
+            "cpu", "--verify"]  # fmt: skip
+    _run([sys.executable, "-c", CLI_SCRIPT, str(out), *args], files["home"])
+    assert json.loads(out.read_text()) == []
 
 
-def test_bf16_tensors_read_as_float32_without_ml_dtypes(tmp_path: Path) -> None:
+def test_bf16_and_float8_tensors_read_as_float32(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import save_file
 
     t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     t[0, 0], t[1, 1] = float("inf"), float("nan")
-    save_file({"w": t}, str(tmp_path / "x.safetensors"))
-    got = read_header(tmp_path / "x.safetensors").tensors["w"].array()
-    want = t.float().numpy()
-    assert got.dtype == np.float32 and got.shape == (3, 5)
-    assert np.array_equal(got, want, equal_nan=True)
+    e4m3, e5m2 = t.to(torch.float8_e4m3fn), t.to(torch.float8_e5m2)
+    save_file({"w": t, "e4m3": e4m3, "e5m2": e5m2}, str(tmp_path / "x.safetensors"))
+    tensors = read_header(tmp_path / "x.safetensors").tensors
+    for name, want in (("w", t), ("e4m3", e4m3), ("e5m2", e5m2)):
+        got = tensors[name].array()
+        assert got.dtype == np.float32 and got.shape == (3, 5), name
+        assert np.array_equal(got, want.float().numpy(), equal_nan=True), name
+    got = tensors["w"].array()
     assert struct.pack("<f", got[0, 0]) == struct.pack("<f", float("inf"))
 
 

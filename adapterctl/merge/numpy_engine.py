@@ -12,14 +12,15 @@ The math is the torch engine's: W' = W + Σᵢ cᵢ·Bᵢ·Aᵢ (DoRA: rescaled 
 biases), in float32, rounded once into the output dtype (bfloat16 rounding to nearest even, as
 torch rounds). The sum runs in the fused C kernel ``adapterctl._fused`` where the package was
 built with it — base + L·R summed in registers and rounded in one pass over memory, about 3×
-NumPy's speed — and in NumPy otherwise (``matmul``, widening add, ml_dtypes rounding: three
-passes). Work is split by tensor across worker threads (NumPy and the kernel release the
-GIL): each takes the next job, merges its rows in float32 chunks that stay in cache, rounds
-each chunk and writes it at its planned offset with ``pwrite`` (with the kernel, one call per
-tensor does all of this, block by block of rows, in C) — every header is planned, so each
-tensor's place in its file is known and the workers never wait for each other. Base
-tensors are read through memory maps (page cache, not anonymous memory); untouched tensors
-are copied in the kernel.
+NumPy's speed — and in NumPy otherwise (``matmul``, the base widened and added, the rounding:
+several passes; bfloat16, which NumPy lacks, held as its bits and converted by
+``adapterctl.floats``). Work is split by tensor across worker threads (NumPy and the kernel
+release the GIL): each takes the next job, merges its rows in float32 chunks that stay in
+cache, rounds each chunk and writes it at its planned offset with ``pwrite`` (with the
+kernel, one call per tensor does all of this, block by block of rows, in C) — every header
+is planned, so each tensor's place in its file is known and the workers never wait for each
+other. Base tensors are read through memory maps (page cache, not anonymous memory);
+untouched tensors are copied in the kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from adapterctl.device import workers
 from adapterctl.errors import UsageError
 from adapterctl.files import POSITIONED_WRITES, pwrite_all
+from adapterctl.floats import round_bf16, widen_bf16
 from adapterctl.merge.plan import CHUNK_ELEMENTS, Delta, Job, MergePlan
 from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dtype
@@ -299,7 +301,11 @@ def _write_job(
     assert source is not None
     # Mapped, not read, when the tensor is in a safetensors file (a saved 128k-row embedding
     # would otherwise cost a GB of memory); a legacy .bin adapter's tensors are in memory.
-    w = maps.view(source) if isinstance(source, TensorInfo) else source.array()
+    if isinstance(source, TensorInfo):
+        w, base_dtype = maps.view(source), source.dtype  # as stored: bfloat16 as its bits
+    else:
+        w = source.array()  # bfloat16 comes widened to float32
+        base_dtype = "F16" if w.dtype == np.float16 else "F32"
     rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = np.ascontiguousarray(w.reshape(rows, -1))  # conv kernels: (out, in·k); bias: (out, 1)
     cols = flat.shape[1]
@@ -316,32 +322,34 @@ def _write_job(
     # Σᵢ Lᵢ·Rᵢ as one product: the factors side by side, (rows, Σr) @ (Σr, cols).
     left = np.hstack([lf for lf, _ in deltas]) if deltas else np.empty((rows, 0), np.float32)
     right = np.vstack([rf for _, rf in deltas]) if deltas else np.empty((0, cols), np.float32)
-    out_dtype = numpy_dtype(job.out_dtype)
     finish = magnitude is not None or bool(biases)  # float32 sums needed before rounding
-    wanted = np.dtype(np.float32) if finish else out_dtype
+    wanted = "F32" if finish else job.out_dtype
     pays = isa is not None and kernel_pays(isa, right.shape[0], cols)
-    kernel_dtype = _kernel_dtype(flat.dtype, wanted) if pays else None
+    kernel_dtype = _kernel_dtype(base_dtype, wanted) if pays else None
     used.add("numpy" if kernel_dtype is None else "fused")
     if kernel_dtype is not None:
         right = _right_tiles(right)
     if kernel_dtype is not None and not finish:
         # The whole tensor in one call: the kernel merges it block by block of rows through
         # this worker's buffer and writes each block itself, with no Python in between.
-        block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, cols), out_dtype)
+        block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, cols), numpy_dtype(job.out_dtype))
         inf = KERNEL.addmm_round_into(
             fd, offset, _raw(block), _raw(flat), left, right, rows, cols, right.shape[1],
-            _KERNEL_CODES[flat.dtype.name], _KERNEL_CODES[out_dtype.name], isa,
+            _KERNEL_CODES[base_dtype], _KERNEL_CODES[job.out_dtype], isa,
         )  # fmt: skip
         overflow.add(job.name, int(inf))
         return
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
         for r0, r1 in row_chunks(rows, cols):
+            w_rows, l_rows = flat[r0:r1], left[r0:r1]
             if kernel_dtype is not None:
-                data, inf = _kernel_rows(flat[r0:r1], left[r0:r1], right, kernel_dtype, isa)
+                data, inf = _kernel_rows(w_rows, base_dtype, l_rows, right, kernel_dtype, isa)
+                summed = kernel_dtype
             else:
-                data, inf = _numpy_rows(flat[r0:r1], left[r0:r1], right), 0
-            if finish or data.dtype != out_dtype:
-                data, inf = _finish_rows(data, r0, magnitude, biases, out_dtype)
+                data, inf = _numpy_rows(w_rows, base_dtype, l_rows, right), 0
+                summed = "F32"
+            if finish or summed != job.out_dtype:
+                data, inf = _finish_rows(data, r0, magnitude, biases, job.out_dtype)
             overflow.add(job.name, inf)
             offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
 
@@ -357,32 +365,34 @@ def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
-_KERNEL_CODES = {"bfloat16": 0, "float16": 1, "float32": 2}  # the kernel's dtype numbers
+# safetensors dtype name -> the kernel's number for it (bfloat16 and float16 as their bits)
+_KERNEL_CODES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
-def _kernel_dtype(base: np.dtype[Any], wanted: np.dtype[Any]) -> np.dtype[Any] | None:
-    """``wanted`` when the compiled kernel can read ``base`` and write ``wanted``, else None."""
-    names = {base.name, wanted.name}
+def _kernel_dtype(base: str, wanted: str) -> str | None:
+    """``wanted`` when the compiled kernel can read ``base`` and write ``wanted`` (safetensors
+    dtype names), else None."""
+    names = {base, wanted}
     if KERNEL is None or not names <= _KERNEL_CODES.keys():
         return None
-    return None if "float16" in names and not KERNEL.FLOAT16 else wanted
+    return None if "F16" in names and not KERNEL.FLOAT16 else wanted
 
 
 def _kernel_rows(
     w: np.ndarray[Any, Any],
+    w_dtype: str,
     left: np.ndarray[Any, Any],
     right: np.ndarray[Any, Any],
-    dtype: np.dtype[Any],
+    dtype: str,
     isa: str | None = None,
 ) -> tuple[np.ndarray[Any, Any], int]:
-    """W + L·R for the rows ``w`` (rows, cols) with the compiled kernel's ``isa`` (None: the
-    widest; ``right`` in tiles: ``_right_tiles``), rounded once into ``dtype``, in this
+    """W + L·R for the rows ``w`` (rows, cols), of safetensors dtype ``w_dtype`` held as
+    ``numpy_dtype`` holds it, with the compiled kernel's ``isa`` (None: the widest; ``right``
+    in tiles: ``_right_tiles``), rounded once into ``dtype`` (a safetensors name), in this
     worker's buffer; and how many finite sums overflowed float16."""
-    import numpy as np
-
     rows, cols = w.shape
-    key = "work" if dtype == np.float32 else "out"  # float32 sums go on to _finish_rows
-    data = _BUFFERS.get(key, rows * cols, dtype).reshape(rows, cols)
+    key = "work" if dtype == "F32" else "out"  # float32 sums go on to _finish_rows
+    data = _BUFFERS.get(key, rows * cols, numpy_dtype(dtype)).reshape(rows, cols)
     inf = KERNEL.addmm_round(
         _raw(data),
         _raw(w),
@@ -391,8 +401,8 @@ def _kernel_rows(
         rows,
         cols,
         right.shape[1],
-        _KERNEL_CODES[w.dtype.name],
-        _KERNEL_CODES[dtype.name],
+        _KERNEL_CODES[w_dtype],
+        _KERNEL_CODES[dtype],
         isa,
     )
     return data, int(inf)
@@ -419,19 +429,27 @@ def _right_tiles(right: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 
 def _numpy_rows(
-    w: np.ndarray[Any, Any], left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]
+    w: np.ndarray[Any, Any],
+    w_dtype: str,
+    left: np.ndarray[Any, Any],
+    right: np.ndarray[Any, Any],
 ) -> np.ndarray[Any, Any]:
-    """W + L·R for the rows ``w`` (rows, cols) in float32 with NumPy (matmul, then the base
-    widened exactly), in this worker's buffer."""
+    """W + L·R for the rows ``w`` (rows, cols), of safetensors dtype ``w_dtype`` held as
+    ``numpy_dtype`` holds it, in float32 with NumPy (matmul, then the base widened exactly),
+    in this worker's buffer."""
     import numpy as np
 
     rows, cols = w.shape
     chunk = _BUFFERS.get("work", rows * cols, np.float32).reshape(rows, cols)
-    if right.shape[0]:
-        np.matmul(left, right, out=chunk)  # (rows, r) @ (r, cols)
-        np.add(chunk, w, out=chunk, casting="unsafe")
-    else:
-        np.copyto(chunk, w, casting="unsafe")
+    if not right.shape[0]:
+        if w_dtype == "BF16":
+            return widen_bf16(w, out=chunk)
+        np.copyto(chunk, w, casting="safe")  # float16 widens exactly
+        return chunk
+    np.matmul(left, right, out=chunk)  # (rows, r) @ (r, cols)
+    if w_dtype == "BF16":
+        w = widen_bf16(w, out=_BUFFERS.get("base", rows * cols, np.float32).reshape(rows, cols))
+    np.add(chunk, w, out=chunk)
     return chunk
 
 
@@ -440,11 +458,12 @@ def _finish_rows(
     r0: int,
     magnitude: np.ndarray[Any, Any] | None,
     biases: list[np.ndarray[Any, Any]],
-    out_dtype: np.dtype[Any],
+    out_dtype: str,
 ) -> tuple[np.ndarray[Any, Any], int]:
     """Finish float32 rows r0… of W + ΔW (in place): DoRA's m/‖V‖_row when ``magnitude``
-    (rows, 1) is given, the lora biases, then the one rounding into ``out_dtype``. Returns the
-    rounded rows (in this worker's buffer) and how many finite values became ±inf in float16."""
+    (rows, 1) is given, the lora biases, then the one rounding into ``out_dtype`` (a
+    safetensors name). Returns the rounded rows (in this worker's buffer; bfloat16 as its
+    bits) and how many finite values became ±inf in float16."""
     import numpy as np
 
     rows, cols = chunk.shape
@@ -453,12 +472,15 @@ def _finish_rows(
         chunk *= magnitude[r0:r1] / np.linalg.norm(chunk, axis=1, keepdims=True)
     for bias in biases:
         chunk += bias[r0:r1]
-    if out_dtype == chunk.dtype:
+    if out_dtype == "F32":
         return chunk, 0
-    data = _BUFFERS.get("out", rows * cols, out_dtype).reshape(rows, cols)
-    np.copyto(data, chunk, casting="unsafe")  # the one rounding: float32 -> output dtype
+    # The one rounding, to nearest even as torch rounds: float32 -> output dtype.
+    data = _BUFFERS.get("out", rows * cols, numpy_dtype(out_dtype)).reshape(rows, cols)
+    if out_dtype == "BF16":
+        return round_bf16(chunk, out=data), 0
+    np.copyto(data, chunk, casting="unsafe")  # float16: NumPy's cast rounds as torch does
     inf = 0
-    if data.dtype == np.float16 and np.isinf(data).any():
+    if np.isinf(data).any():
         inf = int(np.count_nonzero(np.isinf(data) & np.isfinite(chunk)))
     return data, inf
 

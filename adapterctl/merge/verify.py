@@ -34,8 +34,9 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
         ValidationFailed: a row differs from the reference by more than one rounding into the
             output dtype plus float32 noise.
     """
-    import ml_dtypes
     import numpy as np
+
+    from adapterctl import floats
 
     stored: dict[str, TensorInfo] = {}
     for shard in plan.shards:
@@ -53,7 +54,7 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
             got, ref = _sampled_rows(job, stored[job.name], pick)
         else:
             got, ref = _from_whole_tensors(job, stored[job.name], pick)
-        eps = float(ml_dtypes.finfo(numpy_dtype(job.out_dtype)).eps)
+        eps = floats.eps(job.out_dtype)
         # One rounding of the reference into the output dtype, plus float32 accumulation noise.
         tol = np.abs(ref) * (eps / 2) + np.abs(ref).max() * 1e-5 + 1e-12
         if bool((np.abs(got - ref) > tol * 1.01).any()):
@@ -100,6 +101,8 @@ def _read_rows(info: TensorInfo, pick: Any) -> Any:
     """Rows ``pick`` of a stored tensor (row-major), as float64 (k, cols): one read per row."""
     import numpy as np
 
+    from adapterctl.floats import widen
+
     n = info.shape[0] if info.shape else 1
     cols = info.numel // n
     row_bytes = int(cols * DTYPE_SIZES[info.dtype])
@@ -108,7 +111,7 @@ def _read_rows(info: TensorInfo, pick: Any) -> Any:
     with open(info.path, "rb") as fh:
         for i, r in enumerate(pick):
             fh.seek(info.start + int(r) * row_bytes)
-            out[i] = np.frombuffer(fh.read(row_bytes), dtype=dtype)
+            out[i] = widen(np.frombuffer(fh.read(row_bytes), dtype=dtype), info.dtype)  # exact
     return out
 
 
