@@ -10,13 +10,14 @@ install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "torch==2.13.0" \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PYTHON) -m pip install -q -e ".[test]"
+	@$(PYTHON) -m pip install -q -e plugins/adapterctl-fused
 
 demo: install
 	adapterctl demo
 
 lint:
-	$(PYTHON) -m ruff check adapterctl tests bench
-	$(PYTHON) -m ruff format --check adapterctl tests bench
+	$(PYTHON) -m ruff check adapterctl tests bench plugins
+	$(PYTHON) -m ruff format --check adapterctl tests bench plugins
 
 typecheck:
 	$(PYTHON) -m mypy
@@ -25,5 +26,5 @@ test: install lint typecheck
 	$(PYTHON) -m pytest
 
 format:
-	$(PYTHON) -m ruff format adapterctl tests bench
-	$(PYTHON) -m ruff check --fix adapterctl tests bench
+	$(PYTHON) -m ruff format adapterctl tests bench plugins
+	$(PYTHON) -m ruff check --fix adapterctl tests bench plugins

@@ -29,3 +29,12 @@ def register_methods(register: Callable[[Any], None]) -> None:
     """Register composition methods: objects with ``name``, ``description``, ``reference``,
     ``options_model``, ``factored``, ``truncates`` and ``combine_dense(deltas, weights,
     options, generator)`` (see ``adapterctl.methods.Method``)."""
+
+
+@hookspec
+def register_merge_kernels(register: Callable[[Any], None]) -> None:
+    """Register compiled merge kernels for the NumPy engine: objects with ``name``,
+    ``description``, ``load()`` (the compiled module, or None where it is not available) and
+    ``pays(isa, rank, cols)`` (whether it beats NumPy on a tensor of that summed rank and row
+    length). The first-party ``adapterctl-fused`` plugin (``plugins/adapterctl-fused``) is one;
+    the engine's use of it is described in ``adapterctl.merge.numpy_engine``."""

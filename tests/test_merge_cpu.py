@@ -21,7 +21,7 @@ from builders import gpt2_model, llama_model, peft_adapter, save_base
 from adapterctl import device
 from adapterctl.checkpoint import open_checkpoint
 from adapterctl.device import _nvidia_driver_present
-from adapterctl.errors import BrokenFile
+from adapterctl.errors import BrokenFile, UsageError
 from adapterctl.formats import read
 from adapterctl.merge import numpy_engine, plan_merge, run_merge
 
@@ -54,7 +54,7 @@ def test_rounding_matches_torch_bit_for_bit() -> None:
     with np.errstate(over="ignore", invalid="ignore"):
         for dtype, torch_dtype in (("BF16", torch.bfloat16), ("F16", torch.float16)):
             chunk = f.reshape(1, -1).copy()  # one row, as the engine's chunks come
-            ours, _ = numpy_engine._finish_rows(chunk, 0, None, [], dtype)
+            ours, _ = numpy_engine._round_rows(chunk, dtype)
             theirs = torch.from_numpy(f.copy()).to(torch_dtype)
             ours_bits = ours.reshape(-1).view(np.uint16)
             theirs_bits = theirs.view(torch.int16).numpy().view(np.uint16)
@@ -159,7 +159,7 @@ def test_full_disk_mid_merge_names_the_output_and_leaves_nothing(
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(numpy_engine, "KERNEL", None)  # NumPy's path writes with os.pwrite
+    monkeypatch.setenv("ADAPTERCTL_FUSED", "0")  # NumPy's path writes with os.pwrite
     out = tmp_path / "merged"
     r = CliRunner().invoke(cli, ["merge", str(base), str(plain), "-o", str(out), "--device", "cpu"])
     assert r.exit_code == 1, r.output
@@ -209,48 +209,55 @@ def test_cgroup_quota_limits_workers(tmp_path: Path) -> None:
     assert 1 <= device.workers() <= device.MAX_WORKERS
 
 
-def test_the_install_built_the_kernel() -> None:
-    """Where a C compiler exists the install must have built the kernel (a broken build would
-    otherwise pass unnoticed, with every merge on the slower NumPy path). Not in test_fused,
-    which is skipped as a whole where the kernel is missing."""
+def test_the_install_built_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a C compiler exists, ``make install`` must have installed and built the kernel
+    plugin (a broken build would otherwise pass unnoticed, with every merge on the slower
+    NumPy path), and the engine must find it through the plugin hook."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if shutil.which(cc) is None:
         pytest.skip(f"no C compiler ({cc})")
     try:
-        from adapterctl import _fused
+        from adapterctl_fused import _fused
     except ImportError as exc:
-        pytest.fail(f"{cc} is installed but the merge kernel was not built: {exc}")
-    assert numpy_engine.KERNEL is _fused
+        pytest.fail(f"{cc} is installed but the merge kernel plugin was not built: {exc}")
+    monkeypatch.delenv("ADAPTERCTL_FUSED", raising=False)
+    kernel = numpy_engine.choose_kernel()
+    assert kernel is not None and kernel.module is _fused
+    assert kernel.label == f"fused-{_fused.ISAS[0]}"
     assert _fused.DTYPES == ("bfloat16", "float16", "float32")
 
 
-@pytest.mark.parametrize(
-    ("isa", "rank", "cols", "pays"),
-    [
-        ("avx512", 16, 4096, True),  # measured 2.2-3.2x faster than NumPy
-        ("avx512", 64, 11008, True),
-        ("avx512", 128, 4096, False),  # measured 0.8x: OpenBLAS wins
-        ("avx2", 128, 4096, False),
-        ("avx512", 128, 11008, True),  # measured 1.7x
-        ("avx512", 256, 4096, True),  # measured 1.25x
-        ("generic", 16, 4096, True),  # on a par
-        ("generic", 64, 4096, False),  # measured 2-3x slower
-        ("generic", 256, 11008, False),
-    ],
-)
-def test_the_kernel_runs_only_where_it_was_measured_faster(
-    isa: str, rank: int, cols: int, pays: bool
-) -> None:
-    assert numpy_engine.kernel_pays(isa, rank, cols) is pays
+def test_the_kernel_can_be_chosen_or_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``none`` (or ADAPTERCTL_FUSED=0) leaves the kernel unused: an escape hatch, and how the
+    benchmark measures the NumPy path in the same run; a width nobody runs is refused."""
+    monkeypatch.setenv("ADAPTERCTL_FUSED", "0")
+    assert numpy_engine.choose_kernel() is None
+    assert numpy_engine.choose_kernel("none") is None
+    with pytest.raises(UsageError, match="ADAPTERCTL_FUSED=avx1024: this CPU runs"):
+        numpy_engine.choose_kernel("avx1024")
+
+
+def test_schedule_alternates_files_largest_first() -> None:
+    """Workers take the jobs largest first, alternating between output files (two workers on
+    one file wait on its lock)."""
+
+    class J:
+        def __init__(self, n: int) -> None:
+            self.nbytes_out = n
+
+    tasks = [(J(n), fd, 0) for fd, n in [(3, 10), (3, 50), (3, 30), (4, 40), (4, 5), (4, 20)]]
+    order = [(t[1], t[0].nbytes_out) for t in numpy_engine._schedule(tasks)]  # type: ignore[arg-type]
+    assert order == [(3, 50), (4, 40), (3, 30), (4, 20), (3, 10), (4, 5)]
 
 
 def test_the_report_names_what_summed(tmp_path: Path) -> None:
     """Tensors whose summed rank the kernel loses at go to NumPy, and the report says which
     summed: the kernel, NumPy, or both."""
-    if numpy_engine.KERNEL is None:
-        pytest.skip("built without the kernel")
-    isa = numpy_engine.kernel_isa()
-    assert isa is not None and not numpy_engine.kernel_pays(isa, 128, 16)
+    kernel = numpy_engine.choose_kernel("auto")
+    if kernel is None:
+        pytest.skip("no compiled merge kernel")
+    assert not kernel.pays(128, 16)
+    isa = kernel.isa
     model = llama_model()
     base = open_checkpoint(save_base(model, tmp_path / "base", torch.bfloat16))
     _, low = peft_adapter(copy.deepcopy(model), tmp_path / "low", target_modules="all-linear")

@@ -13,15 +13,28 @@ from adapterctl.cli.options import json_option
 @cli.command("plugins")
 @json_option
 def plugins_command(as_json: bool) -> None:
-    """List loaded plugins and the adapter formats they register."""
+    """List loaded plugins, the adapter formats and the merge kernels they register."""
     from adapterctl.formats import formats
+    from adapterctl.merge.numpy_engine import available_kernels
     from adapterctl.plugins import plugin_names
 
     names = plugin_names()
     fmts = [{"name": f.name, "description": f.description} for f in formats()]
+    kernels = [
+        {
+            "name": k.name,
+            "description": k.description,
+            "built": module is not None,
+            "widths": list(module.ISAS) if module is not None else [],
+        }
+        for k, module in available_kernels()
+    ]
     if as_json:
-        click.echo(json.dumps({"plugins": names, "formats": fmts}, indent=2))
+        click.echo(json.dumps({"plugins": names, "formats": fmts, "kernels": kernels}, indent=2))
         return
     click.echo("plugins: " + ", ".join(names))
     for f in fmts:
         click.echo(f"format {f['name']}: {f['description']}")
+    for k in kernels:
+        runs = ", ".join(k["widths"]) if k["built"] else "not built (no C compiler at install)"
+        click.echo(f"merge kernel {k['name']}: {k['description']} [{runs}]")

@@ -6,9 +6,10 @@ output dtype, and written (``run_merge``). Tensors no adapter touches are copied
 output goes to a temporary sibling folder that is renamed into place only when complete.
 
 Two engines write the plan: ``numpy_engine`` (one worker thread per core, no torch import) for
-16/32-bit merges on the CPU, and ``torch_engine`` for everything else (CUDA, bitsandbytes
-4-bit in or out, ``--method``, DoRA on GPT-2 Conv1D). ``output`` writes the side files and the
-report; ``verify`` checks the result.
+16/32-bit merges on the CPU (calling a compiled kernel where one is installed and pays: the
+``adapterctl-fused`` plugin), and ``torch_engine`` for everything else (CUDA, bitsandbytes
+4-bit in or out, ``--method``, DoRA on GPT-2 Conv1D). Both take their arithmetic from
+``math``. ``output`` writes the side files and the report; ``verify`` checks the result.
 
 For a target weight W: W' = W + Σᵢ wᵢ·scaleᵢ·ΔWᵢ, ΔW = B·A in the weight's layout. A DoRA
 adapter (merged alone) gives W' = m / ‖W + s·B·A‖_row · (W + s·B·A), the norm taken per output
@@ -22,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterctl.adapter import Adapter
 from adapterctl.checkpoint import Checkpoint
@@ -45,6 +46,9 @@ from adapterctl.merge.plan import (
 )
 from adapterctl.merge.writing import Overflow
 from adapterctl.tensorfile import BYTES_READ
+
+if TYPE_CHECKING:
+    from adapterctl.merge.numpy_engine import Kernel
 
 ENGINES = ("auto", "numpy", "torch")
 
@@ -69,6 +73,7 @@ def run_merge(
     *,
     device: str = "auto",
     engine: str = "auto",
+    kernel: str | None = None,
     force: bool = False,
     verify: bool = False,
     max_delta_error: float | None = None,
@@ -82,6 +87,8 @@ def run_merge(
         out: the output folder; refused if it exists unless ``force``.
         device: ``auto``, ``cpu`` or ``cuda[:N]``: where the float32 math runs.
         engine: ``auto`` (``choose_engine``), ``numpy`` or ``torch``.
+        kernel: the NumPy engine's compiled kernel: ``auto``, ``none`` or a vector width
+            (``numpy_engine.choose_kernel``; default ``ADAPTERCTL_FUSED``, else ``auto``).
         force: replace an existing ``out``.
         verify: re-read the output and check sampled rows of every merged tensor against a
             fresh float64 computation.
@@ -105,6 +112,11 @@ def run_merge(
     out_path = Path(out)
     dev = resolve_device(device)
     engine = choose_engine(plan, dev, engine)
+    fused = None
+    if engine == "numpy":
+        from adapterctl.merge import numpy_engine
+
+        fused = numpy_engine.choose_kernel(kernel)
     refuse_existing(out_path, force=force)
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -123,9 +135,9 @@ def run_merge(
     read_before = BYTES_READ.value
     try:
         overflow = Overflow()
-        kernel, layers = _execute(plan, tmp, dev, engine, progress, fsync, overflow)
+        summed, layers = _execute(plan, tmp, dev, engine, fused, progress, fsync, overflow)
         report = build_report(plan, out_path, dev, layers, time.perf_counter() - start)
-        report.engine, report.kernel = engine, kernel
+        report.engine, report.kernel = engine, summed
         overflowed = overflow.warning()
         if overflowed:
             report.warnings.append(overflowed)
@@ -199,16 +211,18 @@ def _execute(
     tmp: Path,
     dev: str,
     engine: str,
+    kernel: Kernel | None,
     progress: Callable[[int, int], None] | None,
     durable: bool,
     overflow: Overflow,
 ) -> tuple[str | None, list[LayerError]]:
-    """Write the plan's shards into ``tmp`` with ``engine``. Returns the NumPy engine's kernel
-    (None for torch) and the 4-bit layers' delta errors."""
+    """Write the plan's shards into ``tmp`` with ``engine`` (the NumPy engine calling
+    ``kernel`` where it pays). Returns what summed in the NumPy engine (None for torch) and
+    the 4-bit layers' delta errors."""
     if engine == "numpy":
         from adapterctl.merge import numpy_engine
 
-        return numpy_engine.write_shards(plan, tmp, progress, durable, overflow), []
+        return numpy_engine.write_shards(plan, tmp, progress, durable, overflow, kernel), []
     from adapterctl.merge import torch_engine
 
     return None, torch_engine.write_shards(plan, tmp, dev, progress, durable, overflow)
@@ -305,6 +319,7 @@ def merge(
     method_options: Mapping[str, Any] | None = None,
     device: str = "auto",
     engine: str = "auto",
+    kernel: str | None = None,
     force: bool = False,
     verify: bool = False,
     max_delta_error: float | None = None,
@@ -336,6 +351,7 @@ def merge(
         method_options: its options (``density``, ``majority_sign``, ``convention``, ``seed``).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         engine: ``auto``, ``numpy`` or ``torch`` (see ``choose_engine``).
+        kernel: the NumPy engine's compiled kernel: ``auto``, ``none`` or a vector width.
         force: replace an existing ``out``.
         verify: re-read ``out`` and check sampled rows against float64 math.
         max_delta_error: with 4-bit output, fail when more of ΔW is lost than this.
@@ -375,7 +391,7 @@ def merge(
         report = dry_run_report(plan, out)
     else:
         report = run_merge(
-            plan, out, device=device, engine=engine, force=force, verify=verify,
+            plan, out, device=device, engine=engine, kernel=kernel, force=force, verify=verify,
             max_delta_error=max_delta_error, progress=progress, fsync=fsync,
         )  # fmt: skip
     report.base_pin_checks = pin_checks

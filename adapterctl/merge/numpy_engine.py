@@ -33,6 +33,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,44 +41,76 @@ from adapterctl.device import workers
 from adapterctl.errors import UsageError
 from adapterctl.files import POSITIONED_WRITES, pwrite_all
 from adapterctl.floats import round_bf16, widen_bf16
-from adapterctl.merge.plan import CHUNK_ELEMENTS, Delta, Job, MergePlan
+from adapterctl.merge import math
+from adapterctl.merge.plan import CHUNK_ELEMENTS, Job, MergePlan
 from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
 from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dtype
 
 if TYPE_CHECKING:
     import numpy as np
 
-# "0": never use the compiled kernel (NumPy alone); "avx2", "generic"...: that vector width
-# (one of the kernel's ISAS) instead of the widest the CPU runs.
+# The default of ``choose_kernel``: "0" (NumPy alone), "1" or unset (the widest vector width
+# of the first kernel that loads), or a width ("avx2", "generic"...) of it.
 FUSED_ENV = "ADAPTERCTL_FUSED"
 
-KERNEL: Any = None  # the compiled kernel; None where not built, or turned off by FUSED_ENV
-if os.environ.get(FUSED_ENV, "1") != "0":
-    # Missing where no C compiler was found at install time: NumPy alone, same results, slower.
-    with contextlib.suppress(ImportError):
-        from adapterctl import _fused as KERNEL
-    if KERNEL is not None and not hasattr(KERNEL, "addmm_round_into"):
-        KERNEL = None  # left by an older version's build: NumPy until the install rebuilds it
+
+@dataclass(frozen=True)
+class Kernel:
+    """A compiled merge kernel, registered by a plugin (hook ``register_merge_kernels``; the
+    first-party one is ``adapterctl-fused``), at the vector width this run uses."""
+
+    plugin: Any  # the registered object: name, description, load(), pays(isa, rank, cols)
+    module: Any  # its compiled module: ISAS, TILE_ROWS, TILE_COLS, FLOAT16, addmm_round(_into)
+    isa: str
+
+    @property
+    def label(self) -> str:
+        """How the merge report names it: ``fused-avx512``."""
+        return f"{self.plugin.name}-{self.isa}"
+
+    def pays(self, rank: int, cols: int) -> bool:
+        """Whether it beats NumPy on a tensor of summed rank ``rank`` and ``cols`` per row
+        (as the plugin measured it)."""
+        return bool(self.plugin.pays(self.isa, rank, cols))
 
 
-def kernel_isa() -> str | None:
-    """The compiled kernel's vector width for this run ("avx512", "avx2", "generic"), or None
-    when the kernel is not used.
+def available_kernels() -> list[tuple[Any, Any]]:
+    """(plugin object, compiled module or None) of every registered merge kernel, in order."""
+    from adapterctl.plugins import collect
+
+    return [(k, k.load()) for k in collect("register_merge_kernels")]
+
+
+def choose_kernel(wanted: str | None = None) -> Kernel | None:
+    """The compiled kernel a merge uses, or None for NumPy alone.
+
+    Args:
+        wanted: ``none`` (or ``0``): NumPy alone; ``auto`` (or ``1``): the first registered
+            kernel that loads, at the widest vector width this CPU runs (NumPy alone where
+            none is installed or built); a width (``avx512``, ``avx2``, ``generic``): that
+            width of it. Default: ``ADAPTERCTL_FUSED``, else ``auto``.
 
     Raises:
-        UsageError: ``ADAPTERCTL_FUSED`` names a width this CPU (or build) lacks.
+        UsageError: a width this CPU or build lacks, or no kernel installed to run it.
     """
-    if KERNEL is None:
+    if wanted is None:
+        wanted = os.environ.get(FUSED_ENV, "") or "auto"
+    if wanted in ("none", "0"):
         return None
-    wanted = os.environ.get(FUSED_ENV, "1")
-    if wanted in ("", "1"):
-        return str(KERNEL.ISAS[0])
-    if wanted not in KERNEL.ISAS:
+    found = next(((k, m) for k, m in available_kernels() if m is not None), None)
+    if wanted in ("auto", "1"):
+        return None if found is None else Kernel(found[0], found[1], str(found[1].ISAS[0]))
+    if found is None or wanted not in found[1].ISAS:
+        runs = (
+            ", ".join(found[1].ISAS)
+            if found
+            else "no compiled kernel (pip install adapterctl-fused)"
+        )
         raise UsageError(
-            f"{FUSED_ENV}={wanted}: this CPU runs {', '.join(KERNEL.ISAS)}; set one of them, "
+            f"{FUSED_ENV}={wanted}: this CPU runs {runs}; set one of them, "
             "0 (no compiled kernel) or 1 (the widest)"
         )
-    return wanted
+    return Kernel(found[0], found[1], wanted)
 
 
 # Values per block of rows the compiled kernel merges and writes at once: its output (128 KiB
@@ -111,9 +144,10 @@ def write_shards(
     progress: Callable[[int, int], None] | None = None,
     durable: bool = False,
     overflow: Overflow | None = None,
+    kernel: Kernel | None = None,
 ) -> str:
-    """Write every planned shard into the folder ``tmp``; returns the kernel that summed:
-    ``fused-<width>`` (the compiled kernel, ``kernel_isa``) or ``numpy``.
+    """Write every planned shard into the folder ``tmp``; returns what summed: the compiled
+    kernel (``fused-<width>``), ``numpy``, or both (``fused-<width>+numpy``).
 
     Args:
         plan: a plan ``supports`` accepts.
@@ -121,11 +155,11 @@ def write_shards(
         progress: called with (bytes written so far, total bytes), from this thread.
         durable: fsync every shard before returning.
         overflow: counts values that became ±inf in float16 outputs.
+        kernel: the compiled kernel to call where it pays (``choose_kernel``); None: NumPy.
     """
     from threadpoolctl import threadpool_limits
 
-    isa = kernel_isa()
-    used: set[str] = set()  # "fused" and/or "numpy": what summed the merged tensors
+    used: set[str] = set()  # "kernel" and/or "numpy": what summed the merged tensors
     fds: list[int] = []
     tasks: list[tuple[Job, int, int]] = []  # (job, output file, offset of its bytes there)
     headers = 0
@@ -143,7 +177,7 @@ def write_shards(
         # One BLAS thread per worker: the workers already fill the cores.
         with threadpool_limits(limits=1, user_api="blas"):
             total = headers + plan.bytes_out
-            _run_tasks(tasks, maps, overflow or Overflow(), isa, used, headers, total, progress)
+            _run_tasks(tasks, maps, overflow or Overflow(), kernel, used, headers, total, progress)
         if durable:
             for fd in fds:
                 os.fsync(fd)
@@ -151,25 +185,9 @@ def write_shards(
         for fd in fds:
             os.close(fd)
         maps.close()
-    if isa is None or used == {"numpy"}:
+    if kernel is None or "kernel" not in used:
         return "numpy"
-    return f"fused-{isa}+numpy" if "numpy" in used else f"fused-{isa}"
-
-
-def kernel_pays(isa: str, rank: int, cols: int) -> bool:
-    """Whether the compiled kernel sums W + L·R faster than NumPy's ``sgemm`` here, as
-    ``bench/kernel.py`` measured it (bench/RESULTS.md, "kernel"): the 4-float build only at
-    the lowest ranks (it is 2–3× slower from rank 64); the 8/16-float builds everywhere but
-    ranks around 128 on rows of up to 8192 values, where OpenBLAS was 1.2× faster.
-
-    Args:
-        isa: the kernel's vector width (``kernel_isa``).
-        rank: the summed rank of the tensor's deltas (Σ rᵢ).
-        cols: values per row of the stored weight.
-    """
-    if isa == "generic":
-        return rank <= 16
-    return not (96 < rank <= 192 and cols <= 8192)
+    return f"{kernel.label}+numpy" if "numpy" in used else kernel.label
 
 
 def _schedule(tasks: list[tuple[Job, int, int]]) -> list[tuple[Job, int, int]]:
@@ -189,7 +207,7 @@ def _run_tasks(
     tasks: list[tuple[Job, int, int]],
     maps: _BaseMaps,
     overflow: Overflow,
-    isa: str | None,
+    kernel: Kernel | None,
     used: set[str],
     done: int,
     total: int,
@@ -213,7 +231,7 @@ def _run_tasks(
         try:
             for job, fd, offset in tasks:
                 settle(2 * n_workers)
-                fut = pool.submit(_write_job, job, fd, offset, maps, overflow, isa, used)
+                fut = pool.submit(_write_job, job, fd, offset, maps, overflow, kernel, used)
                 pending.append((fut, job.nbytes_out))
             settle(0)
         except BaseException:
@@ -286,11 +304,11 @@ def _write_job(
     offset: int,
     maps: _BaseMaps,
     overflow: Overflow,
-    isa: str | None,
+    kernel: Kernel | None,
     used: set[str],
 ) -> None:
     """Merge one tensor and write it at ``offset`` of ``fd`` (in a worker thread), with the
-    compiled kernel's ``isa`` where it pays (None: NumPy alone); adds what summed to ``used``."""
+    compiled ``kernel`` where it pays (None: NumPy alone); adds what summed to ``used``."""
     import numpy as np
 
     if job.copy_bytes:
@@ -309,57 +327,47 @@ def _write_job(
     rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
     flat = np.ascontiguousarray(w.reshape(rows, -1))  # conv kernels: (out, in·k); bias: (out, 1)
     cols = flat.shape[1]
-    deltas = [_row_factors(d) for d in job.deltas]
-    magnitude = None
-    if job.dora is not None:
-        deltas.append(_row_factors(job.dora))  # V = W + s·B·A, then rescaled row by row
-        assert job.dora.module.magnitude is not None
-        magnitude = job.dora.module.magnitude.array().astype(np.float32).reshape(-1, 1)
-    biases = [
-        (coeff * bias.array().astype(np.float64)).astype(np.float32).reshape(-1, 1)  # (rows, 1)
-        for bias, coeff in job.bias_add
-    ]
-    # Σᵢ Lᵢ·Rᵢ as one product: the factors side by side, (rows, Σr) @ (Σr, cols).
-    left = np.hstack([lf for lf, _ in deltas]) if deltas else np.empty((rows, 0), np.float32)
-    right = np.vstack([rf for _, rf in deltas]) if deltas else np.empty((0, cols), np.float32)
-    finish = magnitude is not None or bool(biases)  # float32 sums needed before rounding
-    wanted = "F32" if finish else job.out_dtype
-    pays = isa is not None and kernel_pays(isa, right.shape[0], cols)
-    kernel_dtype = _kernel_dtype(base_dtype, wanted) if pays else None
-    used.add("numpy" if kernel_dtype is None else "fused")
-    if kernel_dtype is not None:
-        right = _right_tiles(right)
-    if kernel_dtype is not None and not finish:
-        # The whole tensor in one call: the kernel merges it block by block of rows through
-        # this worker's buffer and writes each block itself, with no Python in between.
-        block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, cols), numpy_dtype(job.out_dtype))
-        inf = KERNEL.addmm_round_into(
-            fd, offset, _raw(block), _raw(flat), left, right, rows, cols, right.shape[1],
-            _KERNEL_CODES[base_dtype], _KERNEL_CODES[job.out_dtype], isa,
-        )  # fmt: skip
-        overflow.add(job.name, int(inf))
-        return
+    upd = math.update(job, rows, cols)  # left (rows, Σr), right (Σr, cols), float32
+    wanted = "F32" if upd.finishes else job.out_dtype  # float32 sums needed before finishing
+    pays = kernel is not None and kernel.pays(upd.rank, cols)
+    kernel_dtype = _kernel_dtype(base_dtype, wanted, kernel) if pays else None
+    used.add("numpy" if kernel_dtype is None else "kernel")
+    left, right = upd.left, upd.right
+    if kernel is not None and kernel_dtype is not None:
+        right = _right_tiles(right, kernel)
+        if not upd.finishes:
+            # The whole tensor in one call: the kernel merges it block by block of rows
+            # through this worker's buffer and writes each block itself, no Python between.
+            out = numpy_dtype(job.out_dtype)
+            block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, cols), out)
+            inf = kernel.module.addmm_round_into(
+                fd, offset, _raw(block), _raw(flat), left, right, rows, cols, right.shape[1],
+                _KERNEL_CODES[base_dtype], _KERNEL_CODES[job.out_dtype], kernel.isa,
+            )  # fmt: skip
+            overflow.add(job.name, int(inf))
+            return
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
-        for r0, r1 in row_chunks(rows, cols):
+        for r0, r1 in row_chunks(rows, cols, kernel):
             w_rows, l_rows = flat[r0:r1], left[r0:r1]
-            if kernel_dtype is not None:
-                data, inf = _kernel_rows(w_rows, base_dtype, l_rows, right, kernel_dtype, isa)
+            if kernel is not None and kernel_dtype is not None:
+                data, inf = _kernel_rows(w_rows, base_dtype, l_rows, right, kernel_dtype, kernel)
                 summed = kernel_dtype
             else:
                 data, inf = _numpy_rows(w_rows, base_dtype, l_rows, right), 0
                 summed = "F32"
-            if finish or summed != job.out_dtype:
-                data, inf = _finish_rows(data, r0, magnitude, biases, job.out_dtype)
+            if upd.finishes or summed != job.out_dtype:
+                math.finish(data, upd, slice(r0, r1))
+                data, inf = _round_rows(data, job.out_dtype)
             overflow.add(job.name, inf)
             offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
 
 
-def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+def row_chunks(rows: int, cols: int, kernel: Kernel | None = None) -> list[tuple[int, int]]:
     """The (first, end) rows of each chunk a worker merges: about ``CHUNK_ELEMENTS`` values,
-    so that a chunk's float32 sums stay in cache; with the kernel, a multiple of its tile's
+    so that a chunk's float32 sums stay in cache; with a ``kernel``, a multiple of its tile's
     rows where a chunk holds more than one tile."""
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
-    tile = KERNEL.TILE_ROWS if KERNEL is not None else 1
+    tile = kernel.module.TILE_ROWS if kernel is not None else 1
     if step > tile:
         step -= step % tile
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
@@ -369,13 +377,13 @@ def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
 _KERNEL_CODES = {"BF16": 0, "F16": 1, "F32": 2}
 
 
-def _kernel_dtype(base: str, wanted: str) -> str | None:
-    """``wanted`` when the compiled kernel can read ``base`` and write ``wanted`` (safetensors
-    dtype names), else None."""
+def _kernel_dtype(base: str, wanted: str, kernel: Kernel | None) -> str | None:
+    """``wanted`` when ``kernel`` can read ``base`` and write ``wanted`` (safetensors dtype
+    names), else None."""
     names = {base, wanted}
-    if KERNEL is None or not names <= _KERNEL_CODES.keys():
+    if kernel is None or not names <= _KERNEL_CODES.keys():
         return None
-    return None if "F16" in names and not KERNEL.FLOAT16 else wanted
+    return None if "F16" in names and not kernel.module.FLOAT16 else wanted
 
 
 def _kernel_rows(
@@ -384,16 +392,16 @@ def _kernel_rows(
     left: np.ndarray[Any, Any],
     right: np.ndarray[Any, Any],
     dtype: str,
-    isa: str | None = None,
+    kernel: Kernel,
 ) -> tuple[np.ndarray[Any, Any], int]:
     """W + L·R for the rows ``w`` (rows, cols), of safetensors dtype ``w_dtype`` held as
-    ``numpy_dtype`` holds it, with the compiled kernel's ``isa`` (None: the widest; ``right``
-    in tiles: ``_right_tiles``), rounded once into ``dtype`` (a safetensors name), in this
-    worker's buffer; and how many finite sums overflowed float16."""
+    ``numpy_dtype`` holds it, with the compiled ``kernel`` (``right`` in its tiles:
+    ``_right_tiles``), rounded once into ``dtype`` (a safetensors name), in this worker's
+    buffer; and how many finite sums overflowed float16."""
     rows, cols = w.shape
     key = "work" if dtype == "F32" else "out"  # float32 sums go on to _finish_rows
     data = _BUFFERS.get(key, rows * cols, numpy_dtype(dtype)).reshape(rows, cols)
-    inf = KERNEL.addmm_round(
+    inf = kernel.module.addmm_round(
         _raw(data),
         _raw(w),
         left,  # (rows, r) float32
@@ -403,7 +411,7 @@ def _kernel_rows(
         right.shape[1],
         _KERNEL_CODES[w_dtype],
         _KERNEL_CODES[dtype],
-        isa,
+        kernel.isa,
     )
     return data, int(inf)
 
@@ -415,13 +423,13 @@ def _raw(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     return a.view(np.uint16 if a.dtype.itemsize == 2 else np.float32)
 
 
-def _right_tiles(right: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def _right_tiles(right: np.ndarray[Any, Any], kernel: Kernel) -> np.ndarray[Any, Any]:
     """``right`` (r, cols) in the kernel's layout: tiles of T columns, (ceil(cols / T), r, T),
     zero-padded, so that the r·T values a tile of the output needs are contiguous."""
     import numpy as np
 
     rank, cols = right.shape
-    tile = KERNEL.TILE_COLS
+    tile = kernel.module.TILE_COLS
     n = -(-cols // tile)
     padded = np.zeros((rank, n * tile), np.float32)
     padded[:, :cols] = right
@@ -453,28 +461,15 @@ def _numpy_rows(
     return chunk
 
 
-def _finish_rows(
-    chunk: np.ndarray[Any, Any],
-    r0: int,
-    magnitude: np.ndarray[Any, Any] | None,
-    biases: list[np.ndarray[Any, Any]],
-    out_dtype: str,
-) -> tuple[np.ndarray[Any, Any], int]:
-    """Finish float32 rows r0… of W + ΔW (in place): DoRA's m/‖V‖_row when ``magnitude``
-    (rows, 1) is given, the lora biases, then the one rounding into ``out_dtype`` (a
-    safetensors name). Returns the rounded rows (in this worker's buffer; bfloat16 as its
-    bits) and how many finite values became ±inf in float16."""
+def _round_rows(chunk: np.ndarray[Any, Any], out_dtype: str) -> tuple[np.ndarray[Any, Any], int]:
+    """The one rounding of finished float32 rows (rows, cols) into ``out_dtype`` (a safetensors
+    name), to nearest even as torch rounds. Returns the rounded rows (in this worker's buffer;
+    bfloat16 as its bits) and how many finite values became ±inf in float16."""
     import numpy as np
 
-    rows, cols = chunk.shape
-    r1 = r0 + rows
-    if magnitude is not None:  # DoRA: W' = m / ‖V‖_row · V, the norm per output row
-        chunk *= magnitude[r0:r1] / np.linalg.norm(chunk, axis=1, keepdims=True)
-    for bias in biases:
-        chunk += bias[r0:r1]
     if out_dtype == "F32":
         return chunk, 0
-    # The one rounding, to nearest even as torch rounds: float32 -> output dtype.
+    rows, cols = chunk.shape
     data = _BUFFERS.get("out", rows * cols, numpy_dtype(out_dtype)).reshape(rows, cols)
     if out_dtype == "BF16":
         return round_bf16(chunk, out=data), 0
@@ -483,19 +478,3 @@ def _finish_rows(
     if np.isinf(data).any():
         inf = int(np.count_nonzero(np.isinf(data) & np.isfinite(chunk)))
     return data, inf
-
-
-def _row_factors(d: Delta) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """(L, R) in float32 with rows r0:r1 of wᵢ·sᵢ·ΔWᵢ, in the weight's stored layout, equal to
-    L[r0:r1] @ R: (c·B, A) for (out, in) weights; (Aᵀ, c·Bᵀ) for weights stored (in, out)
-    (GPT-2 Conv1D, embeddings)."""
-    import numpy as np
-
-    b, a = d.module.arrays("float64")  # (out, r), (r, in)
-    cb = (d.weight * d.module.scale) * b  # the coefficient applied in float64, rounded once
-    if d.layout in ("conv1d", "embedding"):
-        return (
-            np.ascontiguousarray(a.T, dtype=np.float32),  # (in, r)
-            np.ascontiguousarray(cb.T, dtype=np.float32),  # (r, out)
-        )
-    return cb.astype(np.float32), a.astype(np.float32)  # (out, r), (r, in)

@@ -1,11 +1,13 @@
-"""The compiled merge kernel (``adapterctl._fused``): its sums against float64 math, its
-roundings bit for bit against the NumPy engine's (``floats.round_bf16``, NumPy's float16 cast:
-torch's, see test_floats), its overflow count and its refusals of malformed buffers (that the
-install built it: test_merge_cpu)."""
+"""The compiled merge kernel (``adapterctl_fused._fused``): its sums against float64 math, its
+roundings bit for bit against adapterctl's NumPy engine (``floats.round_bf16``, NumPy's float16
+cast: torch's, see adapterctl's test_floats), its overflow count, its refusals of malformed
+buffers, and the dispatch table (where it pays). That the install built it: adapterctl's
+tests/test_merge_cpu.py."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 
 from adapterctl import floats
 from adapterctl.merge import numpy_engine
+from adapterctl_fused import FusedKernel
 
 # The kernel's dtypes as NumPy holds them: bfloat16 as its bits (NumPy has no bfloat16).
 DTYPES = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
@@ -23,7 +26,13 @@ PAIRS = list(itertools.product(DTYPES, DTYPES))
 # (mantissa bits, exponent of the smallest normal value)
 PRECISION = {"bfloat16": (7, -126), "float16": (10, -14), "float32": (23, -126)}
 
-fused = pytest.importorskip("adapterctl._fused", reason="built without a C compiler")
+fused = pytest.importorskip("adapterctl_fused._fused", reason="built without a C compiler")
+KERNEL = numpy_engine.Kernel(FusedKernel(), fused, fused.ISAS[0])
+
+
+def _tiles(right: np.ndarray) -> np.ndarray:
+    """``right`` (r, cols) in the kernel's tiles, as the engine passes it."""
+    return numpy_engine._right_tiles(np.asarray(right, np.float32), KERNEL)
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -60,7 +69,7 @@ def _run(
         _bits(out),
         _bits(base),
         np.ascontiguousarray(left, np.float32),
-        numpy_engine._right_tiles(np.asarray(right, np.float32)),
+        _tiles(right),
         rows,
         cols,
         right.shape[0],
@@ -201,13 +210,13 @@ def test_float16_without_compiler_support_is_refused() -> None:
         pytest.skip("this build has _Float16")
     with pytest.raises(NotImplementedError, match="float16 not supported"):
         fused.addmm_round(bytearray(2), bytes(2), bytes(0), bytes(0), 1, 1, 0, 1, 1)
-    assert numpy_engine._kernel_dtype("F16", "F16") is None
+    assert numpy_engine._kernel_dtype("F16", "F16", KERNEL) is None
 
 
 def test_malformed_buffers_are_refused() -> None:
     base = np.zeros((4, 8), np.float32)
     left = np.zeros((4, 2), np.float32)
-    right = numpy_engine._right_tiles(np.zeros((2, 8), np.float32))  # (1, 2, 32): 256 bytes
+    right = _tiles(np.zeros((2, 8), np.float32))  # (1, 2, 32): 256 bytes
     out = np.zeros((4, 8), np.float32)
     assert fused.addmm_round(out, base, left, right, 4, 8, 2, 2, 2) == 0
     with pytest.raises(ValueError, match="out holds 128 bytes, expected 160"):
@@ -246,7 +255,7 @@ def test_into_a_file_equals_the_kernel_in_memory(
         os.pwrite(fd, b"head", 0)
         buffer = np.empty(block_rows * cols, np.uint16)
         inf = fused.addmm_round_into(
-            fd, 4, buffer, _bits(base), left, numpy_engine._right_tiles(right), rows, cols, 7,
+            fd, 4, buffer, _bits(base), left, _tiles(right), rows, cols, 7,
             0, 0, isa,
         )  # fmt: skip
     finally:
@@ -260,14 +269,14 @@ def test_into_a_file_equals_the_kernel_in_memory(
 def test_into_a_file_writes_nothing_for_an_empty_tensor(rows: int, cols: int) -> None:
     empty = np.zeros(0, np.uint16)
     left = np.zeros((rows, 2), np.float32)
-    right = numpy_engine._right_tiles(np.zeros((2, cols), np.float32))
+    right = _tiles(np.zeros((2, cols), np.float32))
     assert fused.addmm_round_into(-1, 0, empty, empty, left, right, rows, cols, 2, 0, 0) == 0
 
 
 def test_into_a_file_refuses_bad_input(tmp_path: pytest.TempPathFactory) -> None:
     base = np.zeros((4, 8), np.float32)
     left = np.zeros((4, 2), np.float32)
-    right = numpy_engine._right_tiles(np.zeros((2, 8), np.float32))
+    right = _tiles(np.zeros((2, 8), np.float32))
     buffer = np.zeros(32, np.float32)
     with pytest.raises(OSError) as err:  # a closed file
         fused.addmm_round_into(999_999, 0, buffer, base, left, right, 4, 8, 2, 2, 2)
@@ -282,23 +291,44 @@ def test_into_a_file_refuses_bad_input(tmp_path: pytest.TempPathFactory) -> None
         fused.addmm_round_into(1, 0, bytes(128), base, left, right, 4, 8, 2, 2, 2)
 
 
-def test_schedule_alternates_files_largest_first() -> None:
-    """Workers take the jobs largest first, alternating between output files (two workers on
-    one file wait on its lock)."""
+@pytest.mark.parametrize(
+    ("isa", "rank", "cols", "pays"),
+    [
+        ("avx512", 16, 4096, True),  # measured 2.2-3.2x faster than NumPy
+        ("avx512", 64, 11008, True),
+        ("avx512", 128, 4096, False),  # measured 0.8x: OpenBLAS wins
+        ("avx2", 128, 4096, False),
+        ("avx512", 128, 11008, True),  # measured 1.7x
+        ("avx512", 256, 4096, True),  # measured 1.25x
+        ("generic", 16, 4096, True),  # on a par
+        ("generic", 64, 4096, False),  # measured 2-3x slower
+        ("generic", 256, 11008, False),
+    ],
+)
+def test_the_kernel_runs_only_where_it_was_measured_faster(
+    isa: str, rank: int, cols: int, pays: bool
+) -> None:
+    """The dispatch table follows bench/kernel.py's measurements (RESULTS.md)."""
+    assert FusedKernel().pays(isa, rank, cols) is pays
+    assert numpy_engine.Kernel(FusedKernel(), fused, isa).pays(rank, cols) is pays
 
-    class J:
-        def __init__(self, n: int) -> None:
-            self.nbytes_out = n
 
-    tasks = [(J(n), fd, 0) for fd, n in [(3, 10), (3, 50), (3, 30), (4, 40), (4, 5), (4, 20)]]
-    order = [(t[1], t[0].nbytes_out) for t in numpy_engine._schedule(tasks)]  # type: ignore[arg-type]
-    assert order == [(3, 50), (4, 40), (3, 30), (4, 20), (3, 10), (4, 5)]
+def test_the_plugin_registers_the_kernel_with_adapterctl() -> None:
+    """Installed, the plugin is found through adapterctl's entry points, and loading it does not
+    import the compiled module until a merge asks for it."""
+    code = (
+        "import sys; from adapterctl.plugins import collect; "
+        "ks = collect('register_merge_kernels'); "
+        "print([k.name for k in ks], 'adapterctl_fused._fused' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "['fused'] False", out.stderr
 
 
-def test_the_kernel_can_be_turned_off() -> None:
-    """ADAPTERCTL_FUSED=0 leaves the kernel unused (NumPy alone): an escape hatch, and how the
-    benchmark measures the NumPy path in the same run."""
-    code = "from adapterctl.merge import numpy_engine; print(numpy_engine.KERNEL is None)"
-    env = {**os.environ, "ADAPTERCTL_FUSED": "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == "True", out.stderr
+def test_plugins_lists_the_kernel() -> None:
+    code = "from adapterctl.cli import main; main()"
+    out = subprocess.run(
+        [sys.executable, "-c", code, "plugins", "--json"], capture_output=True, text=True
+    )
+    (kernel,) = json.loads(out.stdout)["kernels"]
+    assert kernel["name"] == "fused" and kernel["built"] and kernel["widths"] == list(fused.ISAS)

@@ -1,0 +1,56 @@
+"""adapterctl-fused: the NumPy merge engine's compiled kernel, as a plugin.
+
+The kernel (``_fused.c``) merges a block of rows of a 16/32-bit weight in one pass over
+memory: the base widened to float32, plus L·R summed in registers, rounded once into the output
+dtype (bfloat16 to nearest even, float16, float32) — about 3× NumPy's three passes (matmul,
+widening add, rounding). It is compiled for three vector widths (AVX-512, AVX2, generic 4-float
+vectors); the widest the CPU runs is the default.
+
+Importing this package is cheap: the compiled module is imported only when a merge asks for
+it (``FusedKernel.load``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from adapterctl.hookspecs import hookimpl
+
+
+class FusedKernel:
+    """The merge kernel adapterctl's NumPy engine calls where it pays (``pays``)."""
+
+    name = "fused"
+    description = "W + L·R summed and rounded in one pass (C, AVX-512/AVX2/generic vectors)"
+
+    def load(self) -> ModuleType | None:
+        """The compiled module (``ISAS``, ``TILE_ROWS``, ``TILE_COLS``, ``FLOAT16``, ``DTYPES``,
+        ``addmm_round``, ``addmm_round_into``), or None where it was not built (no C compiler
+        at install time) or was built by an older version."""
+        try:
+            from adapterctl_fused import _fused
+        except ImportError:
+            return None
+        return _fused if hasattr(_fused, "addmm_round_into") else None
+
+    def pays(self, isa: str, rank: int, cols: int) -> bool:
+        """Whether the kernel sums W + L·R faster than NumPy's ``sgemm`` here, as
+        ``bench/kernel.py`` measured it (its RESULTS.md): the 4-float build only at the lowest
+        ranks (it is 2–3× slower from rank 64); the 8/16-float builds everywhere but ranks
+        around 128 on rows of up to 8192 values, where OpenBLAS was 1.2× faster.
+
+        Args:
+            isa: the vector width that runs (one of the module's ``ISAS``).
+            rank: the summed rank of the tensor's deltas (Σ rᵢ).
+            cols: values per row of the stored weight.
+        """
+        if isa == "generic":
+            return rank <= 16
+        return not (96 < rank <= 192 and cols <= 8192)
+
+
+@hookimpl
+def register_merge_kernels(register: Any) -> None:
+    """Register the fused kernel with adapterctl."""
+    register(FusedKernel())
