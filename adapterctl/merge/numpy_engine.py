@@ -4,15 +4,17 @@
 plain: a copy, a LoRA update in any layout (linear, Conv1D, embedding, conv), DoRA (with its
 per-row norms), a lora bias, or a saved tensor replacing the base's — in float32, float16 or
 bfloat16. 4-bit input or output (bitsandbytes), ``--method``, DoRA on GPT-2 Conv1D (norms down
-columns) and float64 tensors go to the torch engine (``merge_torch``). Importing torch alone
+columns) and float64 tensors go to the torch engine (``torch_engine``). Importing torch alone
 takes about as long as copying a few GB through the page cache, and NumPy imports in a tenth
 of a second, so the common merge never imports torch.
 
-The math is the torch engine's: W' = W + Σᵢ cᵢ·Bᵢ·Aᵢ (DoRA: rescaled row by row; + lora
-biases), in float32, rounded once into the output dtype (bfloat16 rounding to nearest even, as
-torch rounds). The sum runs in the fused C kernel ``adapterctl._fused`` where the package was
-built with it — base + L·R summed in registers and rounded in one pass over memory, about 3×
-NumPy's speed — and in NumPy otherwise (``matmul``, the base widened and added, the rounding:
+The math is ``adapterctl.merge.math``'s, as in the torch engine: W' = W + L·R (every delta's
+factors side by side; DoRA: rescaled row by row; + lora biases), in float32, rounded once into
+the output dtype (bfloat16 rounding to nearest even, as torch rounds). The sum runs in a
+compiled kernel where a plugin provides one (``choose_kernel``; the first-party
+``adapterctl-fused``) and it was measured faster for the tensor's rank and row length — base
++ L·R summed in registers and rounded in one pass over memory, about 3× NumPy's speed — and
+in NumPy otherwise (``matmul``, the base widened and added, the rounding:
 several passes; bfloat16, which NumPy lacks, held as its bits and converted by
 ``adapterctl.floats``). Work is split by tensor across worker threads (NumPy and the kernel
 release the GIL): each takes the next job, merges its rows in float32 chunks that stay in

@@ -1,10 +1,10 @@
 """The merge's torch engine: CUDA, bitsandbytes 4-bit in or out, DoRA and ``--method``.
 
-``run_merge`` hands a plan to this engine when ``merge_cpu`` cannot take it. Shards are
+``run_merge`` hands a plan to this engine when ``numpy_engine`` cannot take it. Shards are
 written one after the other, tensor by tensor in header order: a read-ahead thread loads the
 next tensors (memory-mapped views on the CPU; a ring of reused pinned buffers for CUDA), the
-calling thread merges row chunks in float32 on the device (W + Σ cᵢ·Bᵢ·Aᵢ with ``addmm``,
-the DoRA rescaling, lora biases; whole tensors where a method, a 4-bit output or a
+calling thread merges row chunks in float32 on the device (W + L·R with one ``addmm``, the
+DoRA rescaling, lora biases, all from ``math``; whole tensors where a method, a 4-bit output or a
 column-wise DoRA norm needs them), and a writer thread rounds each chunk once into the output
 dtype and appends it to the file.
 """

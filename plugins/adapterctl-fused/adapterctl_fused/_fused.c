@@ -1,21 +1,21 @@
-/* adapterctl._fused: the NumPy merge engine's fused kernel.
+/* adapterctl_fused._fused: the fused kernel of adapterctl's NumPy merge engine.
  *
  * One call merges a block of rows of a 16/32-bit weight in a single pass over memory:
  *
  *     out[i, j] = round_out( float(base[i, j]) + sum_k left[i, k] * right[k, j] )
  *
  * base (rows, cols) in bfloat16, float16 or float32; left (rows, rank) and right (rank, cols)
- * in float32: the LoRA factors with their coefficients (see merge_cpu._row_factors), right
+ * in float32: the LoRA factors with their coefficients (adapterctl.merge.math), right
  * passed in tiles of 32 columns, (ceil(cols / 32), rank, 32) zero-padded, so that the values
- * a tile of the output needs lie side by side (merge_cpu._right_tiles). The sum is taken in
+ * a tile of the output needs lie side by side (numpy_engine._right_tiles). The sum is taken in
  * float32 and rounded once into out (rows, cols): bfloat16 to nearest even with NaN kept quiet
- * (as torch and ml_dtypes round), float16 by the compiler's IEEE conversion (needs _Float16:
- * GCC 12+, Clang 15+; elsewhere float16 is refused and merge_cpu uses NumPy for it), or
+ * (as torch and adapterctl.floats round), float16 by the compiler's IEEE conversion (needs
+ * _Float16: GCC 12+, Clang 15+; elsewhere float16 is refused and the engine uses NumPy for it), or
  * float32. NumPy does the same in three passes (matmul, widening add, rounding); this is one,
  * with the running sums in registers. The code is compiled for three vector widths and the
  * widest the CPU runs is used (ISAS; `isa` picks another, for tests and benchmarks).
  *
- * Built as an optional extension: where it cannot be compiled, merge_cpu uses NumPy alone.
+ * Built as an optional extension: where it cannot be compiled, the engine uses NumPy alone.
  * The GIL is released while the kernel runs, so the engine's worker threads run it at once.
  */
 #define PY_SSIZE_T_CLEAN
@@ -85,7 +85,7 @@ static inline uint16_t f32_to_f16(float f) {
  * the target lacks are emulated through the stack, 15x slower: hence a width per target.) */
 
 #define TILE_COLS 32
-#define TILE_ROWS 4 /* the most rows a tile holds: merge_cpu's chunks hold a multiple */
+#define TILE_ROWS 4 /* the most rows a tile holds: the engine's chunks hold a multiple */
 #define ACC_ROW(N, a) ((a) / (TILE_COLS / (N)))       /* sum a's row in the tile */
 #define ACC_COL(N, a) ((a) % (TILE_COLS / (N)) * (N)) /* and its first column */
 
@@ -509,7 +509,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_fused", "The NumPy merge engine's fused LoRA kernel (see merge_cpu).",
+    PyModuleDef_HEAD_INIT, "_fused",
+    "The fused LoRA kernel of adapterctl's NumPy merge engine (adapterctl.merge.numpy_engine).",
     -1, methods,
 };
 

@@ -1,11 +1,11 @@
-"""Types of the compiled merge kernel (``adapterctl/_fused.c``)."""
+"""Types of the compiled merge kernel (``_fused.c``)."""
 
 from typing_extensions import Buffer
 
 DTYPES: tuple[str, str, str]  # the dtype numbers' names: 0 bfloat16, 1 float16, 2 float32
 FLOAT16: int  # 1 where the compiler has _Float16 (float16 in or out), else 0
 ISAS: tuple[str, ...]  # the vector widths this CPU runs, widest first: "avx512", "avx2", "generic"
-TILE_ROWS: int  # rows merged at once: merge_cpu's chunks hold a multiple of them
+TILE_ROWS: int  # rows merged at once: the engine's chunks hold a multiple of them
 TILE_COLS: int  # `right` comes in tiles of this many columns: (ceil(cols / T), rank, T)
 
 def addmm_round(
