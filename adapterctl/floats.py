@@ -23,6 +23,7 @@ NumPy, torch quiets it; both keep the sign).
 from __future__ import annotations
 
 import functools
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -82,6 +83,24 @@ def widen_bf16(
     return out
 
 
+class _Scratch(threading.local):
+    """Each thread's work arrays for ``round_bf16``, allocated once: fresh ones per call would
+    be handed back to the OS and faulted in again on every chunk of a merge."""
+
+    arrays: tuple[Any, Any] | None = None
+
+
+_SCRATCH = _Scratch()
+
+
+def _scratch() -> tuple[Any, Any]:
+    import numpy as np
+
+    if _SCRATCH.arrays is None:
+        _SCRATCH.arrays = (np.empty(_BLOCK, np.uint32), np.empty(_BLOCK, np.bool_))
+    return _SCRATCH.arrays
+
+
 def round_bf16(
     x: np.ndarray[Any, Any], out: np.ndarray[Any, Any] | None = None
 ) -> np.ndarray[Any, Any]:
@@ -118,8 +137,7 @@ def round_bf16(
         raise ValueError(f"round_bf16: out must be C-contiguous uint16 of shape {x.shape}")
     u = np.ascontiguousarray(x).reshape(-1).view(np.uint32)
     o = out.reshape(-1)  # a view: out is contiguous
-    t = np.empty(min(_BLOCK, u.size), np.uint32)
-    nan = np.empty(t.size, np.bool_)
+    t, nan = _scratch()
     for start in range(0, u.size, _BLOCK):
         ub, ob = u[start : start + _BLOCK], o[start : start + _BLOCK]
         tb = t[: ub.size]
