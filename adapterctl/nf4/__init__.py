@@ -25,11 +25,10 @@ product.
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib
+from typing import TYPE_CHECKING, Any, Literal
 
 from adapterctl.nf4 import layout
-from adapterctl.nf4.codes import code_table, nested_code_table, pack, unpack
-from adapterctl.nf4.dequantization import dequantize, read_state
 from adapterctl.nf4.layout import (
     AUX_SUFFIXES,
     BLOCKSIZES,
@@ -37,7 +36,28 @@ from adapterctl.nf4.layout import (
     QUANT_TYPES,
     STATE_KEY,
 )
-from adapterctl.nf4.quantization import delta_error, quantization_config, quantize
+
+if TYPE_CHECKING:
+    from adapterctl.nf4.codes import code_table, nested_code_table, pack, unpack
+    from adapterctl.nf4.dequantization import dequantize, read_state
+    from adapterctl.nf4.quantization import delta_error, quantization_config, quantize
+
+# The math modules load on first use: reading a checkpoint needs only ``layout`` (``validate``
+# starts in a few tenths of a second; these add 10 ms).
+_LAZY = {
+    "code_table": "codes", "nested_code_table": "codes", "pack": "codes", "unpack": "codes",
+    "dequantize": "dequantization", "read_state": "dequantization",
+    "delta_error": "quantization", "quantization_config": "quantization",
+    "quantize": "quantization",
+}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"adapterctl.nf4.{module}"), name)
+
 
 QuantType = Literal["nf4", "fp4"]
 Method = Literal["absmax", "optimal"]
