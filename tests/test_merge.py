@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,27 +54,34 @@ def _max_err(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> flo
     return max(float((v.double() - ref[k].double()).abs().max()) for k, v in ours.items())
 
 
+@dataclass(frozen=True)
+class Engine:
+    """How a test asks for one CPU engine: ``name`` as the report gives it, ``kwargs`` for
+    ``merge``/``run_merge``."""
+
+    name: str
+    kwargs: dict[str, str]
+
+
 @pytest.fixture(params=["numpy", "numpy-no-kernel", "torch"])
-def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with each CPU engine — ``numpy_engine`` with its compiled kernel (chunks of up to
-    1000 elements: several rows, tiles of 4 rows cut short), ``numpy_engine`` on NumPy alone and
-    ``torch_engine`` (chunks of 64 elements) — so that every tensor spans several chunks.
-    Returns the engine's name as the report gives it."""
+def engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """Run a test with each CPU engine, chosen by ``merge``'s arguments — ``numpy_engine`` with
+    its compiled kernel (chunks of up to 1000 elements: several rows, tiles of 4 rows cut
+    short), ``numpy_engine`` on NumPy alone and ``torch_engine`` (chunks of 64 elements) — so
+    that every tensor spans several chunks."""
     from adapterctl.merge import numpy_engine, torch_engine
 
     monkeypatch.setattr(torch_engine, "CHUNK_ELEMENTS", 64)
     monkeypatch.setattr(numpy_engine, "CHUNK_ELEMENTS", 64)
-    monkeypatch.delenv("ADAPTERCTL_FUSED", raising=False)
     if request.param == "numpy":
-        if numpy_engine.choose_kernel() is None:
+        if numpy_engine.choose_kernel("auto") is None:
             pytest.skip("no compiled merge kernel (adapterctl-fused not installed or not built)")
         monkeypatch.setattr(numpy_engine, "CHUNK_ELEMENTS", 1000)
         monkeypatch.setattr(numpy_engine, "KERNEL_BLOCK_ELEMENTS", 1000)
+        return Engine("numpy", {"engine": "numpy", "kernel": "auto"})
     if request.param == "numpy-no-kernel":
-        monkeypatch.setenv("ADAPTERCTL_FUSED", "0")
-    if request.param == "torch":
-        monkeypatch.setattr(numpy_engine, "supports", lambda plan: False)
-    return "torch" if request.param == "torch" else "numpy"
+        return Engine("numpy", {"engine": "numpy", "kernel": "none"})
+    return Engine("torch", {"engine": "torch"})
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +110,20 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merge_equals_float64_rounded_once(
-    case: str, engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+    case: str, engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     from adapterctl.merge import numpy_engine
 
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", **CASES[case])
     plan = plan_merge(open_checkpoint(base), [read(adapter)])
-    assert numpy_engine.supports(plan) == (engine == "numpy")  # every case runs on either
-    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
-    assert report.tensors_merged and report.engine == engine
-    if engine == "numpy":
-        assert report.kernel == merge_cpu_kernel_name()
+    assert numpy_engine.supports(plan)  # every case runs on either engine
+    report = merge(
+        open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu", **engine.kwargs
+    )
+    assert report.tensors_merged and report.engine == engine.name
+    if engine.name == "numpy":
+        assert report.kernel == merge_cpu_kernel_name(engine)
     ours = _state(tmp_path / "out")
     ref = _peft_merged64(pm)
     assert set(ours) == set(ref)
@@ -123,10 +133,11 @@ def test_merge_equals_float64_rounded_once(
     assert ours_err <= _max_err({k: peft16[k] for k in ours}, ref)
 
 
-def merge_cpu_kernel_name() -> str:
+def merge_cpu_kernel_name(engine: Engine) -> str:
+    """What the NumPy engine's report names as having summed, for ``engine``'s choice."""
     from adapterctl.merge import numpy_engine
 
-    kernel = numpy_engine.choose_kernel()
+    kernel = numpy_engine.choose_kernel(engine.kwargs.get("kernel"))
     return "numpy" if kernel is None else kernel.label
 
 
@@ -152,14 +163,14 @@ def test_kernel_vector_width_can_be_chosen(
     assert not out.exists() and not list(tmp_path.glob(".out2*"))
 
 
-def test_gpt2_conv1d_lora_bias(engine: str, tmp_path: Path) -> None:
+def test_gpt2_conv1d_lora_bias(engine: Engine, tmp_path: Path) -> None:
     base = save_base(gpt2_model(), tmp_path / "base", torch.bfloat16)
     model32 = gpt2_model().to(torch.bfloat16).float()
     pm, adapter = peft_adapter(
         model32, tmp_path / "a", target_modules=["c_attn", "c_proj", "c_fc"],
         fan_in_fan_out=True, lora_bias=True,
     )  # fmt: skip
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "out", device="cpu", **engine.kwargs)
     ours = _state(tmp_path / "out")
     ref = _peft_merged64(pm)
     _assert_rounded_once(ours, {k: ref[k] for k in ours})
@@ -167,13 +178,22 @@ def test_gpt2_conv1d_lora_bias(engine: str, tmp_path: Path) -> None:
     assert not torch.equal(ours["transformer.h.0.attn.c_attn.bias"].float(), before)
 
 
-def test_two_adapters_weighted(engine: str, llama_base: tuple[Any, Path], tmp_path: Path) -> None:
+def test_two_adapters_weighted(
+    engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
+) -> None:
     model32, base = llama_base
     pm1, a1 = peft_adapter(copy.deepcopy(model32), tmp_path / "a1", seed=1)
     pm2, a2 = peft_adapter(
         copy.deepcopy(model32), tmp_path / "a2", seed=2, r=2, target_modules=["q_proj", "o_proj"]
     )
-    merge(open_checkpoint(base), [read(a1), read(a2)], tmp_path / "out", [0.7, -0.3], device="cpu")
+    merge(
+        open_checkpoint(base),
+        [read(a1), read(a2)],
+        tmp_path / "out",
+        [0.7, -0.3],
+        device="cpu",
+        **engine.kwargs,
+    )
     base64 = {k: v.double() for k, v in model32.state_dict().items()}
     d1 = {k: v - base64[k] for k, v in _peft_merged64(pm1).items()}
     d2 = {k: v - base64[k] for k, v in _peft_merged64(pm2).items()}
@@ -270,7 +290,9 @@ def test_weight_count_mismatch_is_usage_error(llama_base: tuple[Any, Path], tmp_
     assert r.exit_code == 2
 
 
-def test_tokenizer_files_and_resized_vocab_come_from_adapter(engine: str, tmp_path: Path) -> None:
+def test_tokenizer_files_and_resized_vocab_come_from_adapter(
+    engine: Engine, tmp_path: Path
+) -> None:
     model = llama_model()
     base = save_base(model, tmp_path / "base")
     (base / "tokenizer_config.json").write_text('{"from": "base"}')
@@ -280,7 +302,7 @@ def test_tokenizer_files_and_resized_vocab_come_from_adapter(engine: str, tmp_pa
     pm, adapter = peft_adapter(grown, tmp_path / "a", target_modules=["q_proj"],
                                modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
     (adapter / "tokenizer_config.json").write_text('{"from": "adapter"}')
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu", **engine.kwargs)
     out = tmp_path / "o"
     assert json.loads((out / "tokenizer_config.json").read_text()) == {"from": "adapter"}
     config = json.loads((out / "config.json").read_text())
@@ -291,13 +313,13 @@ def test_tokenizer_files_and_resized_vocab_come_from_adapter(engine: str, tmp_pa
 
 
 def test_plan_is_planned_before_writing(
-    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+    engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     model32, base = llama_base
     _, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
     plan = plan_merge(open_checkpoint(base), [read(adapter)], dtype="fp32")
     assert plan.bytes_out == sum(e[3] for s in plan.shards for e in s.entries())
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp32")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp32", **engine.kwargs)
     header_size = (tmp_path / "o" / "model.safetensors").stat().st_size
     assert header_size > plan.bytes_out  # header + exactly the planned bytes
     assert all(v.dtype == torch.float32 for v in _state(tmp_path / "o").values())
@@ -306,11 +328,18 @@ def test_plan_is_planned_before_writing(
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_output_dtypes_round_once(
-    dtype: str, engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+    dtype: str, engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a", target_modules="all-linear")
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype=dtype, device="cpu")
+    merge(
+        open_checkpoint(base),
+        [read(adapter)],
+        tmp_path / "o",
+        dtype=dtype,
+        device="cpu",
+        **engine.kwargs,
+    )
     ours = _state(tmp_path / "o")
     want = torch.float16 if dtype == "fp16" else torch.float32
     assert {v.dtype for v in ours.values()} == {want}
@@ -318,7 +347,7 @@ def test_output_dtypes_round_once(
 
 
 def test_legacy_bin_adapter_merges_like_its_safetensors_twin(
-    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+    engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     """A pickled adapter's tensors are in memory, a safetensors adapter's are mapped from its
     file: the same adapter gives the same bytes either way (LoRA and a saved lm_head)."""
@@ -330,15 +359,15 @@ def test_legacy_bin_adapter_merges_like_its_safetensors_twin(
     shutil.copytree(adapter, legacy)
     torch.save(load_file(str(legacy / "adapter_model.safetensors")), legacy / "adapter_model.bin")
     (legacy / "adapter_model.safetensors").unlink()
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o1", device="cpu")
-    merge(open_checkpoint(base), [read(legacy)], tmp_path / "o2", device="cpu")
+    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o1", device="cpu", **engine.kwargs)
+    merge(open_checkpoint(base), [read(legacy)], tmp_path / "o2", device="cpu", **engine.kwargs)
     ours, theirs = _state(tmp_path / "o1"), _state(tmp_path / "o2")
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_merge_without_kernel_copies(
-    engine: str, llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Where copy_file_range is refused (another filesystem, another OS), untouched tensors
     are copied by reads and writes, with the same result."""
@@ -349,13 +378,15 @@ def test_merge_without_kernel_copies(
     model32, base = llama_base
     pm, adapter = peft_adapter(copy.deepcopy(model32), tmp_path / "a")
     monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
-    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu")
+    report = merge(
+        open_checkpoint(base), [read(adapter)], tmp_path / "o", device="cpu", **engine.kwargs
+    )
     assert report.tensors_copied > 0
     _assert_rounded_once(_state(tmp_path / "o"), _peft_merged64(pm))
 
 
 def test_progress_once_per_tensor(
-    engine: str, llama_base: tuple[Any, Path], tmp_path: Path
+    engine: Engine, llama_base: tuple[Any, Path], tmp_path: Path
 ) -> None:
     from adapterctl.merge import run_merge
 
@@ -370,7 +401,7 @@ def test_progress_once_per_tensor(
     assert calls[-1] == (written, written)  # headers included: the bar ends at 100%
 
 
-def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
+def test_dtype_casts_scalars_and_vectors(engine: Engine, tmp_path: Path) -> None:
     """--dtype casts every floating tensor, 0-d scalars and 1-d vectors included."""
     from safetensors.torch import save_file
 
@@ -380,7 +411,14 @@ def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
     state["logit_scale"] = torch.tensor(2.5, dtype=torch.bfloat16)  # 0-d, as in CLIP-style heads
     save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
     pm, adapter = peft_adapter(model.to(torch.bfloat16).float(), tmp_path / "a")
-    merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16", device="cpu")
+    merge(
+        open_checkpoint(base),
+        [read(adapter)],
+        tmp_path / "o",
+        dtype="fp16",
+        device="cpu",
+        **engine.kwargs,
+    )
     ours = _state(tmp_path / "o")
     assert ours["logit_scale"].dtype == torch.float16 and float(ours["logit_scale"]) == 2.5
     assert ours["model.norm.weight"].dtype == torch.float16
@@ -388,7 +426,7 @@ def test_dtype_casts_scalars_and_vectors(engine: str, tmp_path: Path) -> None:
     _assert_rounded_once({k: v for k, v in ours.items() if k in ref}, ref)
 
 
-def test_float16_overflow_is_reported(engine: str, tmp_path: Path) -> None:
+def test_float16_overflow_is_reported(engine: Engine, tmp_path: Path) -> None:
     """A bf16 value beyond float16's range becomes inf in an fp16 output: the report says
     where (PEFT and a plain cast do it silently)."""
     from safetensors.torch import save_file
@@ -400,9 +438,13 @@ def test_float16_overflow_is_reported(engine: str, tmp_path: Path) -> None:
     state[name][0, :3] = 1e5
     save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
     _, adapter = peft_adapter(model.to(torch.bfloat16).float(), tmp_path / "a")
-    report = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16")
+    report = merge(
+        open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16", **engine.kwargs
+    )
     assert any(f"3 in {name}" in w and "--dtype" in w for w in report.warnings), report.warnings
-    clean = merge(open_checkpoint(base), [read(adapter)], tmp_path / "o2", dtype="bf16")
+    clean = merge(
+        open_checkpoint(base), [read(adapter)], tmp_path / "o2", dtype="bf16", **engine.kwargs
+    )
     assert not any("float16" in w for w in clean.warnings)
 
 
