@@ -243,6 +243,13 @@ class Adapter:
         return sorted({t.dtype for t in self.all_tensors})
 
     @property
+    def is_dora(self) -> bool:
+        """True when the adapter is DoRA: its config says so (``use_dora``) or a module carries
+        a magnitude vector. Its update m·(W+ΔW)/‖W+ΔW‖ is not linear in ΔW: merged alone only,
+        never summed or combined with others (exit 3 everywhere)."""
+        return self.config.use_dora or any(m.is_dora for m in self.modules.values())
+
+    @property
     def trainable_parameters(self) -> int:
         """Parameters trained with the adapter: LoRA factors, DoRA magnitudes, lora biases,
         ``modules_to_save`` copies and trained biases (saved base layers are frozen copies and

@@ -211,7 +211,7 @@ def check_inputs(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = Fal
 
     warnings: list[str] = []
     for a in adapters:
-        if a.config.use_dora or any(mod.is_dora for mod in a.modules.values()):
+        if a.is_dora:
             raise UnsupportedAdapter(
                 f"{a.path}: a DoRA adapter (use_dora) cannot be combined: its update "
                 "m·(W+ΔW)/‖W+ΔW‖ depends on the base weights and is not linear in ΔW; merge "

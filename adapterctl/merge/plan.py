@@ -298,7 +298,7 @@ def plan_merge(
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
     if quantize is not None and quantize not in nf4_layout.QUANT_TYPES:
         raise UsageError(f"unknown --quantize {quantize!r}; use nf4")
-    dora = [a for a in adapters if any(m.is_dora for m in a.modules.values())]
+    dora = [a for a in adapters if a.is_dora]
     if dora and len(adapters) > 1:
         raise UnsupportedAdapter(
             f"{dora[0].path}: a DoRA adapter (use_dora) cannot be merged with other adapters: "
@@ -476,7 +476,7 @@ def _method(
             f"--method {name} only makes sense for low-rank adapters: use "
             f"`adapterctl compose --method {name}`, or --method linear to merge the exact sum"
         )
-    dora = next((a for a in adapters if any(m.is_dora for m in a.modules.values())), None)
+    dora = next((a for a in adapters if a.is_dora), None)
     if dora is not None:
         raise UnsupportedAdapter(
             f"{dora.path}: a DoRA adapter (use_dora) cannot be combined by --method {name}: its "

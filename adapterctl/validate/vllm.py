@@ -60,8 +60,7 @@ def _vllm_rank(ctx: Context) -> Iterator[tuple[str | None, str]]:
 )
 def _vllm_dora(ctx: Context) -> Iterator[tuple[str | None, str]]:
     # PEFTHelper._validate_features: "vLLM does not yet support DoRA."
-    dora = [n for n, m in ctx.adapter.modules.items() if m.is_dora]
-    if ctx.adapter.config.use_dora or dora:
+    if ctx.adapter.is_dora:
         yield None, "DoRA adapter (use_dora): vLLM does not support DoRA; merge it into the base"
 
 
