@@ -1,5 +1,10 @@
 """Loads plugins: the built-in ones first, then installed distributions (entry point group
-``adapterctl``). ``ADAPTERCTL_LOAD_PLUGINS=""`` loads only the built-ins (useful in CI)."""
+``adapterctl``). ``ADAPTERCTL_LOAD_PLUGINS=""`` loads only the built-ins (useful in CI).
+
+A built-in plugin module is imported when its hook is first collected (``validate`` reads
+adapter formats and never pays for the composition methods' option models); third-party
+plugins are imported when the manager loads (their entry points must stay cheap to import:
+heavy parts inside functions)."""
 
 from __future__ import annotations
 
@@ -13,23 +18,20 @@ from adapterctl.errors import Conflict, OperationalError
 
 _manager: pluggy.PluginManager | None = None
 
-BUILTIN_PLUGINS = (
-    "adapterctl.formats.peft",
-    "adapterctl.formats.bare",
-    "adapterctl.methods.builtin",
-)
+# hook -> the built-in modules implementing it, in the order their items come first
+BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
+    "register_formats": ("adapterctl.formats.peft", "adapterctl.formats.bare"),
+    "register_methods": ("adapterctl.methods.builtin",),
+}
+_BUILTIN_NAMES = frozenset(m for mods in BUILTIN_PLUGINS.values() for m in mods)
 
 
 def manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, loaded on first use."""
+    """The process-wide plugin manager, loaded on first use (built-ins: see ``collect``)."""
     global _manager
     if _manager is None:
-        import importlib
-
         pm = pluggy.PluginManager("adapterctl")
         pm.add_hookspecs(hookspecs)
-        for mod in BUILTIN_PLUGINS:
-            pm.register(importlib.import_module(mod), name=mod)
         if os.environ.get("ADAPTERCTL_LOAD_PLUGINS", None) != "":
             try:
                 pm.load_setuptools_entrypoints("adapterctl")
@@ -59,13 +61,28 @@ def collect(hook_name: str) -> list[Any]:
             names[name] = item
         items.append(item)
 
-    hook: Any = getattr(manager().hook, hook_name)
-    # In registration order (pluggy's call order is the reverse): built-ins first.
-    for impl in hook.get_hookimpls():
+    pm = manager()
+    _register_builtins(pm, BUILTIN_PLUGINS.get(hook_name, ()))
+    hook: Any = getattr(pm.hook, hook_name)
+    # Built-ins first, then in registration order (pluggy's call order is the reverse).
+    impls = sorted(hook.get_hookimpls(), key=lambda i: i.plugin_name not in _BUILTIN_NAMES)
+    for impl in impls:
         impl.function(register=register)
     return items
 
 
+def _register_builtins(pm: pluggy.PluginManager, modules: tuple[str, ...]) -> None:
+    import importlib
+
+    for mod in modules:
+        if pm.get_plugin(mod) is None:
+            pm.register(importlib.import_module(mod), name=mod)
+
+
 def plugin_names() -> list[str]:
-    """Names of the loaded plugins, built-ins included."""
-    return [name for name, _ in manager().list_name_plugin() if name]
+    """Names of the loaded plugins, built-ins first."""
+    pm = manager()
+    for modules in BUILTIN_PLUGINS.values():
+        _register_builtins(pm, modules)
+    names = [name for name, _ in pm.list_name_plugin() if name]
+    return sorted(names, key=lambda n: n not in _BUILTIN_NAMES)
