@@ -4,12 +4,15 @@ at planned offsets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adapterctl.errors import Conflict
+from adapterctl.errors import Conflict, OperationalError
 
 
 def refuse_existing(out: str | os.PathLike[str], *, force: bool) -> None:
@@ -44,6 +47,48 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+@contextlib.contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A new hidden sibling folder of ``out`` to write into; renamed to ``out`` when the block
+    ends (``replace_dir``), deleted with its contents when it raises (or is interrupted), so
+    ``out`` is never half-written."""
+    parent = out.parent if str(out.parent) else Path(".")
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str, what: str) -> None:
+    """Write ``text`` (UTF-8) to a hidden sibling of ``path``, flush it to disk, then rename it
+    into place: readers see the old file or the new one, never part of it.
+
+    Raises:
+        OperationalError: the folder cannot be written (exit 1), naming ``what`` was written.
+    """
+    parent = path.parent if str(path.parent) else Path(".")
+    tmp: str | None = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OperationalError(
+            f"{path}: cannot write the {what} ({exc.strerror or exc}); check the folder"
+        ) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 POSITIONED_WRITES = hasattr(os, "pwrite")  # POSIX; not on Windows

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +10,7 @@ import click
 from adapterctl.cli import cli
 from adapterctl.cli.options import base_option, json_option, load_base, load_source, source_options
 from adapterctl.cli.options import warn as warn_stderr
+from adapterctl.files import write_text_atomic
 
 if TYPE_CHECKING:
     from adapterctl.validate import Finding, ValidationReport
@@ -89,7 +88,7 @@ def validate_command(
             click.echo(text_line(f))
         click.echo(summary(report, strict))
     if junit is not None:
-        write_atomic(junit, junit_xml(report, strict))
+        write_text_atomic(junit, junit_xml(report, strict), "JUnit report")
     if not report.passed(strict):
         click.get_current_context().exit(3)
 
@@ -181,26 +180,3 @@ def junit_xml(report: ValidationReport, strict: bool = False) -> str:
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling of ``path``, then rename it into place."""
-    from adapterctl.errors import OperationalError
-
-    parent = path.parent if str(path.parent) else Path(".")
-    tmp: str | None = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise OperationalError(
-            f"{path}: cannot write the JUnit report ({exc.strerror or exc}); check the folder"
-        ) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -328,12 +327,10 @@ def write_peft(
         Conflict: ``out`` exists and ``force`` is False.
         UnsupportedAdapter: a DoRA module (its magnitude would need the base weights).
     """
-    import shutil
-
     import torch
     from safetensors.torch import save_file
 
-    from adapterctl.files import refuse_existing, replace_dir
+    from adapterctl.files import refuse_existing, staged_dir
 
     out = Path(out)
     refuse_existing(out, force=force)
@@ -374,16 +371,9 @@ def write_peft(
         if not key.startswith("base_model.model."):
             key = f"base_model.model.{e.target}"
         tensors[key] = e.tensor.load().contiguous()
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         text = json.dumps(config.to_json_dict(), indent=2, sort_keys=True) + "\n"
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         meta = {"format": "pt", **(metadata or {})}
         save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from adapterctl.errors import Conflict
+from adapterctl.files import staged_dir
 from adapterctl.registry.blobs import BlobStore
 from adapterctl.registry.models import FileEntry, Version
 
@@ -66,18 +67,8 @@ def export(store: BlobStore, v: Version, dest: str | os.PathLike[str]) -> Path:
     out = Path(dest)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Conflict(f"{out}: exists and is not empty; choose a new folder")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        with store.lock(exclusive=False):
-            store.copy_out(v.files, tmp, 0o644)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_dir(out) as tmp, store.lock(exclusive=False):
+        store.copy_out(v.files, tmp, 0o644)
     return out
 
 
