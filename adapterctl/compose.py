@@ -66,6 +66,7 @@ class ComposeReport(BaseModel):
     warnings: list[str]
     seconds: float
     registered: str | None = None  # the registry version OUT was recorded as
+    published: str | None = None  # hf://owner/name@v<N> for an -o hf://… output
 
 
 @dataclass
@@ -407,7 +408,7 @@ def compose_to(
 
     Args:
         sources: local paths, registry references or read ``Adapter`` objects.
-        out: the output folder.
+        out: the output folder, or ``hf://owner/name`` to publish it (``hub.publish_folder``).
         weights, method, options, device, allow_base_mismatch: as for :func:`compose`.
         alpha: LoRA alpha of bare ``.safetensors`` sources.
         force: replace an existing ``out``.
@@ -427,10 +428,36 @@ def compose_to(
         'chat-code@1'
     """
     from adapterctl.files import refuse_existing
+    from adapterctl.hub import output
+
+    refuse_existing(out, force=force)
+    with output(out) as dest:
+        report = _compose_into(
+            dest.path, sources, weights, method, options, device=device, force=force,
+            alpha=alpha, allow_base_mismatch=allow_base_mismatch, register_as=register_as,
+        )  # fmt: skip
+        published = dest.publish("adapter", "compose")
+    report.out = dest.shown
+    report.published = None if published is None else f"{published.url}@{published.tag}"
+    return report
+
+
+def _compose_into(
+    out: Path,
+    sources: Sequence[str | os.PathLike[str] | Adapter],
+    weights: Sequence[float] | None,
+    method: str,
+    options: Mapping[str, Any] | None,
+    *,
+    device: str,
+    force: bool,
+    alpha: float | None,
+    allow_base_mismatch: bool,
+    register_as: str | None,
+) -> ComposeReport:
     from adapterctl.formats.peft import write_peft
     from adapterctl.refs import read_inputs
 
-    refuse_existing(out, force=force)
     adapters, versions = read_inputs(sources, alpha=alpha, register_as=register_as)
     pin_warnings: list[str] = []
     if any(v is not None for v in versions):
@@ -442,9 +469,8 @@ def compose_to(
     result = compose(
         adapters, weights, method, options, device=device, allow_base_mismatch=allow_base_mismatch
     )
-    write_peft(result.adapter, Path(out), force=force, metadata=_provenance(result.report))
+    write_peft(result.adapter, out, force=force, metadata=_provenance(result.report))
     report = result.report
-    report.out = os.fspath(out)
     report.warnings = [w for a in adapters for w in a.warnings] + pin_warnings + report.warnings
     if register_as:
         from adapterctl.registry import Registry

@@ -2,7 +2,9 @@
 
 A SOURCE is, in this order:
 
-1. ``hf://owner/repo[@revision]``: a Hub adapter (Hub sync comes with a later release).
+1. ``hf://owner/repo[@revision]``: a Hub adapter, pulled into the registry first
+   (``adapterctl.hub.pull``: checked against the Hub's hashes; a commit already pulled is
+   not downloaded again), then read from its checkout.
 2. A local path that exists: a PEFT folder or a bare ``.safetensors``. A local folder wins
    over a registry name spelled the same.
 3. A registry reference: ``name`` (newest live version), ``name@3``, ``name@prod`` (an
@@ -16,9 +18,9 @@ Resolving never creates a registry: with no database, a reference is simply not 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from adapterctl.errors import NotFound, UsageError
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from adapterctl.registry import Registry, Version
 
 HUB_SCHEME = "hf://"
+T = TypeVar("T")
 
 
 def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None) -> Path:
@@ -44,7 +47,10 @@ def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None)
 
     Raises:
         NotFound: an unknown name, version or alias, or an ambiguous digest prefix (the
-            message lists what exists); an ``hf://`` reference (not available yet).
+            message lists what exists); an ``hf://`` repository or revision that does not
+            exist.
+        RemoteError: the Hub cannot be reached, refuses the token, or sends a file that does
+            not match its hash (exit 6).
         VersionRemoved: the reference names a removed version (the message names the
             tombstone).
 
@@ -56,10 +62,7 @@ def resolve(source: str | os.PathLike[str], *, registry: Registry | None = None)
     """
     text = os.fspath(source)
     if text.startswith(HUB_SCHEME):
-        raise NotFound(
-            f"{text}: Hub sync is not available yet; download the adapter "
-            "(huggingface-cli download REPO --local-dir DIR) and pass the folder"
-        )
+        return _with_registry(registry, lambda reg: reg.checkout(_pulled(text, reg)))
     path = Path(text)
     if registry is not None:
         return registry.local_source(text)
@@ -91,14 +94,36 @@ def registry_versions(
     missing = [s for s in sources if not Path(s).exists()]
     if not missing:  # all local paths: no need to load the registry at all
         return [None] * len(sources)
-    from adapterctl.registry import Registry, is_ref
+    from adapterctl.registry import is_ref
 
-    refs = [s for s in missing if is_ref(s)]
+    refs = [s for s in missing if is_ref(s) or s.startswith(HUB_SCHEME)]
     if not refs:
         return [None] * len(sources)
-    reg = registry or Registry(create=False)
-    by_ref = {r: reg.resolve(r) for r in refs}
+
+    def lookup(reg: Registry) -> dict[str, Version]:
+        return {r: _pulled(r, reg) if r.startswith(HUB_SCHEME) else reg.resolve(r) for r in refs}
+
+    by_ref = _with_registry(registry, lookup, create=any(r.startswith(HUB_SCHEME) for r in refs))
     return [by_ref.get(s) for s in sources]
+
+
+def _pulled(text: str, reg: Registry) -> Version:
+    """The registry version of the Hub adapter ``text`` (``hf://…``), pulled if need be."""
+    from adapterctl.hub import pull
+
+    return reg.show(pull(text, home=reg.home).version)
+
+
+def _with_registry(
+    registry: Registry | None, use: Callable[[Registry], T], *, create: bool = True
+) -> T:
+    """``use(registry)``, or with the default registry opened (and closed) for the call."""
+    if registry is not None:
+        return use(registry)
+    from adapterctl.registry import Registry
+
+    with Registry(create=create) as reg:
+        return use(reg)
 
 
 def read_source(

@@ -32,6 +32,7 @@ class ResizeReport(BaseModel):
 
     source: str
     out: str | None = None
+    published: str | None = None  # hf://owner/name@v<N> for an -o hf://… output
     rank: int | None  # --rank, if given
     energy: float | None  # --energy, if given
     ranks: list[int]  # the distinct ranks written (several: written as rank_pattern)
@@ -151,7 +152,7 @@ def resize_to(
 
     Args:
         source: a local path, a registry reference or a read ``Adapter``.
-        out: the output folder.
+        out: the output folder, or ``hf://owner/name`` to publish it (``hub.publish_folder``).
         rank, energy: as for :func:`resize` (exactly one).
         alpha: LoRA alpha of a bare ``.safetensors`` source.
         force: replace an existing ``out``.
@@ -169,6 +170,7 @@ def resize_to(
     """
     from adapterctl.files import refuse_existing
     from adapterctl.formats.peft import write_peft
+    from adapterctl.hub import output
     from adapterctl.refs import read_source
 
     if (rank is None) == (energy is None):
@@ -176,7 +178,10 @@ def resize_to(
     refuse_existing(out, force=force)
     adapter = read_source(source, alpha=alpha)
     result = resize(adapter, rank=rank, energy=energy)
-    write_peft(result.adapter, Path(out), force=force)
-    result.report.out = os.fspath(out)
+    with output(out) as dest:
+        write_peft(result.adapter, dest.path, force=force)
+        published = dest.publish("adapter", "resize")
+    result.report.out = dest.shown
+    result.report.published = None if published is None else f"{published.url}@{published.tag}"
     result.report.warnings = adapter.warnings + result.report.warnings
     return result.report

@@ -8,6 +8,16 @@ float64 after saving so its ``get_delta_weight`` is exact.
 
 from __future__ import annotations
 
+import os
+
+# No test may reach the real Hub: the client's endpoint is a closed local port unless a test
+# points it at tests/hubserver.py (set before anything imports huggingface_hub, which reads
+# these at import). Xet is off: the local server speaks the plain LFS protocol.
+os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field

@@ -33,6 +33,8 @@ COMMAND_MODULES = {
     "merge": "merge_cmd",
     "methods": "methods_cmd",
     "plugins": "plugins_cmd",
+    "pull": "hub_cmd",
+    "push": "hub_cmd",
     "registry": "registry_cmd",
     "resize": "resize_cmd",
     "rm": "registry_cmd",

@@ -71,6 +71,8 @@ def compose_command(
     )  # fmt: skip
     if report.registered:
         click.echo(f"registered as {report.registered}", err=True)
+    if report.published:
+        click.echo(f"published as {report.published}", err=True)
     from adapterctl.cli.render import render_compose
 
     emit(report, as_json, render_compose)

@@ -3,7 +3,6 @@ the ``registry`` group (``verify``, ``gc``, ``path``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -280,9 +279,19 @@ def rm_command(ref: str, force: bool, as_json: bool) -> None:
 
 @cli.command("export")
 @click.argument("ref")
-@click.argument("dest", metavar="DIR", type=click.Path(path_type=Path))
-def export_command(ref: str, dest: Path) -> None:
-    """Write version REF's files, byte for byte, into a new folder DIR (a PEFT folder)."""
+@click.argument("dest", metavar="DIR|hf://OWNER/NAME")
+def export_command(ref: str, dest: str) -> None:
+    """Write version REF's files, byte for byte, into a new folder DIR (a PEFT folder); or
+    publish it to the Hub (hf://OWNER/NAME: as `adapterctl push REF OWNER/NAME`)."""
+    from adapterctl.hub import is_hub_ref
+
+    if is_hub_ref(dest):
+        from adapterctl.hub import push
+
+        report = push(ref, dest)
+        done = "is already at" if report.already else "pushed to"
+        click.echo(f"{report.version} {done} {report.url} as {report.tag} ({report.commit[:12]})")
+        return
     with _registry() as reg:
         out = reg.export(ref, dest)
         v = reg.resolve(ref)

@@ -142,6 +142,8 @@ def render_merge(r: Any) -> None:
         out(f"verified {r.verified} rows against float64 math")
     if r.registered:
         out(f"registered as {r.registered}")
+    if r.published:
+        out(f"published as {r.published}")
 
 
 def _pct(x: float) -> str:

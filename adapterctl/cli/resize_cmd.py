@@ -36,6 +36,8 @@ def resize_command(
     from adapterctl.resize import resize_to
 
     report = resize_to(source, out, rank=rank, energy=energy, alpha=alpha, force=force)
+    if report.published:
+        click.echo(f"published as {report.published}", err=True)
     from adapterctl.cli.render import render_resize
 
     emit(report, as_json, render_resize)

@@ -340,7 +340,8 @@ def merge(
     Args:
         base: a base checkpoint folder (or an open ``Checkpoint``).
         adapters: SOURCEs (local paths or registry references) or read ``Adapter`` objects.
-        out: the output folder.
+        out: the output folder, or ``hf://owner/name`` to publish the merged model there
+            (``hub.publish_folder``: one commit tagged ``v<N>``, a full-model card).
         weights: one weight per adapter (default 1.0 each).
         dtype: ``auto`` (the base's), ``bf16``, ``fp16`` or ``fp32``.
         quantize: ``"nf4"``/``"fp4"``: write the linear weights in bitsandbytes 4-bit.
@@ -389,24 +390,32 @@ def merge(
     )  # fmt: skip
     if dry_run:
         report = dry_run_report(plan, out)
-    else:
-        report = run_merge(
-            plan, out, device=device, engine=engine, kernel=kernel, force=force, verify=verify,
-            max_delta_error=max_delta_error, progress=progress, fsync=fsync,
-        )  # fmt: skip
-    report.base_pin_checks = pin_checks
-    report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
-    if register_as and not dry_run:
-        from adapterctl.registry import Registry
+        report.base_pin_checks = pin_checks
+        report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
+        return report
+    from adapterctl.hub import output
 
-        with Registry() as reg:
-            registered = reg.record_lineage(
-                register_as,
-                [(v, w) for v, w in zip(inputs, plan.weights, strict=True) if v is not None],
-                f"merge:{method}",
-                {k: v for k, v in plan.provenance.get("method", {}).items() if k != "name"},
-                out,
-                base=ckpt,
-            )
-        report.registered = registered.ref
+    with output(out) as dest:
+        report = run_merge(
+            plan, dest.path, device=device, engine=engine, kernel=kernel, force=force,
+            verify=verify, max_delta_error=max_delta_error, progress=progress, fsync=fsync,
+        )  # fmt: skip
+        report.base_pin_checks = pin_checks
+        report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
+        if register_as:
+            from adapterctl.registry import Registry
+
+            with Registry() as reg:
+                registered = reg.record_lineage(
+                    register_as,
+                    [(v, w) for v, w in zip(inputs, plan.weights, strict=True) if v is not None],
+                    f"merge:{method}",
+                    {k: v for k, v in plan.provenance.get("method", {}).items() if k != "name"},
+                    dest.path,
+                    base=ckpt,
+                )
+            report.registered = registered.ref
+        published = dest.publish("model", "merge")
+    report.out = dest.shown
+    report.published = None if published is None else f"{published.url}@{published.tag}"
     return report

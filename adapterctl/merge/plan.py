@@ -244,6 +244,7 @@ class MergeReport(BaseModel):
     verified: int | None = None
     base_pin_checks: list[str] = []
     registered: str | None = None  # the registry version the output was recorded as
+    published: str | None = None  # hf://owner/name@v<N> for an -o hf://… output
     warnings: list[str]
     provenance: dict[str, Any]
 

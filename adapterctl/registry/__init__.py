@@ -280,6 +280,7 @@ class Registry:
         rank: int | None = None,
         lineage: Lineage | None = None,
         pin: BasePin | None = None,
+        remote: tuple[str, str | None] | None = None,
     ) -> Version:
         """Add an adapter as the next version of ``name``.
 
@@ -299,6 +300,7 @@ class Registry:
             lineage: (parents with weights, method, options) for a composed or merged
                 artifact (see ``record_lineage``); the source may then be a checkpoint.
             pin: a ready base pin (overrides ``base``).
+            remote: (url, revision) it was pulled from (``adapterctl pull``), recorded with it.
 
         Returns:
             The new version.
@@ -347,6 +349,7 @@ class Registry:
                         source=str(source),
                         tags=tags,
                         lineage=lineage,
+                        remote=remote,
                     )
 
             vid = retry(insert, f"adding {name}")
@@ -357,6 +360,22 @@ class Registry:
         (``intake.insert_version``, whose keyword arguments ``fields`` are; a method so tests
         can inject faults around it)."""
         return intake.insert_version(conn, **fields)
+
+    def record_remote(self, v: Version, url: str, revision: str | None) -> Version:
+        """Record that ``v`` was published at ``url`` (``hf://owner/name``) in ``revision``
+        (a commit); returns the version with its remotes."""
+
+        def write() -> None:
+            with self._write() as conn:
+                intake.insert_remote(conn, v.id, url, revision)
+
+        retry(write, f"recording the remote of {v.ref}")
+        return self._version_by_id(v.id)
+
+    def find_remote(self, url: str, revision: str) -> Version | None:
+        """The live version recorded at ``url`` in ``revision`` (pushed or pulled), or None."""
+        vid = retry(lambda: lookups.find_remote(self.db.conn, url, revision), "reading remotes")
+        return None if vid is None else self._version_by_id(vid)
 
     def record_lineage(
         self,

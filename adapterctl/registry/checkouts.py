@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapterctl.errors import Conflict
+from adapterctl.errors import Conflict, UsageError
 from adapterctl.files import staged_dir
 from adapterctl.registry.blobs import BlobStore
 from adapterctl.registry.models import FileEntry, Version
@@ -64,6 +64,8 @@ def export(store: BlobStore, v: Version, dest: str | os.PathLike[str]) -> Path:
         Conflict: ``dest`` exists and is not empty (5).
         OperationalError: a blob is missing or altered (1).
     """
+    if os.fspath(dest).startswith("hf:"):
+        raise UsageError(f"{os.fspath(dest)}: export writes a local folder; publish with push")
     out = Path(dest)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise Conflict(f"{out}: exists and is not empty; choose a new folder")

@@ -137,9 +137,10 @@ def insert_version(
     source: str,
     tags: Sequence[str],
     lineage: Lineage | None,
+    remote: tuple[str, str | None] | None = None,
 ) -> int:
     """Insert the next version of ``name`` and everything that comes with it: its files,
-    aliases, and lineage (see ``Registry.add``).
+    aliases, lineage and the remote it came from (see ``Registry.add``).
 
     Args:
         conn: an open write transaction.
@@ -154,6 +155,7 @@ def insert_version(
         source: where it was added from.
         tags: valid aliases to point at it.
         lineage: its parents, method and options, or None.
+        remote: (url, revision) of the remote it was pulled from, or None.
 
     Returns:
         The new version's row id.
@@ -216,4 +218,14 @@ def insert_version(
         move_alias(conn, name, alias, vid, at)
     if lineage is not None:
         record_parents(conn, vid, parents, lineage[1], lineage[2])
+    if remote is not None:
+        insert_remote(conn, vid, *remote)
     return vid
+
+
+def insert_remote(conn: sqlite3.Connection, vid: int, url: str, revision: str | None) -> None:
+    """Record that version ``vid`` is at ``url`` (``hf://owner/name``) in ``revision``."""
+    conn.execute(
+        "INSERT INTO remotes (version_id, url, revision, created_at) VALUES (?, ?, ?, ?)",
+        [vid, url, revision, now()],
+    )

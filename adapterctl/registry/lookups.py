@@ -315,3 +315,14 @@ def summaries(
                 )
         out.sort(key=lambda s: s.name)
     return out
+
+
+def find_remote(conn: sqlite3.Connection, url: str, revision: str) -> int | None:
+    """The row id of the live version last recorded at ``url`` in ``revision``, or None."""
+    found = conn.execute(
+        "SELECT r.version_id FROM remotes r WHERE r.url = ? AND r.revision = ? AND NOT EXISTS "
+        "(SELECT 1 FROM tombstones t WHERE t.version_id = r.version_id) "
+        "ORDER BY r.id DESC LIMIT 1",
+        [url, revision],
+    ).fetchone()
+    return None if found is None else int(found[0])
