@@ -52,8 +52,9 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     "base",
     metavar="BASE",
     default=None,
-    help="Base checkpoint folder: validate against it first (exit 3 if it does not fit) and "
-    "pin the version to its fingerprint.",
+    help="Base checkpoint folder or hf://OWNER/NAME[@REV]: validate against it first (exit 3 "
+    "if it does not fit) and pin the version to its fingerprint (a Hub base: to its commit "
+    "and content digest, from the Hub's sha256s; nothing downloaded).",
 )
 @click.option(
     "--hash-base",
@@ -200,7 +201,8 @@ def render_version(v: Version) -> None:
         opts = json.dumps(v.options or {}, sort_keys=True)
         rows.append(("made by", f"{v.method} {opts}"))
     rows.append(("children", ", ".join(v.children) or "-"))
-    rows.append(("remotes", ", ".join(r.url for r in v.remotes) or "-"))
+    remotes = [r.url + (f"@{r.revision[:12]}" if r.revision else "") for r in v.remotes]
+    rows.append(("remotes", ", ".join(remotes) or "-"))
     _rows(rows)
     if v.parents:
         click.echo("lineage")
