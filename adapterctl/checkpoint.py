@@ -2,22 +2,31 @@
 shards, bitsandbytes quantisation, and how adapter modules map onto its tensors.
 
 Nothing here reads tensor data except the few-hundred-byte bitsandbytes quant-state blobs,
-so opening a 70B checkpoint costs kilobytes.
+so opening a 70B checkpoint costs kilobytes. A checkpoint is assembled the same way wherever
+its files are (``CheckpointFiles``): a local folder here, a Hub repository at one commit in
+``adapterctl.hub.base`` (``hf://`` bases, read by byte ranges; ``open_base`` there opens
+either).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapterctl.adapter import Adapter, Layout, LoraModule
-from adapterctl.errors import BrokenFile, NotFound, UnsupportedBase
+from adapterctl.errors import BrokenFile, NotFound, UnsupportedBase, UsageError
 from adapterctl.nf4 import layout as nf4_layout
-from adapterctl.tensorfile import TensorInfo, read_header
+from adapterctl.tensorfile import RemoteFile, SafetensorsHeader, TensorInfo, read_header
+
+if TYPE_CHECKING:
+    from adapterctl.hub.remote import HubOrigin
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -73,13 +82,53 @@ class Checkpoint:
 
     ``tensors`` are the tensors as stored; ``weights`` is the logical view (a 4-bit weight
     with its unpacked shape and compute dtype, without its auxiliary tensors).
+
+    A local checkpoint has its folder (or single file) as ``path`` and its shard files as
+    ``shards``. One read from the Hub has no ``path``: its ``origin`` names the repository,
+    the commit and each weight file with its size and LFS sha256, and its ``shards`` are
+    those files (``RemoteFile``s, read by byte ranges). ``location`` names either in
+    messages and reports.
     """
 
-    path: Path
+    path: Path | None
     tensors: dict[str, TensorInfo]
-    shards: list[Path]
+    shards: list[Path | RemoteFile]
     config: dict[str, Any] = field(default_factory=dict)
     quant: dict[str, QuantInfo] = field(default_factory=dict)
+    origin: HubOrigin | None = None
+
+    @property
+    def location(self) -> str:
+        """The local path, or ``hf://owner/name@commit`` for a checkpoint read from the Hub."""
+        return self.origin.url if self.origin is not None else str(self.path)
+
+    @property
+    def folder(self) -> Path:
+        """The local folder holding the checkpoint's files (a single file's parent).
+
+        Raises:
+            UsageError: a checkpoint read from the Hub has none: its weights are not on this
+                disk (exit 2; the message says how to download them).
+        """
+        if self.path is None:
+            raise self._not_local()
+        return self.path if self.path.is_dir() else self.path.parent
+
+    @property
+    def local_shards(self) -> list[Path]:
+        """``shards`` as local files.
+
+        Raises:
+            UsageError: a checkpoint read from the Hub (as ``folder``).
+        """
+        local = [s for s in self.shards if isinstance(s, Path)]
+        if self.path is None or len(local) != len(self.shards):
+            raise self._not_local()
+        return local
+
+    def _not_local(self) -> UsageError:
+        assert self.origin is not None
+        return self.origin.weights_needed("this command")
 
     @property
     def weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -135,7 +184,7 @@ class Checkpoint:
 
     @property
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.shards)
+        return sum(s.size if isinstance(s, RemoteFile) else s.stat().st_size for s in self.shards)
 
     @property
     def fused_experts(self) -> list[str]:
@@ -242,25 +291,123 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise UnsupportedBase(f"{p}: not a safetensors file; convert the base to safetensors")
-        shards, root = [p], p.parent
+        files, shards = _Folder(p.parent), [p.name]
     else:
-        shards, root = _find_shards(p), p
-    config = _read_config(root / "config.json") if (root / "config.json").exists() else {}
-    _refuse_quant_method(p, config)
+        files = _Folder(p)
+        shards = find_shards(files, str(p))
+    return assemble(files, str(p), shards, path=p)
+
+
+class CheckpointFiles(ABC):
+    """Where a checkpoint's files are, as ``assemble`` reads them: a local folder (here), or
+    a Hub repository at one commit (``adapterctl.hub.base``). Names are relative to the
+    checkpoint's root, spelled with ``/``."""
+
+    # The fix named when a shard the index names is missing.
+    missing_fix = "download it"
+
+    @abstractmethod
+    def describe(self, name: str) -> str:
+        """How messages name the file ``name``."""
+
+    @abstractmethod
+    def exists(self, name: str) -> bool:
+        """Whether the file ``name`` is there."""
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """The files at the root (not in sub-folders), sorted."""
+
+    @abstractmethod
+    def read_text(self, name: str) -> str:
+        """The whole of a small file (config, index) as UTF-8 text.
+
+        Raises:
+            UnicodeDecodeError: not UTF-8.
+        """
+
+    @abstractmethod
+    def shard(self, name: str) -> Path | RemoteFile:
+        """The weight file ``name``, as its tensors record it."""
+
+    def read_headers(self, names: Sequence[str]) -> list[SafetensorsHeader]:
+        """The safetensors headers of the weight files ``names``, in order."""
+        return [read_header(self.shard(n)) for n in names]
+
+
+class _Folder(CheckpointFiles):
+    """A checkpoint's files in a local folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def describe(self, name: str) -> str:
+        return str(self.root / name)
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).exists()
+
+    def names(self) -> list[str]:
+        return sorted(f.name for f in self.root.iterdir() if f.is_file())
+
+    def read_text(self, name: str) -> str:
+        return (self.root / name).read_text(encoding="utf-8")
+
+    def shard(self, name: str) -> Path:
+        return self.root / name
+
+
+def assemble(
+    files: CheckpointFiles,
+    where: str,
+    shards: Sequence[str],
+    *,
+    path: Path | None = None,
+    origin: HubOrigin | None = None,
+) -> Checkpoint:
+    """Build a checkpoint from its files, wherever they are: read ``config.json`` (if any)
+    and refuse GPTQ/AWQ/FP8/8-bit bases, read each shard's header, read the 4-bit quant
+    states (the only tensor bytes read).
+
+    Args:
+        files: where the files are.
+        where: how messages name the checkpoint.
+        shards: its weight files (``find_shards``).
+        path: the local folder or file, for a local checkpoint.
+        origin: the repository and commit, for one read from the Hub.
+
+    Raises:
+        BrokenFile, UnsupportedBase: as ``open_checkpoint``.
+    """
+    config = _read_config(files) if files.exists("config.json") else {}
+    _refuse_quant_method(where, config)
     tensors: dict[str, TensorInfo] = {}
-    for shard in shards:
-        tensors.update(read_header(shard).tensors)
-    _refuse_quant_tensors(p, tensors)
-    ckpt = Checkpoint(path=p, tensors=tensors, shards=shards, config=config)
+    for header in files.read_headers(shards):
+        tensors.update(header.tensors)
+    _refuse_quant_tensors(where, tensors)
+    ckpt = Checkpoint(
+        path=path,
+        tensors=tensors,
+        shards=[files.shard(n) for n in shards],
+        config=config,
+        origin=origin,
+    )
     ckpt.quant = _read_quant_states(ckpt)
     return ckpt
 
 
-def _find_shards(p: Path) -> list[Path]:
-    index = p / INDEX_NAME
-    if index.exists():
+def find_shards(files: CheckpointFiles, where: str) -> list[str]:
+    """A checkpoint's weight files: those its index names, else ``model.safetensors``, else
+    every ``*.safetensors`` at its root except adapters.
+
+    Raises:
+        BrokenFile: a malformed index.
+        NotFound: a shard the index names is missing, or no safetensors at all.
+        UnsupportedBase: pickle-only weights.
+    """
+    if files.exists(INDEX_NAME):
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
+            data = json.loads(files.read_text(INDEX_NAME))
             names = sorted(set(data["weight_map"].values()))
             if not all(isinstance(n, str) and n for n in names):
                 raise TypeError
@@ -269,36 +416,42 @@ def _find_shards(p: Path) -> list[Path]:
             AttributeError,
         ):  # fmt: skip
             raise BrokenFile(
-                f"{index}: malformed index (needs a weight_map of tensor name -> shard file); "
-                "re-save the model"
+                f"{files.describe(INDEX_NAME)}: malformed index (needs a weight_map of tensor "
+                "name -> shard file); re-save the model"
             ) from None
-        missing = [n for n in names if not (p / n).exists()]
+        missing = [n for n in names if not files.exists(n)]
         if missing:
-            raise NotFound(f"{p}: shard {missing[0]} named by {INDEX_NAME} is missing; download it")
-        return [p / n for n in names]
-    if (p / SINGLE_NAME).exists():
-        return [p / SINGLE_NAME]
-    found = sorted(f for f in p.glob("*.safetensors") if not f.name.startswith("adapter_model"))
+            raise NotFound(
+                f"{where}: shard {missing[0]} named by {INDEX_NAME} is missing; {files.missing_fix}"
+            )
+        return names
+    if files.exists(SINGLE_NAME):
+        return [SINGLE_NAME]
+    top = files.names()
+    found = [n for n in top if n.endswith(".safetensors") and not n.startswith("adapter_model")]
     if found:
         return found
-    if list(p.glob("pytorch_model*.bin")) or list(p.glob("*.pt")) or list(p.glob("*.pth")):
+    if any(fnmatch.fnmatch(n, p) for n in top for p in ("pytorch_model*.bin", "*.pt", "*.pth")):
         raise UnsupportedBase(
-            f"{p}: pickle-only checkpoint (no safetensors); convert it with "
+            f"{where}: pickle-only checkpoint (no safetensors); convert it with "
             "model.save_pretrained(dir, safe_serialization=True)"
         )
-    raise NotFound(f"{p}: no model.safetensors or sharded safetensors found; is this a base model?")
+    raise NotFound(
+        f"{where}: no model.safetensors or sharded safetensors found; is this a base model?"
+    )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def _read_config(files: CheckpointFiles) -> dict[str, Any]:
+    where = files.describe("config.json")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(files.read_text("config.json"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BrokenFile(f"{path}: invalid JSON ({exc}); fix or re-download it") from None
+        raise BrokenFile(f"{where}: invalid JSON ({exc}); fix or re-download it") from None
     if not isinstance(data, dict):
-        raise BrokenFile(f"{path}: expected a JSON object; fix or re-download it")
-    _check_config_types(path, data)
+        raise BrokenFile(f"{where}: expected a JSON object; fix or re-download it")
+    _check_config_types(where, data)
     if isinstance(data.get("text_config"), dict):
-        _check_config_types(path, data["text_config"], "text_config.")
+        _check_config_types(where, data["text_config"], "text_config.")
     return data
 
 
@@ -317,7 +470,7 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _check_config_types(path: Path, data: dict[str, Any], prefix: str = "") -> None:
+def _check_config_types(where: str, data: dict[str, Any], prefix: str = "") -> None:
     """Refuse a config whose keys we read have the wrong JSON type (null means absent)."""
     for key, types in _CONFIG_TYPES.items():
         v = data.get(key)
@@ -327,11 +480,11 @@ def _check_config_types(path: Path, data: dict[str, Any], prefix: str = "") -> N
         if bad:
             want = "a list of strings" if key == "architectures" else types[0].__name__
             raise BrokenFile(
-                f"{path}: {prefix}{key} should be {want}, not {v!r:.40}; fix or re-download it"
+                f"{where}: {prefix}{key} should be {want}, not {v!r:.40}; fix or re-download it"
             )
 
 
-def _refuse_quant_method(p: Path, config: dict[str, Any]) -> None:
+def _refuse_quant_method(p: str, config: dict[str, Any]) -> None:
     qc = config.get("quantization_config") or {}
     method = str(qc.get("quant_method", "")).lower() if isinstance(qc, dict) else ""
     if not method:
@@ -347,7 +500,7 @@ def _refuse_quant_method(p: Path, config: dict[str, Any]) -> None:
     )
 
 
-def _refuse_quant_tensors(p: Path, tensors: dict[str, TensorInfo]) -> None:
+def _refuse_quant_tensors(p: str, tensors: dict[str, TensorInfo]) -> None:
     for name in tensors:
         if name.endswith((".qweight", ".qzeros", ".g_idx")):
             raise UnsupportedBase(f"{p}: GPTQ/AWQ-quantised base ({name}); use the 16-bit original")

@@ -173,7 +173,7 @@ def check_pin(
         if got != pin.content_digest:
             raise Conflict(
                 f"{ref} is pinned to base content {short_digest(pin.content_digest)} "
-                f"({pin.path or pin.name or '?'}) but {checkpoint.path} has "
+                f"({pin.path or pin.name or '?'}) but {checkpoint.location} has "
                 f"{short_digest(got)} (other weights); {fix}"
             )
         return "content digest"
@@ -182,7 +182,7 @@ def check_pin(
         raise Conflict(
             f"{ref} is pinned to base fingerprint {short_digest(pin.fingerprint)} "
             f"({pin.architecture or '?'}, {pin.path or pin.name or '?'}) but "
-            f"{checkpoint.path} has {short_digest(got_fp)} (other tensor names, shapes or "
+            f"{checkpoint.location} has {short_digest(got_fp)} (other tensor names, shapes or "
             f"dtypes); {fix}"
         )
     return "fingerprint"

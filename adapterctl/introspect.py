@@ -158,7 +158,7 @@ def inspect_adapter(
     base_report = None
     if base is not None and binding is not None:
         base_report = BaseReport(
-            path=str(base.path),
+            path=base.location,
             fingerprint=base_fingerprint(base),
             architecture=base.architecture,
             quantization=base.quantization,

@@ -3,6 +3,9 @@
 Reading a header costs a few kilobytes whatever the file size; a tensor is read only when
 asked for, with one seek and one read of exactly its bytes. ``BYTES_READ`` counts every byte
 this module reads so tests (and curious users) can check that headers-only work stays small.
+
+A file need not be on this disk: a ``RemoteFile`` (a Hub file at one commit) is read by byte
+ranges, under the same header rules (``parse_header``).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ import json
 import os
 import struct
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.errors import BrokenFile
+from adapterctl.errors import BrokenFile, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -100,14 +105,38 @@ def check_not_pointer(path: Path) -> None:
         )
 
 
+class RemoteFile(ABC):
+    """A file that is not on this disk, read by byte ranges (``adapterctl.hub.base.HubFile``:
+    a Hub repository's file at one commit).
+
+    ``str()`` of one names it in messages; ``size`` is its length in bytes. Subclasses are
+    frozen dataclasses, so a remote file can key a dict as a ``Path`` does.
+    """
+
+    size: int
+
+    @abstractmethod
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``start`` up to ``end`` (exclusive) of the file.
+
+        Raises:
+            BrokenFile: the file ends before ``end``.
+            AdapterctlError: the store could not be read (not found, auth, network).
+        """
+
+
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives: file, dtype (safetensors name), shape and absolute byte range."""
+    """Where one tensor lives: file, dtype (safetensors name), shape and absolute byte range.
+
+    ``path`` is a local file, or a ``RemoteFile`` for a checkpoint read from the Hub: reading
+    such a tensor (``array``/``load``) costs one ranged request of exactly its bytes.
+    """
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-    path: Path
+    path: Path | RemoteFile
     start: int
     end: int
 
@@ -122,6 +151,21 @@ class TensorInfo:
             n *= d
         return n
 
+    @property
+    def local_path(self) -> Path:
+        """The local file holding this tensor, for code that maps or copies whole tensors.
+
+        Raises:
+            UsageError: the tensor is in a remote file (a Hub base is read from its headers
+                only; its weights are not here) (exit 2).
+        """
+        if isinstance(self.path, RemoteFile):
+            raise UsageError(
+                f"{self.path}: the base's weights are not on this disk (a Hub base is read from "
+                "its headers only); download the base and pass its folder"
+            )
+        return self.path
+
     def _read(self, known: dict[str, str], lib: str) -> bytearray:
         """This tensor's bytes (one seek, one read), after checking ``lib`` can hold its dtype."""
         if self.dtype not in known:
@@ -129,15 +173,19 @@ class TensorInfo:
                 f"{self.path}: tensor {self.name} has dtype {self.dtype}, which {lib} cannot "
                 "load; re-save it as float32, float16 or bfloat16"
             )
-        data = bytearray(self.nbytes)
-        view, got = memoryview(data), 0
-        with open(self.path, "rb", buffering=0) as fh:  # straight into `data`: no extra copy
-            fh.seek(self.start)
-            while got < self.nbytes:
-                n = fh.readinto(view[got:])
-                if not n:
-                    break
-                got += n
+        if isinstance(self.path, RemoteFile):
+            data = bytearray(self.path.read_range(self.start, self.end))
+            got = len(data)
+        else:
+            data = bytearray(self.nbytes)
+            view, got = memoryview(data), 0
+            with open(self.path, "rb", buffering=0) as fh:  # straight into `data`: no copy
+                fh.seek(self.start)
+                while got < self.nbytes:
+                    n = fh.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
         BYTES_READ.add(got)
         if got != self.nbytes:
             raise BrokenFile(f"{self.path}: truncated inside tensor {self.name}; re-download it")
@@ -168,20 +216,21 @@ class TensorInfo:
 
 @dataclass
 class SafetensorsHeader:
-    """The parsed header of one safetensors file."""
+    """The parsed header of one safetensors file (local, or a ``RemoteFile``)."""
 
-    path: Path
+    path: Path | RemoteFile
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
     data_offset: int = 0
     file_size: int = 0
 
 
-def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
+def read_header(path: str | os.PathLike[str] | RemoteFile) -> SafetensorsHeader:
     """Parse a safetensors header without touching tensor data.
 
     Args:
-        path: the ``.safetensors`` file.
+        path: the ``.safetensors`` file, or a ``RemoteFile`` (read by two byte ranges: the
+            length, then the JSON).
 
     Returns:
         The header with every tensor's dtype, shape and absolute byte range.
@@ -190,34 +239,61 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
         BrokenFile: empty file, LFS pointer, truncated file, header length past the end,
             invalid header JSON or offsets outside the data area.
     """
+    if isinstance(path, RemoteFile):
+        return parse_header(path, path.size, path.read_range)
     p = Path(path)
     check_not_pointer(p)
     size = p.stat().st_size
-    if size < 8:
-        raise BrokenFile(f"{p}: too short to be safetensors ({size} bytes); re-download it")
     with open(p, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise BrokenFile(
-                f"{p}: header length {n} is larger than the file ({size} bytes): "
-                "truncated or not safetensors; re-download or re-save it"
-            )
-        raw = fh.read(n)
+
+        def read(start: int, end: int) -> bytes:
+            fh.seek(start)
+            return fh.read(end - start)
+
+        return parse_header(p, size, read)
+
+
+def parse_header(
+    file: Path | RemoteFile, size: int, read: Callable[[int, int], bytes]
+) -> SafetensorsHeader:
+    """The safetensors header rules, wherever the bytes come from: a length that fits the
+    file, a JSON object, and entries whose dtype, shape and offsets agree and stay inside it.
+
+    Args:
+        file: the file, named in messages and recorded in each ``TensorInfo``.
+        size: its length in bytes.
+        read: ``read(start, end)``: its bytes ``start`` up to ``end``.
+
+    Returns:
+        The header with every tensor's absolute byte range.
+
+    Raises:
+        BrokenFile: as ``read_header``.
+    """
+    if size < 8:
+        raise BrokenFile(f"{file}: too short to be safetensors ({size} bytes); re-download it")
+    (n,) = struct.unpack("<Q", read(0, 8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise BrokenFile(
+            f"{file}: header length {n} is larger than the file ({size} bytes): "
+            "truncated or not safetensors; re-download or re-save it"
+        )
+    raw = read(8, 8 + n)
     BYTES_READ.add(8 + len(raw))
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         why = getattr(exc, "msg", None) or type(exc).__name__
-        raise BrokenFile(f"{p}: header is not valid JSON ({why}); re-save the file") from None
+        raise BrokenFile(f"{file}: header is not valid JSON ({why}); re-save the file") from None
     if not isinstance(header, dict):
-        raise BrokenFile(f"{p}: header is not a JSON object; re-save the file")
+        raise BrokenFile(f"{file}: header is not a JSON object; re-save the file")
     data_offset = 8 + n
     meta = header.pop("__metadata__", None) or {}
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        tensors[name] = _parse_entry(p, name, entry, data_offset, size)
+        tensors[name] = _parse_entry(file, name, entry, data_offset, size)
     return SafetensorsHeader(
-        path=p,
+        path=file,
         tensors=tensors,
         metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
         data_offset=data_offset,
@@ -225,7 +301,9 @@ def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     )
 
 
-def _parse_entry(p: Path, name: str, entry: Any, data_offset: int, size: int) -> TensorInfo:
+def _parse_entry(
+    p: Path | RemoteFile, name: str, entry: Any, data_offset: int, size: int
+) -> TensorInfo:
     try:
         dtype = str(entry["dtype"])
         shape = tuple(int(d) for d in entry["shape"])

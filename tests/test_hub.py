@@ -217,3 +217,28 @@ def test_the_token_is_never_printed(
     for f in home.rglob("*"):
         if f.is_file() and f.stat().st_size < 1 << 20:
             assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_a_foreign_adapter_is_pinned_to_its_hub_base(hub: HubServer, made: dict[str, Any]) -> None:
+    """A repository pushed by other tools (no adapterctl.json): the config's base is resolved on
+    the Hub to a commit and per-file sha256 (headers only), never kept as a bare name."""
+    base_files = {p.name: p.read_bytes() for p in made["base"].iterdir() if p.is_file()}
+    base_commit = hub.seed(BASE_ID, base_files)
+    config = json.loads((made["adapter"] / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = BASE_ID
+    weights = (made["adapter"] / "adapter_model.safetensors").read_bytes()
+    hub.seed(
+        "other/lora",
+        {"adapter_config.json": json.dumps(config).encode(), "adapter_model.safetensors": weights},
+    )
+    hub.reset_counters()
+    code, out, err = run("pull", "other/lora", "--json")
+    assert code == 0, err
+    assert json.loads(out)["pin"] == "content digest"
+    code, out, _ = run("show", "lora@1", "--json")
+    pin = json.loads(out)["base"]
+    assert pin["name"] == BASE_ID and pin["revision"] == base_commit
+    assert {f["path"] for f in pin["files"]} == {"model.safetensors"}
+    assert hub.served("/cdn/") < 8 * 1024 + len(weights)  # the base's weights never came
+    code, _, err = run("validate", "lora@1", "--base", str(made["base"]))
+    assert code == 0, err

@@ -2,7 +2,8 @@
 ``show`` import neither torch nor bitsandbytes (torch alone costs about a second and 200 MB),
 nor does a plain CPU merge, and loading the plugins imports none of them. Nor is ml_dtypes
 (half a second) ever imported: bfloat16 and float8 are bit arithmetic (``adapterctl.floats``),
-and it is no longer a dependency.
+and it is no longer a dependency. Nor is huggingface_hub (and its HTTP stack) unless the
+command names the Hub (an ``hf://`` SOURCE or BASE, push, pull).
 
 Each command runs in a fresh interpreter (this test process has long imported torch) that
 writes, at exit, which of those modules it holds. The inputs are the demo's: a sharded bf16
@@ -25,7 +26,7 @@ import pytest
 from adapterctl import demo
 from adapterctl.tensorfile import read_header
 
-HEAVY = ("torch", "bitsandbytes", "ml_dtypes")
+HEAVY = ("torch", "bitsandbytes", "ml_dtypes", "huggingface_hub")
 
 # Runs the CLI's entry point on argv[2:] and writes the heavy modules it imported to argv[1].
 CLI_SCRIPT = f"""

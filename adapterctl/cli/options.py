@@ -29,10 +29,11 @@ def source_options(f: F) -> F:
 
 
 def base_option(f: F) -> F:
-    """``--base BASE``: a base checkpoint folder."""
+    """``--base BASE``: a base checkpoint folder, or ``hf://OWNER/NAME[@REV]``."""
     return click.option(
         "--base", "base", metavar="BASE", default=None,
-        help="Base checkpoint folder (safetensors; read from headers only).",
+        help="Base checkpoint: a folder (safetensors) or hf://OWNER/NAME[@REV]; read from "
+        "headers only (a Hub base by HTTP range requests, nothing downloaded).",
     )(f)  # fmt: skip
 
 
@@ -45,12 +46,12 @@ def load_source(source: str, alpha: float | None, rank: int | None) -> Any:
 
 
 def load_base(base: str | None) -> Any:
-    """Open BASE as a checkpoint, or None."""
+    """Open BASE (a folder or ``hf://…``, headers only) as a checkpoint, or None."""
     if base is None:
         return None
-    from adapterctl.checkpoint import open_checkpoint
+    from adapterctl.hub.base import open_base
 
-    return open_checkpoint(base)
+    return open_base(base)
 
 
 def warn(message: str) -> None:

@@ -34,49 +34,30 @@ from pydantic import BaseModel, Field
 
 from adapterctl.errors import RemoteError, UsageError, ValidationFailed
 from adapterctl.hub.client import api, hub_errors
+from adapterctl.hub.remote import REPO_ID, SCHEME, HubRef, is_hub_ref, parse_ref
 
 if TYPE_CHECKING:
     from adapterctl.registry import BasePin, Registry, Version
 
-SCHEME = "hf://"
 META_NAME = "adapterctl.json"
 CARD_NAME = "README.md"
 # Files of a Hub repository that are not the adapter's own.
 NOT_ADAPTER_FILES = frozenset({".gitattributes", CARD_NAME, META_NAME})
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERSION_TAG = re.compile(r"v(\d+)")
 
-
-@dataclass(frozen=True)
-class HubRef:
-    """A Hub repository and an optional revision (branch, tag or commit)."""
-
-    repo_id: str
-    revision: str | None = None
-
-    @property
-    def url(self) -> str:
-        """``hf://owner/name``: how the registry records the remote."""
-        return f"{SCHEME}{self.repo_id}"
-
-
-def is_hub_ref(text: str | os.PathLike[str]) -> bool:
-    """True when ``text`` is spelled ``hf://…``."""
-    return os.fspath(text).startswith(SCHEME)
-
-
-def parse_ref(text: str | os.PathLike[str]) -> HubRef:
-    """``hf://owner/name[@rev]`` or ``owner/name[@rev]`` as a ``HubRef``.
-
-    Raises:
-        UsageError: not ``owner/name`` (exit 2).
-    """
-    raw = os.fspath(text)
-    body = raw.removeprefix(SCHEME)
-    repo, _, revision = body.partition("@")
-    if not _REPO_ID.fullmatch(repo) or (revision == "" and "@" in body):
-        raise UsageError(f"{raw}: not a Hub repository; write OWNER/NAME[@REVISION]")
-    return HubRef(repo, revision or None)
+__all__ = [
+    "SCHEME",
+    "HubRef",
+    "Output",
+    "PullReport",
+    "PushReport",
+    "is_hub_ref",
+    "output",
+    "parse_ref",
+    "publish_folder",
+    "pull",
+    "push",
+]
 
 
 class PushReport(BaseModel):
@@ -385,7 +366,7 @@ def _manifest(files: dict[str, bytes | Path]) -> list[dict[str, object]]:
 
 def _hub_id(name: str | None) -> str | None:
     """``name`` when it reads as a Hub id (``owner/model``, not an existing local path)."""
-    if name is None or not _REPO_ID.fullmatch(name) or Path(name).exists():
+    if name is None or not REPO_ID.fullmatch(name) or Path(name).exists():
         return None
     return name
 

@@ -65,7 +65,8 @@ def translate(exc: BaseException, repo: str, action: str) -> AdapterctlError | N
     from huggingface_hub import errors as hf
 
     where = f"hf://{repo}"
-    login = "set HF_TOKEN, run `hf auth login`, or pass --token"
+    login = "set HF_TOKEN or run `hf auth login` (push and pull also take --token)"
+    writes = action in ("push", "publish")
     if isinstance(exc, hf.OfflineModeIsEnabled):
         return RemoteError(f"{where}: {action} needs the Hub but HF_HUB_OFFLINE is set; unset it")
     if isinstance(exc, hf.GatedRepoError):
@@ -76,15 +77,18 @@ def translate(exc: BaseException, repo: str, action: str) -> AdapterctlError | N
             f"check the name, or {login}"
         )
     if isinstance(exc, hf.RevisionNotFoundError):
-        return NotFound(f"{where}: no such revision; list them with `hf repo refs`, or omit @REV")
+        return NotFound(
+            f"{where}: no such revision (branch, tag or commit); check the @REV, or omit it"
+        )
     if isinstance(exc, hf.EntryNotFoundError):
         return NotFound(f"{where}: a file is missing from the repository ({exc}); check the repo")
     if isinstance(exc, hf.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status in (401, 403):
+            lacks = "cannot write there" if writes else "has no access"
             return RemoteError(
-                f"{where}: {action} was refused (HTTP {status}): the token is missing or "
-                f"cannot write there; {login}"
+                f"{where}: {action} was refused (HTTP {status}): the token is missing, invalid "
+                f"or {lacks}; {login}"
             )
         if status in (409, 412):
             return Conflict(

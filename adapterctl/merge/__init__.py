@@ -338,7 +338,8 @@ def merge(
     ``register_as`` recorded as the next version of that name with its lineage.
 
     Args:
-        base: a base checkpoint folder (or an open ``Checkpoint``).
+        base: a base checkpoint folder (or an open ``Checkpoint``); an ``hf://`` base is
+            refused (exit 2): merging needs its weights on disk (``hf download``).
         adapters: SOURCEs (local paths or registry references) or read ``Adapter`` objects.
         out: the output folder, or ``hf://owner/name`` to publish the merged model there
             (``hub.publish_folder``: one commit tagged ``v<N>``, a full-model card).
@@ -368,19 +369,20 @@ def merge(
         The report; ``registered`` names the new version when ``register_as`` was given.
 
     Raises:
-        UsageError: bad arguments (2). ValidationFailed: an adapter does not fit ``base`` (3).
-        NotFound: a missing source, base or version, or a missing extra (4). Conflict: ``out``
-        exists, or a base pin differs (5). OperationalError: I/O (1).
+        UsageError: bad arguments, or an ``hf://`` base (2). ValidationFailed: an adapter
+        does not fit ``base`` (3). NotFound: a missing source, base or version, or a missing
+        extra (4). Conflict: ``out`` exists, or a base pin differs (5). OperationalError: I/O
+        (1).
 
     Example:
         >>> report = merge("models/Llama-3.2-1B", ["chat@prod"], "merged", register_as="chat-m")
         >>> report.registered
         'chat-m@1'
     """
-    from adapterctl.checkpoint import open_checkpoint
+    from adapterctl.hub.base import open_base
     from adapterctl.refs import read_inputs
 
-    ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    ckpt = open_base(base, needs_weights="merge")  # a Hub base: refused, nothing fetched
     read_in, inputs = read_inputs(adapters, alpha=alpha, register_as=register_as)
     pin_checks, pin_warnings = check_base_pins(inputs, ckpt, allow_mismatch=allow_base_mismatch)
     plan = plan_merge(

@@ -257,11 +257,12 @@ class _BaseMaps:
         import numpy as np
 
         with self._lock:
-            mm = self._maps.get(info.path)
+            path = info.local_path
+            mm = self._maps.get(path)
             if mm is None:
-                with open(info.path, "rb") as fh:
+                with open(path, "rb") as fh:
                     mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps[info.path] = mm
+                self._maps[path] = mm
             BYTES_READ.add(info.nbytes)
         require_inside(info, len(mm))
         page = info.start - info.start % mmap.PAGESIZE

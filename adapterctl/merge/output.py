@@ -13,7 +13,7 @@ from adapterctl.merge.plan import TOKENIZER_FILES, LayerError, MergePlan, MergeR
 
 
 def write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
-    base_dir = plan.base.path if plan.base.path.is_dir() else plan.base.path.parent
+    base_dir = plan.base.folder
     skip = {INDEX_NAME, "adapterctl.json"}
     tokenizer_names = set(TOKENIZER_FILES)
     for f in sorted(base_dir.iterdir()):

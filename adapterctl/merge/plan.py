@@ -413,7 +413,7 @@ def plan_merge(
         "tool": "adapterctl",
         "version": __version__,
         "base": {
-            "path": str(base.path),
+            "path": base.location,
             "fingerprint": base_fingerprint(base),
             "architecture": base.architecture,
             "quantization": base.quantization,

@@ -194,11 +194,12 @@ def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
 
     import torch
 
-    mm = maps.get(info.path)
+    path = info.local_path
+    mm = maps.get(path)
     if mm is None:
-        with open(info.path, "rb") as fh:
+        with open(path, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        maps[info.path] = mm
+        maps[path] = mm
     require_inside(info, len(mm))
     dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
     with warnings.catch_warnings():
@@ -217,7 +218,7 @@ def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -
     dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
     if buf is None:
         buf = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin)
-    with open(info.path, "rb", buffering=0) as fh:
+    with open(info.local_path, "rb", buffering=0) as fh:
         fh.seek(info.start)
         view = _buffer(buf.numpy()) if info.nbytes else memoryview(b"")
         got = 0

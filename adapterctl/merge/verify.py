@@ -108,7 +108,7 @@ def _read_rows(info: TensorInfo, pick: Any) -> Any:
     row_bytes = int(cols * DTYPE_SIZES[info.dtype])
     dtype = numpy_dtype(info.dtype)
     out = np.empty((len(pick), cols), dtype=np.float64)
-    with open(info.path, "rb") as fh:
+    with open(info.local_path, "rb") as fh:
         for i, r in enumerate(pick):
             fh.seek(info.start + int(r) * row_bytes)
             out[i] = widen(np.frombuffer(fh.read(row_bytes), dtype=dtype), info.dtype)  # exact

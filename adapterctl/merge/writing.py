@@ -44,7 +44,7 @@ def copy_tensor_bytes(info: TensorInfo, fd: int, offset: int) -> None:
     """Copy a tensor's bytes from the base file into ``fd`` at ``offset`` (in the kernel where
     possible)."""
     try:
-        copy_range(info.path, info.start, info.nbytes, fd, offset)
+        copy_range(info.local_path, info.start, info.nbytes, fd, offset)
     except EOFError:
         from adapterctl.errors import BrokenFile
 

@@ -291,7 +291,8 @@ class Registry:
         Args:
             source: a local adapter (PEFT folder or bare ``.safetensors``) or a registry ref.
             name: the adapter's name in the registry.
-            base: the base it belongs to (a local checkpoint folder), or None.
+            base: the base it belongs to (a local checkpoint folder, or ``hf://owner/name[@rev]``:
+                pinned by commit and the Hub's sha256s, nothing downloaded), or None.
             hash_base: also hash the base's weight files (content digest; cached after).
             tags: aliases to point at the new version.
             message: a note kept with the version.

@@ -4,9 +4,12 @@ and the reports of ``list``, ``verify``, ``gc`` and ``registry path`` (pydantic 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field, computed_field
+
+if TYPE_CHECKING:
+    from adapterctl.checkpoint import Checkpoint
 
 PinLevel = Literal["content digest", "fingerprint", "name only", "none"]
 PIN_LABELS: dict[str, str] = {
@@ -47,6 +50,35 @@ class BasePin(BaseModel):
     def label(self) -> str:
         """The level as shown to users (``name only (unverified)``…)."""
         return PIN_LABELS[self.level]
+
+    @classmethod
+    def of_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        files: list[FileEntry] | None,
+        *,
+        name: str | None = None,
+        revision: str | None = None,
+    ) -> BasePin:
+        """The pin of an open checkpoint: its fingerprint, and its content digest when
+        ``files`` (its weight files' sha256s) are known. A checkpoint read from the Hub is
+        pinned to its repository and commit (they replace ``name`` and ``revision``) and has
+        no local path."""
+        from adapterctl.identity import base_content_digest, base_fingerprint
+
+        if ckpt.origin is not None:
+            name, revision = ckpt.origin.repo_id, ckpt.origin.commit
+        digest = base_content_digest((f.path, f.sha256) for f in files) if files else None
+        return cls(
+            level="content digest" if files else "fingerprint",
+            fingerprint=base_fingerprint(ckpt),
+            content_digest=digest,
+            files=files or [],
+            name=name,
+            revision=revision,
+            path=str(ckpt.path.resolve()) if ckpt.path is not None else None,
+            architecture=ckpt.architecture,
+        )
 
     def identity(self) -> dict[str, object]:
         """The fields that enter the version digest."""

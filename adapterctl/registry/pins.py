@@ -2,19 +2,20 @@
 against it (a checkpoint about to be merged into; several versions about to be combined).
 
 The weight-file hashes behind a content digest are cached in the ``base_hashes`` table, keyed
-by absolute path, size and mtime.
+by absolute path, size and mtime. A base read from the Hub (``hf://``) needs no hashing: the
+Hub stores each weight file's sha256 (its LFS object id), so it is pinned by content digest
+and commit without downloading it, and a local copy of the same files hashes to that digest.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapterctl import identity
-from adapterctl.errors import NotFound, UsageError
-from adapterctl.identity import base_content_digest, base_fingerprint
+from adapterctl.errors import UsageError
+from adapterctl.identity import base_content_digest
 from adapterctl.registry.db import LazyDatabase, now, retry, rows
 from adapterctl.registry.models import PIN_LABELS, BasePin, FileEntry, Version
 
@@ -23,32 +24,33 @@ if TYPE_CHECKING:
 
 
 def open_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
-    """The checkpoint ``base`` names (an open one is returned as is).
+    """The checkpoint ``base`` names: an open one as is, a local folder or file, or
+    ``hf://owner/name[@revision]`` read from its headers (``adapterctl.hub.base.open_base``).
 
     Raises:
-        NotFound: an ``hf://`` base (not available yet), or no checkpoint there (4).
+        NotFound: no checkpoint there, or no such Hub repository or revision (4).
+        RemoteError: the Hub could not be read (6).
     """
-    from adapterctl.checkpoint import Checkpoint, open_checkpoint
+    from adapterctl.hub.base import open_base as open_any
 
-    if isinstance(base, Checkpoint):
-        return base
-    if str(base).startswith("hf://"):
-        raise NotFound(
-            f"{base}: Hub bases are not available yet; download the base and pass its folder"
-        )
-    return open_checkpoint(base)
+    return open_any(base)
 
 
 def base_file_hashes(
     database: LazyDatabase, ckpt: Checkpoint, *, compute: bool
 ) -> list[FileEntry] | None:
     """The sha256 of each of a base's weight files, from the cache or, with ``compute``,
-    hashed now and cached (see ``Registry.base_file_hashes``)."""
+    hashed now and cached (see ``Registry.base_file_hashes``); for a base read from the Hub,
+    the sha256s the Hub stores (``hub.base.origin_file_hashes``), nothing hashed."""
     from adapterctl.identity import file_sha256
 
-    root = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+    if ckpt.origin is not None:
+        from adapterctl.hub.base import origin_file_hashes
+
+        return origin_file_hashes(ckpt.origin)
+    root = ckpt.folder
     out: list[FileEntry] = []
-    for shard in ckpt.shards:
+    for shard in ckpt.local_shards:
         st = shard.stat()
         key = str(shard.resolve())
 
@@ -85,7 +87,7 @@ def pin_base(
     hash_base: bool = False,
 ) -> BasePin:
     """Pin a base: fingerprint always, content digest when asked or cached (see
-    ``Registry.pin_base``).
+    ``Registry.pin_base``); a Hub base by content digest and commit, from the Hub's hashes.
 
     Raises:
         UsageError: ``hash_base`` without a base (2).
@@ -96,16 +98,7 @@ def pin_base(
         return BasePin(level="name only" if name else "none", name=name, revision=revision)
     ckpt = open_base(base)
     files = base_file_hashes(database, ckpt, compute=hash_base)
-    return BasePin(
-        level="content digest" if files else "fingerprint",
-        fingerprint=base_fingerprint(ckpt),
-        content_digest=base_content_digest((f.path, f.sha256) for f in files) if files else None,
-        files=files or [],
-        name=name,
-        revision=revision,
-        path=str(Path(ckpt.path).resolve()),
-        architecture=ckpt.architecture,
-    )
+    return BasePin.of_checkpoint(ckpt, files, name=name, revision=revision)
 
 
 def check_pin(

@@ -16,8 +16,9 @@ def _shape(shape: Iterable[int]) -> str:
 
 
 def _base_keys(base: Checkpoint) -> set[str]:
-    folder = base.path.parent if base.path.is_file() else base.path
-    keys = {model_key(str(folder.resolve()))}
+    # A Hub base is known by its repository's name, a local one by its folder's.
+    where = base.origin.repo_id if base.origin is not None else str(base.folder.resolve())
+    keys = {model_key(where)}
     cfg_name = base.config.get("_name_or_path")
     if isinstance(cfg_name, str) and cfg_name:
         keys.add(model_key(cfg_name))
@@ -200,7 +201,7 @@ def _base_name(ctx: Context) -> Iterator[tuple[str | None, str]]:
     keys = _base_keys(ctx.base)
     if keys and model_key(named) not in keys:
         msg = (
-            f"the adapter names base {named!r} but the base given is {ctx.base.path}; "
+            f"the adapter names base {named!r} but the base given is {ctx.base.location}; "
             "fine for a sibling (the 16-bit original of a 4-bit repo, a local copy), "
             "otherwise check the base"
         )

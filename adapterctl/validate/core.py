@@ -151,8 +151,8 @@ def validate(
 
     Args:
         adapter: an adapter from ``adapterctl.formats.read`` (broken files raise there).
-        base: a base checkpoint from ``adapterctl.checkpoint.open_checkpoint``; enables the
-            AC2xx rules.
+        base: a base checkpoint from ``adapterctl.hub.base.open_base`` (a local folder or
+            an ``hf://`` model read from its headers); enables the AC2xx rules.
         target: ``peft`` (structure and base rules only), ``vllm`` (adds AC30x) or
             ``llama.cpp`` (adds AC31x).
         max_rank: the ``--max-lora-rank`` the vLLM server runs with; must be one of the
@@ -193,7 +193,7 @@ def validate(
     return ValidationReport(
         source=str(adapter.path),
         target=target,
-        base=str(base.path) if base is not None else None,
+        base=base.location if base is not None else None,
         max_rank=max_rank,
         matched_modules=len(ctx.binding.matched) if ctx.binding is not None else None,
         rules_checked=checked,
@@ -225,8 +225,8 @@ def require_fit(adapter: Adapter, base: Checkpoint, source: str | None = None) -
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         name = source or str(adapter.path)
         raise ValidationFailed(
-            f"{name} does not fit {base.path}: {first.code}{where}: {first.message}{more}; "
-            f"see: adapterctl validate {name} --base {base.path}"
+            f"{name} does not fit {base.location}: {first.code}{where}: {first.message}{more}; "
+            f"see: adapterctl validate {name} --base {base.location}"
         )
     return report
 
