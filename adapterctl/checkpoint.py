@@ -4,8 +4,9 @@ shards, bitsandbytes quantisation, and how adapter modules map onto its tensors.
 Nothing here reads tensor data except the few-hundred-byte bitsandbytes quant-state blobs,
 so opening a 70B checkpoint costs kilobytes. A checkpoint is assembled the same way wherever
 its files are (``CheckpointFiles``): a local folder here, a Hub repository at one commit in
-``adapterctl.hub.base`` (``hf://`` bases, read by byte ranges; ``open_base`` there opens
-either).
+``adapterctl.hub.base`` (``hf://`` bases, read by byte ranges). ``open_base`` opens either:
+remote schemes come from the ``register_remotes`` hook, so this module never imports the Hub
+code.
 """
 
 from __future__ import annotations
@@ -262,6 +263,51 @@ def _best_transform(
         if score > best_score:
             best, best_score = (strip, add), score
     return best
+
+
+def open_base(
+    base: str | os.PathLike[str] | Checkpoint,
+    *,
+    token: str | None = None,
+    needs_weights: str | None = None,
+) -> Checkpoint:
+    """Open a BASE: an open checkpoint (returned as is), a local folder or ``.safetensors``
+    file (``open_checkpoint``), or a remote's ``<scheme>://…`` model read from its headers only
+    (hook ``register_remotes``; built in: ``hf://owner/name[@revision]``, the Hugging Face Hub).
+
+    Args:
+        base: the BASE.
+        token: a token for a remote base (default: the remote's own lookup, e.g. ``HF_TOKEN``).
+        needs_weights: the command, when it reads whole tensors (``merge``): a remote base is
+            then refused before anything is fetched.
+
+    Raises:
+        UsageError: ``needs_weights`` and a remote base (exit 2: the message names the
+            download that makes it a local BASE), or an unknown ``<scheme>://`` (2).
+        NotFound, BrokenFile, UnsupportedBase: as ``open_checkpoint``; for a remote base also
+            RemoteError (auth, network, offline: exit 6).
+
+    Example:
+        >>> open_base("models/Llama-3.2-1B").origin is None
+        True
+        >>> open_base("hf://meta-llama/Llama-3.1-70B@main").origin.repo_id
+        'meta-llama/Llama-3.1-70B'
+    """
+    if isinstance(base, Checkpoint):
+        if needs_weights and base.origin is not None:
+            raise base.origin.weights_needed(needs_weights)
+        return base
+    text = os.fspath(base)
+    scheme, sep, _ = text.partition("://")
+    if not sep or "/" in scheme or not scheme:
+        return open_checkpoint(text)
+    from adapterctl.plugins import collect
+
+    remotes = {r.scheme: r for r in collect("register_remotes")}
+    if scheme not in remotes:
+        known = ", ".join(f"{s}://" for s in sorted(remotes)) or "none"
+        raise UsageError(f"{text}: unknown remote {scheme}:// (known: {known}); check the BASE")
+    return remotes[scheme].open_base(text, token=token, needs_weights=needs_weights)  # type: ignore[no-any-return]
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -38,3 +38,12 @@ def register_merge_kernels(register: Callable[[Any], None]) -> None:
     ``pays(isa, rank, cols)`` (whether it beats NumPy on a tensor of that summed rank and row
     length). The first-party ``adapterctl-fused`` plugin (``plugins/adapterctl-fused``) is one;
     the engine's use of it is described in ``adapterctl.merge.numpy_engine``."""
+
+
+@hookspec
+def register_remotes(register: Callable[[Any], None]) -> None:
+    """Register remotes that BASEs (and SOURCEs) may name as ``<scheme>://…``: objects with
+    ``scheme`` (``hf``), ``name``, ``description`` and ``open_base(ref, *, token,
+    needs_weights)`` returning a ``Checkpoint`` read from headers only (see
+    ``adapterctl.checkpoint.open_base``). The built-in Hugging Face Hub remote
+    (``adapterctl.hub.plugin``) is one."""

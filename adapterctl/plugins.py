@@ -22,6 +22,7 @@ _manager: pluggy.PluginManager | None = None
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
     "register_formats": ("adapterctl.formats.peft", "adapterctl.formats.bare"),
     "register_methods": ("adapterctl.methods.builtin",),
+    "register_remotes": ("adapterctl.hub.plugin",),
 }
 _BUILTIN_NAMES = frozenset(m for mods in BUILTIN_PLUGINS.values() for m in mods)
 

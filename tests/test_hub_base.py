@@ -26,10 +26,9 @@ from click.testing import CliRunner, Result
 from hubserver import HubServer, hub_env
 from safetensors.torch import save_file
 
-from adapterctl.checkpoint import INDEX_NAME, open_checkpoint
+from adapterctl.checkpoint import INDEX_NAME, open_base, open_checkpoint
 from adapterctl.cli import cli
 from adapterctl.errors import Conflict, UsageError
-from adapterctl.hub.base import open_base
 from adapterctl.nf4 import layout as nf4_layout
 from adapterctl.registry import Registry
 

@@ -49,7 +49,7 @@ def load_base(base: str | None) -> Any:
     """Open BASE (a folder or ``hf://…``, headers only) as a checkpoint, or None."""
     if base is None:
         return None
-    from adapterctl.hub.base import open_base
+    from adapterctl.checkpoint import open_base
 
     return open_base(base)
 

@@ -13,13 +13,17 @@ from adapterctl.cli.options import json_option
 @cli.command("plugins")
 @json_option
 def plugins_command(as_json: bool) -> None:
-    """List loaded plugins, the adapter formats and the merge kernels they register."""
+    """List loaded plugins, the adapter formats, remotes and merge kernels they register."""
     from adapterctl.formats import formats
     from adapterctl.merge.numpy_engine import available_kernels
-    from adapterctl.plugins import plugin_names
+    from adapterctl.plugins import collect, plugin_names
 
     names = plugin_names()
     fmts = [{"name": f.name, "description": f.description} for f in formats()]
+    remotes = [
+        {"scheme": r.scheme, "name": r.name, "description": r.description}
+        for r in collect("register_remotes")
+    ]
     kernels = [
         {
             "name": k.name,
@@ -30,11 +34,14 @@ def plugins_command(as_json: bool) -> None:
         for k, module in available_kernels()
     ]
     if as_json:
-        click.echo(json.dumps({"plugins": names, "formats": fmts, "kernels": kernels}, indent=2))
+        data = {"plugins": names, "formats": fmts, "remotes": remotes, "kernels": kernels}
+        click.echo(json.dumps(data, indent=2))
         return
     click.echo("plugins: " + ", ".join(names))
     for f in fmts:
         click.echo(f"format {f['name']}: {f['description']}")
+    for r in remotes:
+        click.echo(f"remote {r['scheme']}://: {r['description']}")
     for k in kernels:
         runs = ", ".join(k["widths"]) if k["built"] else "not built (no C compiler at install)"
         click.echo(f"merge kernel {k['name']}: {k['description']} [{runs}]")

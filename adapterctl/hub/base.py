@@ -16,7 +16,6 @@ LFS object id), which is what a local copy of the file hashes to.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -26,11 +25,10 @@ from adapterctl.checkpoint import (
     CheckpointFiles,
     assemble,
     find_shards,
-    open_checkpoint,
 )
 from adapterctl.errors import RemoteError
 from adapterctl.hub.client import api, hub_errors
-from adapterctl.hub.remote import ACTION, SCHEME, HubFile, HubOrigin, is_hub_ref, parse_ref
+from adapterctl.hub.remote import ACTION, SCHEME, HubFile, HubOrigin, parse_ref
 from adapterctl.hub.remote import weights_needed as refuse
 from adapterctl.tensorfile import SafetensorsHeader, read_header
 
@@ -41,47 +39,22 @@ if TYPE_CHECKING:
 _PARALLEL_READS = 8
 
 
-def open_base(
-    base: str | os.PathLike[str] | Checkpoint,
-    *,
-    token: str | None = None,
-    needs_weights: str | None = None,
+def open_hub_base(
+    source: str, *, token: str | None = None, needs_weights: str | None = None
 ) -> Checkpoint:
-    """Open a BASE: an open checkpoint (returned as is), a local folder or ``.safetensors``
-    file (``open_checkpoint``), or ``hf://owner/name[@revision]`` (``open_hub_checkpoint``:
-    headers only, nothing downloaded).
-
-    Args:
-        base: the BASE.
-        token: a Hub token for an ``hf://`` base (default: the client's own lookup).
-        needs_weights: the command, when it reads whole tensors (``merge``): a Hub base is
-            then refused, before anything is fetched.
-
-    Returns:
-        The checkpoint.
+    """``hf://owner/name[@revision]`` as a BASE (``adapterctl.checkpoint.open_base`` sends
+    ``hf://`` bases here, through the Hub remote): ``open_hub_checkpoint``, or, for a command
+    that reads whole tensors (``needs_weights``: ``merge``), a refusal before anything is
+    fetched.
 
     Raises:
-        UsageError: ``needs_weights`` and a Hub base (exit 2: the message names the
-            download that makes it a local BASE), or a malformed ``hf://`` reference.
-        NotFound, BrokenFile, UnsupportedBase: as ``open_checkpoint``; for a Hub base also
-            RemoteError (auth, network, ``HF_HUB_OFFLINE``: exit 6).
-
-    Example:
-        >>> open_base("models/Llama-3.2-1B").origin is None
-        True
-        >>> open_base("hf://meta-llama/Llama-3.1-70B@main").origin.repo_id
-        'meta-llama/Llama-3.1-70B'
+        UsageError: ``needs_weights`` (exit 2: the message names the download that makes it a
+            local BASE), or a malformed reference.
     """
-    if isinstance(base, Checkpoint):
-        if needs_weights and base.origin is not None:
-            raise base.origin.weights_needed(needs_weights)
-        return base
-    if is_hub_ref(base):
-        if needs_weights:
-            ref = parse_ref(base)
-            raise refuse(ref.repo_id, ref.revision, needs_weights)
-        return open_hub_checkpoint(os.fspath(base), token=token)
-    return open_checkpoint(base)
+    if needs_weights:
+        ref = parse_ref(source)
+        raise refuse(ref.repo_id, ref.revision, needs_weights)
+    return open_hub_checkpoint(source, token=token)
 
 
 def open_hub_checkpoint(source: str, token: str | None = None) -> Checkpoint:

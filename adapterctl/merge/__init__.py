@@ -379,7 +379,7 @@ def merge(
         >>> report.registered
         'chat-m@1'
     """
-    from adapterctl.hub.base import open_base
+    from adapterctl.checkpoint import open_base
     from adapterctl.refs import read_inputs
 
     ckpt = open_base(base, needs_weights="merge")  # a Hub base: refused, nothing fetched

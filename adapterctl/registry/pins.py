@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 def open_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
     """The checkpoint ``base`` names: an open one as is, a local folder or file, or
-    ``hf://owner/name[@revision]`` read from its headers (``adapterctl.hub.base.open_base``).
+    ``hf://owner/name[@revision]`` read from its headers (``adapterctl.checkpoint.open_base``).
 
     Raises:
         NotFound: no checkpoint there, or no such Hub repository or revision (4).
         RemoteError: the Hub could not be read (6).
     """
-    from adapterctl.hub.base import open_base as open_any
+    from adapterctl.checkpoint import open_base as open_any
 
     return open_any(base)
 

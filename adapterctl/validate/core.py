@@ -151,7 +151,7 @@ def validate(
 
     Args:
         adapter: an adapter from ``adapterctl.formats.read`` (broken files raise there).
-        base: a base checkpoint from ``adapterctl.hub.base.open_base`` (a local folder or
+        base: a base checkpoint from ``adapterctl.checkpoint.open_base`` (a local folder or
             an ``hf://`` model read from its headers); enables the AC2xx rules.
         target: ``peft`` (structure and base rules only), ``vllm`` (adds AC30x) or
             ``llama.cpp`` (adds AC31x).
