@@ -158,6 +158,11 @@ def test_faults_exit_6_register_nothing_and_a_retry_succeeds(
     hub._corrupt.clear()  # the fault is gone: the same pull succeeds
     code, out, err = run("pull", "me/chat")
     assert code == 0 and "as chat@1" in out, err
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home3"))
+    hub.drop_connection_on("adapter_model.safetensors")  # one dropped download: fetched again
+    code, out, err = run("pull", "me/chat")
+    assert code == 0 and "as chat@1" in out, err
+    assert all(remaining == 0 for remaining, _ in hub._drops)  # the drop did happen
     # a persistent fault during a push: exit 6, no tag, the version records no remote
     monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home"))
     hub.fail_every(500, match="/commit/")
@@ -242,3 +247,33 @@ def test_a_foreign_adapter_is_pinned_to_its_hub_base(hub: HubServer, made: dict[
     assert hub.served("/cdn/") < 8 * 1024 + len(weights)  # the base's weights never came
     code, _, err = run("validate", "lora@1", "--base", str(made["base"]))
     assert code == 0, err
+
+
+def test_adapters_published_from_outputs_and_export(
+    hub: HubServer, made: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """resize, compose -o hf://… and export REF hf://… publish adapters whose base is a Hub
+    id: one commit each, tagged v1, with the adapter card."""
+    from huggingface_hub import HfApi, ModelCard
+
+    ref = added(made)
+    assert run("push", ref, "me/chat", "--base-id", BASE_ID)[0] == 0
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home2"))
+    code, _, err = run("pull", "me/chat", "--name", "hubchat")  # its config names BASE_ID
+    assert code == 0, err
+    runs = {
+        "me/small": ("resize", "hubchat@1", "-o", "hf://me/small", "--rank", "2"),
+        "me/twice": ("compose", "hubchat@1", "hubchat@1", "-o", "hf://me/twice",
+                     "--method", "linear"),
+        "me/exported": ("export", "hubchat@1", "hf://me/exported"),
+    }  # fmt: skip
+    for repo, args in runs.items():
+        code, out, err = run(*args)
+        assert code == 0, (args, err)
+        assert f"hf://{repo}" in out + err
+        card = ModelCard.load(repo)
+        assert card.data.base_model == BASE_ID and card.data.library_name == "peft"
+        assert [t.name for t in HfApi().list_repo_refs(repo).tags] == ["v1"]
+        files = set(HfApi().list_repo_files(repo))
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    assert not list(tmp_path.glob("hf:*")) and not list(tmp_path.glob(".adapterctl-publish-*"))

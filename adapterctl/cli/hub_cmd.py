@@ -17,7 +17,15 @@ _TOKEN_HELP = (
 @click.argument("ref")
 @click.argument("repo", metavar="OWNER/NAME")
 @click.option("--private", is_flag=True, help="Create the repository private (if it is new).")
-@click.option("--branch", default="main", show_default=True, help="The branch to commit to.")
+@click.option(
+    "--revision",
+    "--branch",
+    "branch",
+    default="main",
+    show_default=True,
+    metavar="BRANCH",
+    help="The branch to commit to.",
+)
 @click.option(
     "--base-id",
     metavar="OWNER/MODEL",
