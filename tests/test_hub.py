@@ -277,3 +277,21 @@ def test_adapters_published_from_outputs_and_export(
         files = set(HfApi().list_repo_files(repo))
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
     assert not list(tmp_path.glob("hf:*")) and not list(tmp_path.glob(".adapterctl-publish-*"))
+
+
+def test_cards_parse_and_carry_the_lineage() -> None:
+    from huggingface_hub import ModelCard
+
+    from adapterctl.hub import card
+
+    text = card.adapter_card(
+        repo="me/mix", base_id=BASE_ID, base_revision="abc123", config={"r": 8, "use_dora": True},
+        tag="v2", digest="sha256:00", source="mix@2", lineage=[("chat@1", 0.7), ("code@1", None)],
+        method="ties",
+    )  # fmt: skip
+    parsed = ModelCard(text)
+    assert parsed.data.base_model == BASE_ID and "dora" in parsed.data.tags
+    assert "Combined by `ties` from:" in text and "- `chat@1` × 0.7" in text
+    assert '"org/tiny-llama", revision="abc123"' in text
+    merged = ModelCard(card.model_card(repo="me/m", base_id=None, tag="v1", digest="d", source="x"))
+    assert merged.data.library_name == "transformers" and merged.data.base_model is None

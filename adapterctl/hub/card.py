@@ -106,13 +106,21 @@ def model_card(
         f'model = AutoModelForCausalLM.from_pretrained("{repo}", revision="{tag}")',
         "```",
     ]
-    if lineage:
-        lines += ["", "## Lineage", "", f"Merged by `{method or '?'}` from:", ""]
-        lines += [f"- `{ref}`" + ("" if w is None else f" × {w:g}") for ref, w in lineage]
+    lines += _lineage("Merged", lineage, method)
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["adapterctl", "merge"]}
     if base_id:
         meta.update(base_model=base_id, base_model_relation="merge")
     return _front_matter(**meta) + "\n".join(lines) + "\n"
+
+
+def _lineage(
+    verb: str, lineage: Sequence[tuple[str, float | None]], method: str | None
+) -> list[str]:
+    """The card's lineage section (none for an adapter trained, not combined)."""
+    if not lineage:
+        return []
+    lines = ["", "## Lineage", "", f"{verb} by `{method or '?'}` from:", ""]
+    return lines + [f"- `{ref}`" + ("" if w is None else f" × {w:g}") for ref, w in lineage]
 
 
 def _front_matter(**meta: Any) -> str:

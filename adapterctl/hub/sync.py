@@ -163,8 +163,7 @@ def publish_folder(
     }
     files.pop(CARD_NAME, None)
     if kind == "adapter":
-        config = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
-        base_id = _hub_id(config.get("base_model_name_or_path"))
+        config, base_id = _config_base(root)
         if base_id is None:
             raise UsageError(
                 f"{target.url}: the adapter names its base as "
@@ -348,6 +347,13 @@ def _manifest(files: dict[str, bytes | Path]) -> list[dict[str, object]]:
                 {"path": path, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
             )
     return out
+
+
+def _config_base(folder: Path) -> tuple[dict[str, Any], str | None]:
+    """A PEFT folder's ``adapter_config.json`` and the base's Hub id it names (None when it
+    names a local path or nothing)."""
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    return config, _hub_id(config.get("base_model_name_or_path"))
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -536,8 +542,7 @@ def _pin(
             return BasePin.model_validate(meta["base"])
         except ValueError:
             pass  # an edited file: resolve the base as for a foreign repository
-    config = json.loads((files / "adapter_config.json").read_text(encoding="utf-8"))
-    base_id = _hub_id(config.get("base_model_name_or_path"))
+    config, base_id = _config_base(files)
     if base_id is None:
         raise ValidationFailed(
             f"{ref.url}@{commit[:12]}: its adapter_config.json names no Hub base "
