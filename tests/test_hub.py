@@ -295,3 +295,17 @@ def test_cards_parse_and_carry_the_lineage() -> None:
     assert '"org/tiny-llama", revision="abc123"' in text
     merged = ModelCard(card.model_card(repo="me/m", base_id=None, tag="v1", digest="d", source="x"))
     assert merged.data.library_name == "transformers" and merged.data.base_model is None
+
+
+def test_hf_sources_are_pulled_then_read(
+    hub: HubServer, made: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = added(made)
+    assert run("push", ref, "me/chat", "--base-id", BASE_ID)[0] == 0
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "ci"))
+    code, out, err = run("validate", "hf://me/chat@v1", "--base", str(made["base"]))
+    assert code == 0 and "ok: 0 error(s)" in out, err
+    code, out, err = run("inspect", "hf://me/chat", "--json")
+    assert code == 0 and json.loads(out)["base_model"] == BASE_ID, err
+    code, out, _ = run("list", "--json")
+    assert [a["name"] for a in json.loads(out)] == ["chat"]  # pulled once, into the registry
