@@ -455,10 +455,12 @@ def _compose_into(
     allow_base_mismatch: bool,
     register_as: str | None,
 ) -> ComposeReport:
+    from adapterctl.files import refuse_overlap
     from adapterctl.formats.peft import write_peft
     from adapterctl.refs import read_inputs
 
     adapters, versions = read_inputs(sources, alpha=alpha, register_as=register_as)
+    refuse_overlap(out, [a.path for a in adapters])
     pin_warnings: list[str] = []
     if any(v is not None for v in versions):
         from adapterctl.registry import check_same_base

@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,48 @@ def refuse_existing(out: str | os.PathLike[str], *, force: bool) -> None:
     """
     if not force and os.path.lexists(out):
         raise Conflict(f"{os.fspath(out)}: already exists; choose another -o or pass --force")
+
+
+def refuse_overlap(
+    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None]
+) -> None:
+    """Refuse an OUT that is, contains, or lies inside one of ``inputs`` — whatever ``--force``
+    says: writing it would destroy an input. Paths are compared by device and inode, so
+    symlinks, ``..`` and other spellings of the same place are caught.
+
+    Raises:
+        Conflict: OUT overlaps an input (exit 5), naming both.
+    """
+    target = Path(os.path.abspath(out))
+    around = {_identity(a): a for a in (target, *target.parents) if _identity(a) is not None}
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        src = Path(os.path.abspath(given))
+        ident = _identity(src)
+        if ident in around:
+            where = "is" if around[ident] == target else "lies inside"
+            raise Conflict(
+                f"{os.fspath(out)}: {where} the input {os.fspath(given)}; writing it would "
+                "destroy the input (--force never does): choose another -o"
+            )
+        if target.exists() and target.is_dir():
+            ancestors = {_identity(a) for a in src.resolve().parents}
+            if _identity(target) in ancestors:
+                raise Conflict(
+                    f"{os.fspath(out)}: contains the input {os.fspath(given)}; writing it would "
+                    "destroy the input (--force never does): choose another -o"
+                )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what ``path`` names (symlinks followed), or None when nothing is
+    there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def fsync_dir(path: Path) -> None:
@@ -44,7 +86,10 @@ def replace_dir(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)  # a file (or link) replaced by --force: no leftover
     else:
         tmp.rename(out)
 

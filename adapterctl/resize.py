@@ -168,7 +168,7 @@ def resize_to(
         >>> resize_to("chat@1", "chat-r4", rank=4).energy_kept
         0.91
     """
-    from adapterctl.files import refuse_existing
+    from adapterctl.files import refuse_existing, refuse_overlap
     from adapterctl.formats.peft import write_peft
     from adapterctl.hub import output
     from adapterctl.refs import read_source
@@ -177,6 +177,7 @@ def resize_to(
         raise UsageError("pass exactly one of --rank R or --energy E")
     refuse_existing(out, force=force)
     adapter = read_source(source, alpha=alpha)
+    refuse_overlap(out, [adapter.path])
     result = resize(adapter, rank=rank, energy=energy)
     with output(out) as dest:
         write_peft(result.adapter, dest.path, force=force)

@@ -35,7 +35,7 @@ from adapterctl.errors import (
     UsageError,
     ValidationFailed,
 )
-from adapterctl.files import fsync_dir, refuse_existing, replace_dir
+from adapterctl.files import fsync_dir, refuse_existing, refuse_overlap, replace_dir
 from adapterctl.merge.output import build_report, dry_run_report, provenance_json, write_side_files
 from adapterctl.merge.plan import (
     DTYPE_CHOICES,
@@ -104,7 +104,8 @@ def run_merge(
         The report (also written, with the provenance, to ``out/adapterctl.json``).
 
     Raises:
-        Conflict: ``out`` exists and ``force`` is False.
+        Conflict: ``out`` exists and ``force`` is False, or ``out`` is, contains or lies
+            inside the base or an adapter (``--force`` never overrides that).
         OperationalError: not enough free disk space, or an I/O error.
         ValidationFailed: the delta error exceeded ``max_delta_error``.
         MissingExtra: the merge needs torch, which is not installed (exit 4).
@@ -118,6 +119,7 @@ def run_merge(
 
         fused = numpy_engine.choose_kernel(kernel)
     refuse_existing(out_path, force=force)
+    refuse_overlap(out_path, [plan.base.path, *(a.path for a in plan.adapters)])
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(out_path)

@@ -1,0 +1,81 @@
+"""Never destroy an input: an OUT that is, contains or lies inside an input is refused (exit 5)
+by merge, compose and resize, ``--force`` or not, however the path is spelled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from builders import llama_model, peft_adapter, save_base
+from click.testing import CliRunner
+
+from adapterctl.cli import cli
+from adapterctl.files import replace_dir
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tree")
+    model = llama_model()
+    save_base(model, root / "work" / "base")
+    peft_adapter(model, root / "work" / "adapter")
+    (root / "work" / "notes.txt").write_text("keep me")
+    return root
+
+
+@pytest.fixture
+def work(tree: Path, tmp_path: Path) -> Path:
+    shutil.copytree(tree / "work", tmp_path / "work")
+    os.symlink(tmp_path / "work" / "base", tmp_path / "link-to-base")
+    return tmp_path / "work"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _cases(work: Path) -> list[list[str]]:
+    base, adapter = str(work / "base"), str(work / "adapter")
+    link = str(work.parent / "link-to-base")
+    merge = ["merge", base, adapter, "--force", "-o"]
+    return [
+        [*merge, base],  # OUT is the base
+        [*merge, link],  # ... spelled through a symlink
+        [*merge, str(work / "adapter" / ".." / "base")],  # ... or with ..
+        [*merge, str(work)],  # OUT contains the base and the adapter
+        [*merge, str(work / "base" / "merged")],  # OUT lies inside the base
+        ["compose", adapter, adapter, "--method", "linear", "--force", "-o", adapter],
+        ["compose", adapter, adapter, "--method", "linear", "-o", str(work / "adapter" / "x")],
+        ["resize", adapter, "--rank", "2", "--force", "-o", str(work)],
+    ]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_an_out_overlapping_an_input_is_refused(case: int, work: Path) -> None:
+    args = _cases(work)[case]
+    before = _snapshot(work)
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 5, (args, r.output)
+    assert "would destroy the input (--force never does)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert _snapshot(work) == before  # nothing touched
+    assert not [p for p in work.parent.rglob(".*") if "partial" in p.name or "old" in p.name]
+
+
+def test_a_sibling_out_is_fine(work: Path) -> None:
+    r = CliRunner().invoke(
+        cli, ["merge", str(work / "base"), str(work / "adapter"), "-o", str(work / "merged")]
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_force_over_a_file_leaves_nothing_behind(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    out.write_text("old")
+    new = tmp_path / ".new"
+    new.write_text("new")
+    replace_dir(new, out)
+    assert out.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
