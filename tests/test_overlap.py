@@ -79,3 +79,31 @@ def test_force_over_a_file_leaves_nothing_behind(tmp_path: Path) -> None:
     replace_dir(new, out)
     assert out.read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+
+
+def test_add_refuses_links_out_of_the_folder_and_keeps_permissions(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home"))
+    secret = tmp_path / "secret.safetensors"
+    shutil.copy(tree / "work" / "adapter" / "adapter_model.safetensors", secret)
+    secret.chmod(0o600)
+    linked = tmp_path / "linked"
+    shutil.copytree(tree / "work" / "adapter", linked)
+    (linked / "adapter_model.safetensors").unlink()
+    os.symlink(secret, linked / "adapter_model.safetensors")
+    r = CliRunner().invoke(cli, ["add", str(linked), "--name", "leak"])
+    assert r.exit_code == 3 and "outside the adapter folder" in r.stderr, r.output
+    stored = tmp_path / "home" / "blobs"
+    assert not stored.exists() or not [p for p in stored.rglob("*") if p.is_file()]
+    private = tmp_path / "private"
+    shutil.copytree(tree / "work" / "adapter", private)
+    for f in private.iterdir():
+        f.chmod(0o600)
+    r = CliRunner().invoke(cli, ["add", str(private), "--name", "mine"])
+    assert r.exit_code == 0, r.output
+    blobs = [p for p in (tmp_path / "home" / "blobs").rglob("*") if p.is_file()]
+    assert blobs and all(p.stat().st_mode & 0o077 == 0 for p in blobs)  # not world-readable
+    r = CliRunner().invoke(cli, ["export", "mine@1", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "out").iterdir())

@@ -98,7 +98,7 @@ class BlobStore:
                     f"{src}: changed while it was being added (sha256 differs); "
                     "add it again once it is no longer being written"
                 )
-            os.chmod(tmp, 0o444)
+            os.chmod(tmp, 0o444 & os.stat(src).st_mode)  # read-only; never wider than src
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dest)
             fsync_dir(dest.parent)
@@ -133,4 +133,4 @@ class BlobStore:
                     f"blob {e.sha256[:12]}… of {e.path} was altered on disk; "
                     "check the registry with: adapterctl registry verify"
                 )
-            os.chmod(target, mode)
+            os.chmod(target, mode & (os.stat(blob).st_mode | 0o200))  # never wider than stored

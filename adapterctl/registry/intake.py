@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.errors import AdapterctlError, BrokenFile, Conflict, NotFound
+from adapterctl.errors import AdapterctlError, BrokenFile, Conflict, NotFound, ValidationFailed
 from adapterctl.identity import manifest, manifest_digest, short_digest, version_digest
 from adapterctl.registry.db import now
 from adapterctl.registry.history import move_alias, record_parents
@@ -84,6 +84,25 @@ def _artifact_files(path: Path) -> list[Path]:
     )
 
 
+def _refuse_escaping_links(files: list[Path], root: Path) -> None:
+    """Refuse a file of an adapter folder that is a link to somewhere outside it: adding it
+    would copy a file the folder does not hold (and may not be meant to share) into the store.
+
+    Raises:
+        ValidationFailed: naming the link and its target (exit 3).
+    """
+    if root.is_file():
+        return
+    inside = root.resolve()
+    for f in files:
+        target = f.resolve()
+        if target != inside and inside not in target.parents:
+            raise ValidationFailed(
+                f"{f}: a link to {target}, outside the adapter folder; copy the file into the "
+                "folder if it belongs to the adapter"
+            )
+
+
 @dataclass(frozen=True)
 class Contents:
     """The files of an artifact: their canonical manifest and its entries, where each file is
@@ -112,6 +131,7 @@ def contents(adapter: Adapter | None, path: Path) -> Contents:
     """
     root = Path(adapter.path) if adapter is not None else path
     files = adapter.files if adapter is not None else _artifact_files(path)
+    _refuse_escaping_links(files, root)
     raw = manifest(files, root)
     entries = [FileEntry.model_validate(e) for e in raw]
     return Contents(
