@@ -43,6 +43,11 @@ _KEYS: dict[str, list[tuple[str, ...]]] = {
 }
 
 
+def expected_triggers() -> set[str]:
+    """The names of the triggers that keep the append-only tables append-only."""
+    return {f"{t}_{k}" for t in APPEND_ONLY for k in ("no_replace", "no_update", "no_delete")}
+
+
 def _immutable(table: str) -> str:
     match = " OR ".join(
         "(" + " AND ".join(f"o.{k} IS NEW.{k}" for k in key) + ")" for key in _KEYS[table]

@@ -107,3 +107,27 @@ def test_add_refuses_links_out_of_the_folder_and_keeps_permissions(
     r = CliRunner().invoke(cli, ["export", "mine@1", str(tmp_path / "out")])
     assert r.exit_code == 0, r.output
     assert all(p.stat().st_mode & 0o077 == 0 for p in (tmp_path / "out").iterdir())
+
+
+def test_gc_deletes_nothing_from_a_damaged_registry(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(cli, ["add", str(tree / "work" / "adapter"), "--name", "chat"])
+    assert r.exit_code == 0, r.output
+    blobs = sorted(p for p in (tmp_path / "home" / "blobs").rglob("*") if p.is_file())
+    conn = sqlite3.connect(tmp_path / "home" / "registry.db")
+    conn.execute("DROP TRIGGER files_no_delete")
+    conn.execute("DELETE FROM files WHERE path = 'adapter_model.safetensors'")
+    conn.commit()
+    conn.close()
+    r = CliRunner().invoke(cli, ["registry", "verify"])
+    assert r.exit_code == 1
+    assert "append-only trigger dropped: files_no_delete" in r.stdout
+    assert "digest does not match the recorded files: chat@1" in r.stdout
+    r = CliRunner().invoke(cli, ["registry", "gc"])
+    assert r.exit_code == 1 and "gc deleted nothing" in r.stderr, r.output
+    assert "1 append-only trigger(s) dropped; files of chat@1 do not match" in r.stderr
+    assert sorted(p for p in (tmp_path / "home" / "blobs").rglob("*") if p.is_file()) == blobs

@@ -326,6 +326,8 @@ def verify_command(as_json: bool) -> None:
             click.echo(f"  altered checkout (removed by adapterctl registry gc): {d}")
         if report.foreign_key_errors:
             click.echo(f"  {report.foreign_key_errors} foreign key error(s)")
+        for t in report.missing_triggers:
+            click.echo(f"  append-only trigger dropped: {t}")
         click.echo("ok" if report.ok else "FAILED")
     if not report.ok:
         click.get_current_context().exit(1)

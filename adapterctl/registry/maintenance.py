@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from adapterctl.errors import OperationalError
 from adapterctl.identity import manifest_digest, version_digest
+from adapterctl.migrations import expected_triggers
 from adapterctl.registry.blobs import BlobStore
 from adapterctl.registry.checkouts import checkout_dir, intact, remove
 from adapterctl.registry.db import LazyDatabase, retry
@@ -35,28 +37,10 @@ def verify(database: LazyDatabase, store: BlobStore, checkouts: Path) -> VerifyR
         The report; ``ok`` is True when nothing is wrong.
     """
 
-    def read_db() -> tuple[list[str], int, list[Version]]:
-        with database.read() as conn:
-            integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-            fk = len(conn.execute("PRAGMA foreign_key_check").fetchall())
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT id FROM versions v WHERE NOT EXISTS "
-                    "(SELECT 1 FROM tombstones t WHERE t.version_id = v.id) ORDER BY id"
-                )
-            ]
-            return integrity, fk, [build(conn, i, depth=99) for i in ids]
-
-    integrity, fk, versions = retry(read_db, "verifying the registry")
+    db = retry(lambda: _check_database(database), "verifying the registry")
+    integrity, fk, triggers, versions, bad_digests = db
     users: dict[tuple[str, int], list[str]] = {}
-    bad_digests: list[str] = []
     for v in versions:
-        raw: list[dict[str, object]] = [e.model_dump() for e in v.files]
-        if manifest_digest(raw) != v.files_digest or (
-            version_digest(raw, v.base.identity()) != v.digest
-        ):
-            bad_digests.append(v.ref)
         for e in v.files:
             users.setdefault((e.sha256, e.size), []).append(v.ref)
     from adapterctl.identity import file_sha256
@@ -80,11 +64,12 @@ def verify(database: LazyDatabase, store: BlobStore, checkouts: Path) -> VerifyR
         d = checkout_dir(checkouts, v)
         if d.is_dir() and not intact(d, v.files, deep=True):
             checkouts_altered.append(str(d))
-    ok = integrity == ["ok"] and not fk and not missing and not altered and not bad_digests
+    ok = _sound(db) and not missing and not altered
     return VerifyReport(
         ok=ok and not checkouts_altered,
         integrity=integrity,
         foreign_key_errors=fk,
+        missing_triggers=triggers,
         versions_checked=len(versions),
         blobs_checked=len(users),
         bytes_checked=nbytes,
@@ -93,6 +78,41 @@ def verify(database: LazyDatabase, store: BlobStore, checkouts: Path) -> VerifyR
         bad_digests=bad_digests,
         checkouts_altered=checkouts_altered,
     )
+
+
+_Check = tuple[list[str], int, list[str], list[Version], list[str]]
+
+
+def _check_database(database: LazyDatabase) -> _Check:
+    """The database's own checks: SQLite's integrity check, foreign-key errors, append-only
+    triggers that were dropped, the live versions, and those whose recorded files no longer
+    give their digest (a ``files`` row deleted or edited)."""
+    with database.read() as conn:
+        integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        fk = len(conn.execute("PRAGMA foreign_key_check").fetchall())
+        have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
+        triggers = sorted(expected_triggers() - have)
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM versions v WHERE NOT EXISTS "
+                "(SELECT 1 FROM tombstones t WHERE t.version_id = v.id) ORDER BY id"
+            )
+        ]
+        versions = [build(conn, i, depth=99) for i in ids]
+    bad: list[str] = []
+    for v in versions:
+        raw: list[dict[str, object]] = [e.model_dump() for e in v.files]
+        if manifest_digest(raw) != v.files_digest or (
+            version_digest(raw, v.base.identity()) != v.digest
+        ):
+            bad.append(v.ref)
+    return integrity, fk, triggers, versions, bad
+
+
+def _sound(check: _Check) -> bool:
+    integrity, fk, triggers, _, bad = check
+    return integrity == ["ok"] and not fk and not triggers and not bad
 
 
 def gc(database: LazyDatabase, store: BlobStore, checkouts: Path) -> GcReport:
@@ -106,8 +126,26 @@ def gc(database: LazyDatabase, store: BlobStore, checkouts: Path) -> GcReport:
 
     Returns:
         What was deleted.
+
+    Raises:
+        OperationalError: the database fails its own checks (``verify``'s database part):
+            what it says is unused cannot be trusted, so nothing is deleted (exit 1).
     """
     with store.lock(exclusive=True):
+        check = retry(lambda: _check_database(database), "checking the registry")
+        if not _sound(check):
+            integrity, fk, triggers, _, bad = check
+            why = [
+                *([] if integrity == ["ok"] else [f"integrity: {integrity[0]}"]),
+                *([f"{fk} foreign key error(s)"] if fk else []),
+                *([f"{len(triggers)} append-only trigger(s) dropped"] if triggers else []),
+                *([f"files of {', '.join(bad)} do not match their digest"] if bad else []),
+            ]
+            raise OperationalError(
+                f"{database.path}: the registry database is damaged ({'; '.join(why)}); gc "
+                "deleted nothing: run `adapterctl registry verify` and restore registry.db "
+                "from a backup"
+            )
 
         def read_db() -> tuple[set[str], list[Version]]:
             with database.read() as conn:

@@ -203,6 +203,7 @@ class VerifyReport(BaseModel):
     ok: bool
     integrity: list[str]
     foreign_key_errors: int
+    missing_triggers: list[str] = Field(default_factory=list)  # append-only guards dropped
     versions_checked: int
     blobs_checked: int
     bytes_checked: int
