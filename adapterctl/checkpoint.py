@@ -442,12 +442,19 @@ def assemble(
     return ckpt
 
 
+def _leaves_folder(name: str) -> bool:
+    """True when a shard name from an index points outside the checkpoint's folder (absolute,
+    ``..``, a drive or a backslash path)."""
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
+
+
 def find_shards(files: CheckpointFiles, where: str) -> list[str]:
     """A checkpoint's weight files: those its index names, else ``model.safetensors``, else
     every ``*.safetensors`` at its root except adapters.
 
     Raises:
-        BrokenFile: a malformed index.
+        BrokenFile: a malformed index, or one naming a shard outside the folder.
         NotFound: a shard the index names is missing, or no safetensors at all.
         UnsupportedBase: pickle-only weights.
     """
@@ -465,6 +472,12 @@ def find_shards(files: CheckpointFiles, where: str) -> list[str]:
                 f"{files.describe(INDEX_NAME)}: malformed index (needs a weight_map of tensor "
                 "name -> shard file); re-save the model"
             ) from None
+        outside = [n for n in names if _leaves_folder(n)]
+        if outside:
+            raise BrokenFile(
+                f"{files.describe(INDEX_NAME)}: names shard {outside[0]!r}, outside the "
+                "checkpoint's folder; shards must be files beside the index: re-save the model"
+            )
         missing = [n for n in names if not files.exists(n)]
         if missing:
             raise NotFound(

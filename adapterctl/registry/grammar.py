@@ -49,10 +49,10 @@ def parse_ref(text: str) -> NameRef | DigestRef | None:
         >>> parse_ref("chat@prod")
         NameRef(name='chat', selector='prod')
     """
-    m = _DIGEST_REF.match(text)
+    m = _DIGEST_REF.fullmatch(text)
     if m:
         return DigestRef(m["hex"].lower())
-    r = _REF.match(text)
+    r = _REF.fullmatch(text)
     if r:
         return NameRef(r["name"], r["sel"])
     return None
@@ -71,7 +71,7 @@ def check_name(name: str) -> None:
         UsageError: ``name`` is not letters, digits, '.', '_' and '-' starting with a letter
             or digit, up to 128 characters (2).
     """
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(
             f"{name!r} is not a valid adapter name; use letters, digits, '.', '_' and '-' "
             "(starting with a letter or digit)"
@@ -89,7 +89,7 @@ def check_alias(alias: str) -> None:
         raise UsageError(
             f"'{alias}' always means the newest live version and cannot be set; pick another alias"
         )
-    if not _ALIAS.match(alias):
+    if not _ALIAS.fullmatch(alias):
         raise UsageError(
             f"{alias!r} is not a valid alias; start with a letter, then letters, digits, "
             "'.', '_' or '-' (a number would clash with version numbers)"

@@ -1,5 +1,7 @@
-"""Never destroy an input: an OUT that is, contains or lies inside an input is refused (exit 5)
-by merge, compose and resize, ``--force`` or not, however the path is spelled."""
+"""Hardening, one test per class: never destroy an input (an OUT that is, contains or lies
+inside an input is refused by merge, compose and resize, ``--force`` or not, however the path is
+spelled: exit 5); ``add`` keeps to the adapter's folder and its permissions; ``gc`` trusts no
+damaged database; index shard names stay in the folder; names and aliases are whole strings."""
 
 from __future__ import annotations
 
@@ -131,3 +133,29 @@ def test_gc_deletes_nothing_from_a_damaged_registry(
     assert r.exit_code == 1 and "gc deleted nothing" in r.stderr, r.output
     assert "1 append-only trigger(s) dropped; files of chat@1 do not match" in r.stderr
     assert sorted(p for p in (tmp_path / "home" / "blobs").rglob("*") if p.is_file()) == blobs
+
+
+@pytest.mark.parametrize("shard", ["../secret.safetensors", "/etc/secret.safetensors"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(
+    shard: str, tree: Path, tmp_path: Path
+) -> None:
+    import json
+
+    base = tmp_path / "base"
+    shutil.copytree(tree / "work" / "base", base)
+    shutil.copy(base / "model.safetensors", tmp_path / "secret.safetensors")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": shard}}
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = CliRunner().invoke(cli, ["validate", str(tree / "work" / "adapter"), "--base", str(base)])
+    assert r.exit_code == 3 and "outside the checkpoint's folder" in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["chat\n", "chat\nx"])
+def test_names_and_aliases_are_whole_strings(
+    name: str, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADAPTERCTL_HOME", str(tmp_path / "home"))
+    adapter = str(tree / "work" / "adapter")
+    assert CliRunner().invoke(cli, ["add", adapter, "--name", name]).exit_code == 2
+    assert CliRunner().invoke(cli, ["add", adapter, "--name", "ok", "--tag", name]).exit_code == 2
