@@ -397,7 +397,10 @@ class _Folder(CheckpointFiles):
         return sorted(f.name for f in self.root.iterdir() if f.is_file())
 
     def read_text(self, name: str) -> str:
-        return (self.root / name).read_text(encoding="utf-8")
+        path = self.root / name
+        if not path.is_file():  # a FIFO or a device would block the read forever
+            raise BrokenFile(f"{path}: not a regular file; replace it with the real file")
+        return path.read_text(encoding="utf-8")
 
     def shard(self, name: str) -> Path:
         return self.root / name

@@ -93,6 +93,8 @@ BYTES_READ = _Counter()
 
 def check_not_pointer(path: Path) -> None:
     """Raise BrokenFile if ``path`` is empty or a Git LFS pointer instead of real data."""
+    if path.exists() and not path.is_file():  # a FIFO or a device would block a read forever
+        raise BrokenFile(f"{path}: not a regular file; replace it with the real file")
     size = path.stat().st_size
     if size == 0:
         raise BrokenFile(f"{path}: file is empty; re-download it or re-save the adapter")

@@ -159,3 +159,37 @@ def test_names_and_aliases_are_whole_strings(
     adapter = str(tree / "work" / "adapter")
     assert CliRunner().invoke(cli, ["add", adapter, "--name", name]).exit_code == 2
     assert CliRunner().invoke(cli, ["add", adapter, "--name", "ok", "--tag", name]).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "fifo",
+    [
+        "base/config.json",
+        "base/model.safetensors.index.json",
+        "base/model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ],
+)
+def test_a_fifo_is_refused_not_waited_on(fifo: str, tree: Path, tmp_path: Path) -> None:
+    """Run in a subprocess with a timeout: a regression fails the test instead of hanging CI."""
+    import subprocess
+    import sys
+
+    shutil.copytree(tree / "work", tmp_path / "work")
+    target = tmp_path / "work" / fifo
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    args = [
+        "validate",
+        str(tmp_path / "work" / "adapter"),
+        "--base",
+        str(tmp_path / "work" / "base"),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "adapterctl", *args], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert (
+        proc.stderr.strip() == f"Error: {target}: not a regular file; replace it with the real file"
+    )
