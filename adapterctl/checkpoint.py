@@ -398,7 +398,7 @@ class _Folder(CheckpointFiles):
 
     def read_text(self, name: str) -> str:
         path = self.root / name
-        if not path.is_file():  # a FIFO or a device would block the read forever
+        if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO blocks forever
             raise BrokenFile(f"{path}: not a regular file; replace it with the real file")
         return path.read_text(encoding="utf-8")
 

@@ -93,7 +93,7 @@ BYTES_READ = _Counter()
 
 def check_not_pointer(path: Path) -> None:
     """Raise BrokenFile if ``path`` is empty or a Git LFS pointer instead of real data."""
-    if path.exists() and not path.is_file():  # a FIFO or a device would block a read forever
+    if path.exists() and not (path.is_file() or path.is_dir()):  # a FIFO would block forever
         raise BrokenFile(f"{path}: not a regular file; replace it with the real file")
     size = path.stat().st_size
     if size == 0:
