@@ -171,4 +171,17 @@ def read_inputs(
             "--register records lineage, so every SOURCE must be a registry reference; "
             "add local adapters first with: adapterctl add PATH --name NAME"
         )
-    return [read_source(s, alpha=alpha) for s in sources], versions
+    if not any(versions):
+        return [read_source(s, alpha=alpha) for s in sources], versions
+
+    def read_all(reg: Registry) -> list[Adapter]:
+        # a version already resolved (an hf:// source already pulled) is read from its
+        # checkout, not resolved (or asked of the Hub) a second time
+        return [
+            read_source(s, alpha=alpha) if v is None else read(reg.checkout(v), alpha=alpha)
+            for s, v in zip(sources, versions, strict=True)
+        ]
+
+    from adapterctl.formats import read
+
+    return _with_registry(None, read_all, create=False), versions

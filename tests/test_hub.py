@@ -309,3 +309,8 @@ def test_hf_sources_are_pulled_then_read(
     assert code == 0 and json.loads(out)["base_model"] == BASE_ID, err
     code, out, _ = run("list", "--json")
     assert [a["name"] for a in json.loads(out)] == ["chat"]  # pulled once, into the registry
+    hub.reset_counters()
+    code, _, err = run("merge", str(made["base"]), "hf://me/chat@v1", "-o", str(tmp_path / "m"))
+    assert code == 0, err
+    asked = [r for r in hub.requests if r.path.startswith("/api/models/me/chat/revision/")]
+    assert len(asked) == 1  # the source is resolved on the Hub once, then read from its checkout

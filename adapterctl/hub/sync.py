@@ -172,10 +172,10 @@ def publish_folder(
                 "OWNER/MODEL`"
             )
         revision = config.get("revision")
-        digest = version_digest(
-            _manifest(files),
-            {"fingerprint": None, "content_digest": None, "name": base_id, "revision": revision},
-        )
+        from adapterctl.registry.models import BasePin
+
+        pin = BasePin(level="name only", name=base_id, revision=revision)
+        digest = version_digest(_manifest(files), pin.identity())
 
         def readme(repo_id: str, tag: str) -> str:
             return card.adapter_card(

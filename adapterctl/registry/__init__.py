@@ -324,7 +324,9 @@ class Registry:
         base_name = config.base_model_name_or_path if config else None
         revision = config.revision if config else None
         if pin is None:
-            ckpt = pins.open_base(base) if base is not None else None
+            from adapterctl.checkpoint import open_base
+
+            ckpt = open_base(base) if base is not None else None
             if ckpt is not None and adapter is not None:
                 intake.preflight(adapter, ckpt, str(source))
             pin = self.pin_base(ckpt, name=base_name, revision=revision, hash_base=hash_base)

@@ -25,7 +25,6 @@ from adapterctl.registry.models import (
     Tombstone,
     Version,
 )
-from adapterctl.registry.pins import open_base
 
 # A version row with its tombstone's columns (NULL when live).
 _SELECT = (
@@ -251,6 +250,8 @@ def base_filter(base: str) -> tuple[str, list[Any]]:
             [lo, lo + "g", lo, lo + "g"],
         )
     if Path(base).exists():
+        from adapterctl.checkpoint import open_base
+
         return " AND v.base_fingerprint = ?", [base_fingerprint(open_base(base))]
     return " AND v.base_name = ?", [base]
 

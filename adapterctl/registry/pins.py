@@ -23,19 +23,6 @@ if TYPE_CHECKING:
     from adapterctl.checkpoint import Checkpoint
 
 
-def open_base(base: str | os.PathLike[str] | Checkpoint) -> Checkpoint:
-    """The checkpoint ``base`` names: an open one as is, a local folder or file, or
-    ``hf://owner/name[@revision]`` read from its headers (``adapterctl.checkpoint.open_base``).
-
-    Raises:
-        NotFound: no checkpoint there, or no such Hub repository or revision (4).
-        RemoteError: the Hub could not be read (6).
-    """
-    from adapterctl.checkpoint import open_base as open_any
-
-    return open_any(base)
-
-
 def base_file_hashes(
     database: LazyDatabase, ckpt: Checkpoint, *, compute: bool
 ) -> list[FileEntry] | None:
@@ -96,6 +83,8 @@ def pin_base(
         if hash_base:
             raise UsageError("--hash-base needs a local base; pass --base BASE")
         return BasePin(level="name only" if name else "none", name=name, revision=revision)
+    from adapterctl.checkpoint import open_base
+
     ckpt = open_base(base)
     files = base_file_hashes(database, ckpt, compute=hash_base)
     return BasePin.of_checkpoint(ckpt, files, name=name, revision=revision)
