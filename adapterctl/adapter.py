@@ -179,6 +179,15 @@ class LoraModule:
             )
         return np.ascontiguousarray(cb, dtype=dtype), np.ascontiguousarray(a, dtype=dtype)
 
+    def update_bound(self, coeff: float | None = None) -> float:
+        """An upper bound on max |coeff·(B·A)ᵢⱼ| (default ``coeff``: the scale), from the
+        factors without forming B·A (``lowrank.entry_bound``); +inf when a factor or
+        ``coeff`` is NaN or Inf."""
+        from adapterctl.lowrank import entry_bound
+
+        b, a = self.arrays(None)  # (out, r), (r, in), as stored
+        return entry_bound(b, a, self.scale if coeff is None else coeff)
+
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ΔW = scale·B·A in the base weight's layout and shape (float32 unless
         ``dtype``), computed in float64 and rounded once.

@@ -35,6 +35,8 @@ SINGLE_NAME = "model.safetensors"
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks|decoder_layers)\.(\d+)\.")
 _TORCH_TO_ST = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+# What to do about a broken 4-bit weight (``Checkpoint.quant_problems``).
+QUANT_FIX = "re-save the 4-bit model with transformers, or use its 16-bit original"
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,10 @@ class Checkpoint:
     """A base model checkpoint, known from its headers.
 
     ``tensors`` are the tensors as stored; ``weights`` is the logical view (a 4-bit weight
-    with its unpacked shape and compute dtype, without its auxiliary tensors).
+    with its unpacked shape and compute dtype, without its auxiliary tensors). ``quant``
+    holds the quant state of every 4-bit weight whose state decodes; ``quant_problems`` says
+    what is missing or inconsistent in each broken 4-bit weight (``validate`` reports them as
+    AC213; ``check_quant`` refuses them).
 
     A local checkpoint has its folder (or single file) as ``path`` and its shard files as
     ``shards``. One read from the Hub has no ``path``: its ``origin`` names the repository,
@@ -97,6 +102,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)
     quant: dict[str, QuantInfo] = field(default_factory=dict)
     origin: HubOrigin | None = None
+    quant_problems: dict[str, str] = field(default_factory=dict)
 
     @property
     def location(self) -> str:
@@ -135,12 +141,28 @@ class Checkpoint:
     def weights(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Logical name -> (shape, dtype) for every tensor a model would hold in memory."""
         out: dict[str, tuple[tuple[int, ...], str]] = {}
+        four_bit = self.quant.keys() | self.quant_problems.keys()
         for name, info in self.tensors.items():
-            if nf4_layout.is_statistic(name, self.quant):
+            if nf4_layout.is_statistic(name, four_bit):
                 continue
             q = self.quant.get(name)
             out[name] = (q.shape, q.dtype) if q else (info.shape, info.dtype)
         return out
+
+    def check_quant(self) -> None:
+        """Refuse a checkpoint whose 4-bit weights are incomplete or inconsistent (a missing
+        ``nested_absmax``, a blocksize bitsandbytes lacks, scales that do not fit the shape):
+        reading such a weight would give wrong values without an error.
+
+        Raises:
+            BrokenFile: naming the checkpoint, the first broken weight's tensor at fault and
+                what is wrong with it (exit 3).
+        """
+        if self.quant_problems:
+            first = next(iter(self.quant_problems.values()))
+            more = len(self.quant_problems) - 1
+            also = f" (and {more} more broken 4-bit weight(s))" if more else ""
+            raise BrokenFile(f"{self.location}: {first}{also}; {QUANT_FIX}")
 
     @property
     def architecture(self) -> str | None:
@@ -441,7 +463,7 @@ def assemble(
         config=config,
         origin=origin,
     )
-    ckpt.quant = _read_quant_states(ckpt)
+    ckpt.quant, ckpt.quant_problems = _read_quant_states(ckpt)
     return ckpt
 
 
@@ -572,25 +594,43 @@ def _refuse_quant_tensors(p: str, tensors: dict[str, TensorInfo]) -> None:
             raise UnsupportedBase(f"{p}: bitsandbytes 8-bit base ({name}); use the 16-bit original")
 
 
-def _read_quant_states(ckpt: Checkpoint) -> dict[str, QuantInfo]:
+def _read_quant_states(ckpt: Checkpoint) -> tuple[dict[str, QuantInfo], dict[str, str]]:
+    """The 4-bit weights' quant states (the only tensor bytes a checkpoint reads), and what is
+    wrong with those whose stored tensors are incomplete or inconsistent.
+
+    Returns:
+        (weight -> its ``QuantInfo``, for every weight whose state decodes;
+        weight -> one line naming the tensor at fault and what is wrong, for every broken
+        one; ``QUANT_FIX`` says what to do).
+    """
     qc = ckpt.config.get("quantization_config") or {}
     compute = str(qc.get("bnb_4bit_compute_dtype", "")) if isinstance(qc, dict) else ""
+    stored = {name: (info.dtype, info.shape) for name, info in ckpt.tensors.items()}
     out: dict[str, QuantInfo] = {}
+    problems: dict[str, str] = {}
     for weight, group in nf4_layout.groups(ckpt.tensors).items():
-        info = ckpt.tensors[group.state]
-        blob = info.array().tobytes()  # uint8: no torch
-        state = nf4_layout.parse_state(blob, f"{info.path}: {group.state}")
-        out[weight] = QuantInfo(
-            weight=weight,
-            quant_type=str(state["quant_type"]),
-            blocksize=state["blocksize"],
-            shape=tuple(state["shape"]),
-            dtype=_TORCH_TO_ST.get(compute or str(state.get("dtype", "float32")), "F32"),
-            nested=group.nested,
-            state=state,
-            statistics=group.statistics,
-        )
-    return out
+        problem = nf4_layout.group_problem(group, stored)
+        if problem is None:
+            info = ckpt.tensors[group.state]
+            try:
+                state = nf4_layout.parse_state(info.array().tobytes(), group.state)  # no torch
+            except BrokenFile as exc:
+                problem = str(exc)
+            else:
+                problem = nf4_layout.group_problem(group, stored, state)
+                out[weight] = QuantInfo(
+                    weight=weight,
+                    quant_type=str(state["quant_type"]),
+                    blocksize=state["blocksize"],
+                    shape=tuple(state["shape"]),
+                    dtype=_TORCH_TO_ST.get(compute or str(state["dtype"]), "F32"),
+                    nested=nf4_layout.is_nested(state),
+                    state=state,
+                    statistics=group.statistics,
+                )
+        if problem is not None:
+            problems[weight] = problem
+    return out, problems
 
 
 def layer_index(name: str) -> int | None:

@@ -18,6 +18,7 @@ it is meant (see ``adapterctl.formats.peft.write_peft``).
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -113,7 +114,8 @@ def compose(
         NotFound: an unknown method.
         UnsupportedAdapter: a DoRA input (its update is not linear in ΔW).
         ValidationFailed: an input fails ``validate``'s structure rules, inputs disagree on a
-            module's shape, or carry different copies of one full tensor.
+            module's shape, or carry different copies of one full tensor; a module's result
+            (or its weighted inputs) would leave float32's range.
         Conflict: inputs name different base models (without ``allow_base_mismatch``).
 
     Example:
@@ -137,6 +139,8 @@ def compose(
     w = [1.0] * len(adapters) if weights is None else [float(x) for x in weights]
     if len(w) != len(adapters):
         raise UsageError(f"got {len(w)} weights for {len(adapters)} SOURCE(s); pass one per SOURCE")
+    if not all(math.isfinite(x) for x in w):
+        raise UsageError(f"weights {w}: each -w must be a finite number")
     warnings = check_inputs(adapters, allow_base_mismatch=allow_base_mismatch)
     extras = _carry_extras(adapters)
     dev = torch.device(resolve_device(device))
@@ -153,6 +157,8 @@ def compose(
     for name, present in modules.items():
         parts = [(i, mod) for i, mod in enumerate(present) if mod is not None]
         first = parts[0][1]
+        total = sum(mod.update_bound(w[i] * mod.scale) for i, mod in parts)
+        _require_range(name, total, "the weighted sum Σ w·s·B·A", "lower the weights (-w)")
         if m.factored:
             b, a, norm, kept = _factored(parts, w, rank if truncate else None)
         else:
@@ -177,6 +183,7 @@ def compose(
             else "raise --rank (or compose with --method linear: exact, rank Σrᵢ)"
         )
         warnings.append(f"rank {rank} keeps {energy:.1%} of ‖ΔW‖² overall; {hint}")
+    check_result(out, "composed", "lower the weights (-w)")
     composed = Adapter(
         path=Path("<composed>"),
         format="peft",
@@ -311,6 +318,11 @@ def _dense(
         deltas[i] = torch.mul(b @ a, mod.scale)  # (out, in)
     combined = m.combine_dense(deltas, weights, opts, gen)  # (out, in) float32
     del deltas
+    if not bool(torch.isfinite(combined).all()):  # e.g. DARE's 1/density rescaling
+        raise ValidationFailed(
+            f"{first.name}: the {m.name} result leaves float32's range (inf or NaN); nothing "
+            "was written: lower the weights (-w)"
+        )
     norm = float(combined.double().square().sum().sqrt())
     b, a, kept = dense_truncate(combined, rank, how=how, generator=gen)
     return b.cpu(), a.cpu(), norm, kept
@@ -326,6 +338,35 @@ def _bias(parts: list[tuple[int, LoraModule]], weights: list[float]) -> torch.Te
     total = sum(c * t.load().to(torch.float64).reshape(-1) for c, t in terms)
     assert isinstance(total, torch.Tensor)
     return total.float()  # (out,)
+
+
+def check_result(modules: Mapping[str, LoraModule], what: str, fix: str) -> None:
+    """Refuse a composed or resized adapter, before it is written, where a module's factors
+    or lora bias hold inf or NaN or its update s·B·A leaves float32's range.
+
+    Args:
+        modules: the result's modules (scale folded into B).
+        what: what made them (``composed``, ``resized``), for the message.
+        fix: the next thing to try, for the message.
+
+    Raises:
+        ValidationFailed: naming the first such module (exit 3).
+    """
+    for name, mod in sorted(modules.items()):
+        _require_range(name, mod.update_bound(), f"the {what} update s·B·A", fix)
+        if mod.bias is not None:
+            top = float(abs(mod.bias.array()).max(initial=0.0)) * abs(mod.scale)
+            _require_range(name, top, f"the {what} lora bias", fix)
+
+
+def _require_range(name: str, bound: float, what: str, fix: str) -> None:
+    """Raise ``ValidationFailed`` naming ``name`` if ``bound`` (``lowrank.entry_bound``) is
+    beyond float32's range or not finite."""
+    from adapterctl.lowrank import range_problem
+
+    problem = range_problem(bound, what=what)
+    if problem is not None:
+        raise ValidationFailed(f"{name}: {problem}; nothing was written: {fix}")
 
 
 def factors_module(

@@ -9,10 +9,11 @@ defaults, which mean what PEFT assumes when they are missing).
 from __future__ import annotations
 
 import math
-import re
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from adapterctl.patterns import PatternKeys
 
 # PEFT types that are not LoRA: recognised so we can refuse them by name.
 NON_LORA_TYPES = {
@@ -51,6 +52,10 @@ class AdapterConfig(BaseModel):
     init_lora_weights: bool | str = True
     layer_replication: list[Any] | None = None
     layers_to_transform: list[int] | int | None = None
+    # rank_pattern/alpha_pattern compiled for matching, with the dict each was built from.
+    _patterns: dict[str, tuple[dict[str, Any], int, PatternKeys]] = PrivateAttr(
+        default_factory=dict
+    )
 
     @field_validator("peft_type", mode="before")
     @classmethod
@@ -120,14 +125,32 @@ class AdapterConfig(BaseModel):
             return "loftq"
         return None
 
+    def patterns(self, field: Literal["rank_pattern", "alpha_pattern"]) -> PatternKeys:
+        """The keys of ``rank_pattern`` or ``alpha_pattern``, compiled once for matching.
+
+        Raises:
+            UnsupportedAdapter: a key PEFT's regex matching could hang on, or one adapterctl
+                cannot match (see ``adapterctl.patterns``).
+        """
+        source: dict[str, Any] = getattr(self, field)
+        cached = self._patterns.get(field)
+        if cached is None or cached[0] is not source or cached[1] != len(source):
+            cached = (source, len(source), PatternKeys(source, field))
+            self._patterns[field] = cached
+        return cached[2]
+
     def rank_for(self, module: str) -> int:
         """The configured rank of ``module`` (its full dotted name), as PEFT resolves it."""
-        key = pattern_key(self.rank_pattern, module)
+        if not self.rank_pattern:
+            return self.r
+        key = self.patterns("rank_pattern").first(module)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """The configured alpha of ``module``, as PEFT resolves it."""
-        key = pattern_key(self.alpha_pattern, module)
+        if not self.alpha_pattern:
+            return float(self.lora_alpha)
+        key = self.patterns("alpha_pattern").first(module)
         return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
 
     def scale_for(self, module: str) -> float:
@@ -145,12 +168,19 @@ class AdapterConfig(BaseModel):
         used another key's value: such an adapter's scale is ambiguous.
         """
         out: list[str] = []
-        for field, patterns in (("rank_pattern", self.rank_pattern),
-                                ("alpha_pattern", self.alpha_pattern)):  # fmt: skip
+        fields: tuple[Literal["rank_pattern", "alpha_pattern"], ...] = (
+            "rank_pattern",
+            "alpha_pattern",
+        )
+        for field in fields:
+            patterns: dict[str, Any] = getattr(self, field)
+            if len(patterns) < 2:
+                continue
+            keys_of = self.patterns(field)
             seen: set[tuple[str, ...]] = set()
             for module in modules:
-                keys = matching_keys(patterns, module)
-                if len({patterns[k] for k in keys}) < 2 or tuple(keys) in seen:
+                keys = keys_of.all(module)
+                if len(keys) < 2 or len({patterns[k] for k in keys}) < 2 or tuple(keys) in seen:
                     continue
                 seen.add(tuple(keys))
                 names = " and ".join(repr(k) for k in keys)
@@ -171,22 +201,12 @@ def pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     """The first key of ``patterns`` that matches ``module`` the way PEFT matches them.
 
     A key matches when the module name ends with it at a dot boundary; keys may be regular
-    expressions (``layers\\.[0-3]\\.q_proj``). Dict order decides ties, as in PEFT.
+    expressions (``layers\\.[0-3]\\.q_proj``). Dict order decides ties, as in PEFT. For many
+    modules, build one ``PatternKeys`` (``AdapterConfig.patterns`` keeps one per field).
     """
-    keys = matching_keys(patterns, module, first=True)
-    return keys[0] if keys else None
+    return PatternKeys(patterns).first(module)
 
 
-def matching_keys(patterns: dict[str, Any], module: str, *, first: bool = False) -> list[str]:
+def matching_keys(patterns: dict[str, Any], module: str) -> list[str]:
     """Every key of ``patterns`` that matches ``module`` (PEFT's rule), in dict order."""
-    out: list[str] = []
-    for key in patterns:
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module) is not None
-        except re.error:
-            hit = module == key or module.endswith("." + key)
-        if hit:
-            out.append(key)
-            if first:
-                break
-    return out
+    return PatternKeys(patterns).all(module)

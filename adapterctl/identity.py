@@ -9,8 +9,9 @@
 - Version digest (the registry's key): sha256 of the canonical manifest plus the base pin.
 - Model key: a base *name* reduced to what identifies the model, for comparing names as a
   hint (a name mismatch is a warning, never a refusal).
-- Pin comparison: a checkpoint against a version's base pin (``check_pin``), and the pins of
-  several versions against each other (``check_same_base``, ``shared_pin``).
+- Pin comparison: a checkpoint against a version's base pin (``check_pin``), the pins of
+  several versions against each other (``check_same_base``, ``shared_pin``), and a new
+  version's pin against its name's latest (``check_successor``).
 
 Everything here is hashlib, json and re: registering an adapter never needs torch.
 """
@@ -214,6 +215,60 @@ def check_same_base(pins: Sequence[tuple[str, Pin]], *, allow_mismatch: bool = F
     if not allow_mismatch:
         raise Conflict(f"{message}; combine adapters of one base, or pass --allow-base-mismatch")
     return [f"--allow-base-mismatch: {message}"]
+
+
+def check_successor(
+    name: str, latest_ref: str, latest: Pin, pin: Pin, *, allow_mismatch: bool = False
+) -> list[str]:
+    """Refuse a new version of ``name`` pinned to another base than its latest version.
+
+    The pins are compared as ``check_same_base`` compares them (fingerprints, and content
+    digests where both have one). Where one of them has no fingerprint, only their base names
+    can be compared, as a hint (``model_key``): a difference is a warning, never a refusal.
+
+    Args:
+        name: the adapter name the new version is added under.
+        latest_ref: its latest live version (``chat@2``).
+        latest: that version's base pin.
+        pin: the new version's base pin.
+        allow_mismatch: report a mismatch as a warning instead of refusing.
+
+    Returns:
+        Warnings (an allowed mismatch, or base names that differ).
+
+    Raises:
+        Conflict: the pins name different bases and ``allow_mismatch`` is False (exit 5).
+
+    Example:
+        >>> check_successor("chat", "chat@2", llama_pin, gpt2_pin)
+        Traceback (most recent call last):
+        adapterctl.errors.Conflict: chat@2 is pinned to base sha256:… (LlamaForCausalLM, …) …
+    """
+    if latest.fingerprint and pin.fingerprint:
+        if _agreement([latest, pin]) != "differ":
+            return []
+        was, now = _describe(latest), _describe(pin)
+        if not allow_mismatch:
+            raise Conflict(
+                f"{latest_ref} is pinned to base {was} but this adapter's base is {now}; add it "
+                f"under another name, or pass --allow-base-mismatch to make it the next version "
+                f"of {name} anyway"
+            )
+        return [f"--allow-base-mismatch: {name}'s new version is pinned to {now}, {latest_ref} "
+                f"to {was}"]  # fmt: skip
+    if latest.name and pin.name and model_key(latest.name) != model_key(pin.name):
+        return [
+            f"{latest_ref} names its base {latest.name!r} but this adapter names {pin.name!r} "
+            "(names are only a hint: add with --base BASE to compare the bases themselves)"
+        ]
+    return []
+
+
+def _describe(pin: Pin) -> str:
+    """A pinned base for messages: its digest (content, else fingerprint), architecture and
+    where it was (path, else name)."""
+    digest = short_digest(pin.content_digest or pin.fingerprint)
+    return f"{digest} ({pin.architecture or '?'}, {pin.path or pin.name or '?'})"
 
 
 def shared_pin(pins: Sequence[P]) -> tuple[P, bool] | None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from adapterctl.adapter import Adapter, LoraModule
 from adapterctl.checkpoint import Checkpoint
 from adapterctl.identity import adapter_digest, base_fingerprint
-from adapterctl.lowrank import singular_values, stable_rank
+from adapterctl.lowrank import entry_bound, norm_of, range_problem, singular_values, stable_rank
 
 
 class ModuleReport(BaseModel):
@@ -23,13 +23,16 @@ class ModuleReport(BaseModel):
     config_rank: int | None = None  # the rank the config (or --rank) declares, if it differs
     alpha: float
     scale: float
-    norm: float | None  # ‖ΔW‖_F = ‖scale·B·A‖_F (None when the factors hold NaN/Inf)
+    # ‖ΔW‖_F = ‖scale·B·A‖_F (None when the factors hold NaN/Inf; +inf, null in JSON, when
+    # it is beyond float64's range)
+    norm: float | None
     stable_rank: float | None
     dora: bool = False
     lora_bias: bool = False
     zero_a: bool = False  # lora_A (lora_embedding_A) is all zero: the update is zero
     zero_b: bool = False  # lora_B (lora_embedding_B) is all zero: the update is zero
     nonfinite: bool = False
+    overflow: bool = False  # scale·B·A can exceed float32's range (``lowrank.entry_bound``)
     base_tensor: str | None = None
     spectrum: list[float] | None = None
 
@@ -74,6 +77,7 @@ class InspectReport(BaseModel):
     zero_b_modules: list[str]
     zero_update_modules: list[str] = []  # a zero factor (A or B): these modules change nothing
     nonfinite_modules: list[str]
+    overflow_modules: list[str] = []  # updates that can exceed float32's range
     warnings: list[str]
 
 
@@ -94,10 +98,12 @@ def module_report(
     norm: float | None = None
     srank: float | None = None
     values: list[float] | None = None
+    overflow = not nonfinite and range_problem(entry_bound(b, a, mod.scale)) is not None
     if not nonfinite:
-        sv = singular_values(b, a, abs(mod.scale))
-        norm = math.sqrt(float((sv**2).sum()))
+        sv = singular_values(b, a, mod.scale)
+        norm = norm_of(sv)
         srank = stable_rank(sv)
+        srank = srank if math.isfinite(srank) else None  # σ_max beyond float64: no ratio
         if spectrum:
             values = [float(x) for x in sv]
     return ModuleReport(
@@ -115,6 +121,7 @@ def module_report(
         zero_a=zero_a,
         zero_b=zero_b,
         nonfinite=nonfinite,
+        overflow=overflow,
         spectrum=values,
     )
 
@@ -138,6 +145,8 @@ def inspect_adapter(
         >>> report.modules[0].spectrum[:2]
         [0.0412, 0.0398]
     """
+    if base is not None:
+        base.check_quant()  # a broken 4-bit base: exit 3 rather than a report built on it
     binding = base.bind(adapter) if base is not None else None
     modules: list[ModuleReport] = []
     for name, mod in sorted(adapter.modules.items()):
@@ -150,11 +159,7 @@ def inspect_adapter(
         modules.append(rep)
     cfg = adapter.config
     norms = [m.norm for m in modules]
-    total = (
-        math.sqrt(sum(n * n for n in norms if n is not None))
-        if all(n is not None for n in norms)
-        else None
-    )
+    total = norm_of(n for n in norms if n is not None) if None not in norms else None
     base_report = None
     if base is not None and binding is not None:
         base_report = BaseReport(
@@ -192,5 +197,6 @@ def inspect_adapter(
         zero_b_modules=[m.name for m in modules if m.zero_b],
         zero_update_modules=[m.name for m in modules if m.zero_a or m.zero_b],
         nonfinite_modules=[m.name for m in modules if m.nonfinite],
+        overflow_modules=[m.name for m in modules if m.overflow],
         warnings=list(adapter.warnings),
     )

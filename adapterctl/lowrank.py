@@ -12,6 +12,7 @@ diff, validate: the reporting commands never import torch) and answer in the sam
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
 
 # A torch tensor or a NumPy array: each function answers in the kind it was given.
 T = TypeVar("T", "torch.Tensor", "np.ndarray[Any, Any]")
+
+FLOAT32_MAX = 3.4028234663852886e38  # the largest finite float32 (bfloat16's is a little less)
+FLOAT64_MAX = sys.float_info.max
 
 
 def _xp(x: Any) -> Any:
@@ -58,8 +62,18 @@ def core(B: T, A: T, scale: float = 1.0) -> T:
 
 
 def singular_values(B: T, A: T, scale: float = 1.0) -> T:
-    """Singular values of s·B·A, descending, from the r×r core."""
-    out: T = _svdvals(core(B, A, scale))
+    """Singular values of s·B·A, descending, from the r×r core.
+
+    The scale multiplies the singular values of B·A, not the core: a huge scale then gives
+    +inf singular values, never the NaN an SVD of an overflowed core would."""
+    sv = _svdvals(core(B, A))
+    if _xp(sv).__name__ == "numpy":
+        import numpy as np
+
+        with np.errstate(over="ignore"):  # an overflow is the answer (+inf), not a warning
+            scaled: T = sv * abs(scale)
+        return scaled
+    out: T = sv * abs(scale)
     return out
 
 
@@ -73,11 +87,70 @@ def frobenius_norm(B: Any, A: Any, scale: float = 1.0) -> float:
 
 
 def stable_rank(sv: T) -> float:
-    """‖ΔW‖_F² / σ_max², a smooth count of significant directions (0 for a zero update)."""
+    """‖ΔW‖_F² / σ_max², a smooth count of significant directions (0 for a zero update; NaN
+    when σ_max is not finite)."""
     top = float(sv.max()) if sv.shape[0] else 0.0
     if top == 0.0:
         return 0.0
-    return float((_f64(sv) ** 2).sum() / top**2)
+    if not math.isfinite(top):
+        return math.nan
+    return float(((_f64(sv) / top) ** 2).sum())  # divided first: σ² may overflow, (σ/σ_max)² not
+
+
+def norm_of(sv: Any) -> float:
+    """‖ΔW‖_F = √Σσ² from singular values (or any vector), without overflow on the way: +inf
+    only when the norm itself is beyond float64's range."""
+    return math.hypot(*(float(x) for x in sv))
+
+
+def _largest_norm(x: Any, axis: int) -> float:
+    """The largest 2-norm of ``x``'s slices along ``axis`` (1: rows, 0: columns), in float64,
+    scaled by max|x| so that no square overflows; +inf when ``x`` holds NaN or Inf."""
+    if math.prod(x.shape) == 0:
+        return 0.0
+    top = float(abs(x).max())
+    if not math.isfinite(top):
+        return math.inf
+    if top == 0.0:
+        return 0.0
+    return top * math.sqrt(float(((_f64(x) / top) ** 2).sum(axis).max()))
+
+
+def entry_bound(B: Any, A: Any, scale: float = 1.0) -> float:
+    """An upper bound on max |s·(B·A)ᵢⱼ|, without forming B·A.
+
+    Cauchy–Schwarz on each entry, |Σₖ BᵢₖAₖⱼ| ≤ ‖Bᵢ,:‖·‖A:,ⱼ‖, gives
+    max |s·B·A| ≤ |s|·maxᵢ‖Bᵢ,:‖·maxⱼ‖A:,ⱼ‖: one float64 pass over each factor.
+
+    Args:
+        B: (out, r), a torch tensor or a NumPy array.
+        A: (r, in), of the same kind.
+        scale: s.
+
+    Returns:
+        The bound; +inf when a factor or ``scale`` is NaN or Inf, or the bound overflows
+        float64; 0.0 for a zero scale or factor.
+    """
+    if not math.isfinite(scale):
+        return math.inf
+    rows, cols = _largest_norm(B, 1), _largest_norm(A, 0)  # max ‖Bᵢ,:‖, max ‖A:,ⱼ‖
+    if math.inf in (rows, cols):
+        return math.inf
+    return abs(scale) * rows * cols  # a Python float: overflows to inf, never raises
+
+
+def range_problem(
+    bound: float, dtype: str = "float32", what: str = "its update s·B·A"
+) -> str | None:
+    """Why an update whose ``entry_bound`` is ``bound`` cannot be computed in ``dtype``
+    (``float32`` or ``float64``), or None when it can: the words for a message that names the
+    module before them and the fix after."""
+    limit = FLOAT64_MAX if dtype == "float64" else FLOAT32_MAX
+    if bound <= limit:
+        return None
+    if math.isnan(bound) or bound == math.inf:
+        return f"{what} is beyond float32's range (even float64's: inf or NaN)"
+    return f"{what} can reach {bound:.3g}, beyond {dtype}'s range (±{limit:.3g})"
 
 
 def stack_factors(factors: Sequence[tuple[T, T, float]]) -> tuple[T, T]:
@@ -127,7 +200,7 @@ class CoreSVD(Generic[T]):
 
     def norm(self) -> float:
         """‖B·A‖_F, from the singular values."""
-        return math.sqrt(float((_f64(self.s) ** 2).sum()))
+        return norm_of(self.s)
 
     def column_basis(self, rtol: float = 1e-10) -> T:
         """An orthonormal basis of the column space of B·A (singular values above rtol·σ_max)."""

@@ -71,7 +71,8 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     Raises:
         UsageError: neither or both of ``rank`` and ``energy``, or a value out of range.
         UnsupportedAdapter: a DoRA adapter.
-        ValidationFailed: the adapter fails ``validate``'s structure rules.
+        ValidationFailed: the adapter fails ``validate``'s structure rules (an update beyond
+            float32's range among them), or a resized module would hold inf or NaN.
 
     Example:
         >>> r = resize(read("big-adapter"), energy=0.99)
@@ -83,7 +84,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     require("torch", "resize")
     import torch
 
-    from adapterctl.compose import check_inputs, factors_module
+    from adapterctl.compose import check_inputs, check_result, factors_module
     from adapterctl.lowrank import core_svd, rank_for_energy
 
     if (rank is None) == (energy is None):
@@ -116,6 +117,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
         rows.append(
             ModuleResize(name=name, rank_before=mod.rank, rank=k, norm=norm2**0.5, energy_kept=kept)
         )
+    check_result(out, "resized", "check the adapter with: adapterctl validate SOURCE")
     resized = Adapter(
         path=Path("<resized>"),
         format="peft",

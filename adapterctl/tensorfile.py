@@ -11,6 +11,7 @@ ranges, under the same header rules (``parse_header``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -29,13 +30,17 @@ if TYPE_CHECKING:
 # Header JSON larger than this is not a real safetensors file (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec"
+_U64 = 2**64  # shapes and offsets are unsigned 64-bit integers in the format
 
-# safetensors dtype name -> bytes per element
-DTYPE_SIZES: dict[str, float] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "F8_E8M0": 1, "F6_E2M3": 0.75, "F6_E3M2": 0.75, "F4": 0.5,
+# safetensors dtype name -> bits per element (every dtype the format defines)
+DTYPE_BITS: dict[str, int] = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+    "U64": 64, "U32": 32, "U16": 16, "U8": 8, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
+    "C64": 64,
 }  # fmt: skip
+# safetensors dtype name -> bytes per element (fractional for the 4- and 6-bit floats)
+DTYPE_SIZES: dict[str, float] = {name: bits / 8 for name, bits in DTYPE_BITS.items()}
 
 TORCH_DTYPE_NAMES: dict[str, str] = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -238,8 +243,11 @@ def read_header(path: str | os.PathLike[str] | RemoteFile) -> SafetensorsHeader:
         The header with every tensor's dtype, shape and absolute byte range.
 
     Raises:
-        BrokenFile: empty file, LFS pointer, truncated file, header length past the end,
-            invalid header JSON or offsets outside the data area.
+        BrokenFile: empty file, LFS pointer, truncated file, header length past the end or
+            over the 100 MB cap, a header that is not strict UTF-8 JSON (NaN/Infinity, a
+            duplicate key, a lone surrogate), an entry with an unknown dtype or a shape or
+            offset that is not an unsigned 64-bit integer, a byte range that disagrees with
+            its shape and dtype, or ranges that overlap, leave a gap or stop short of the end.
     """
     if isinstance(path, RemoteFile):
         return parse_header(path, path.size, path.read_range)
@@ -258,8 +266,13 @@ def read_header(path: str | os.PathLike[str] | RemoteFile) -> SafetensorsHeader:
 def parse_header(
     file: Path | RemoteFile, size: int, read: Callable[[int, int], bytes]
 ) -> SafetensorsHeader:
-    """The safetensors header rules, wherever the bytes come from: a length that fits the
-    file, a JSON object, and entries whose dtype, shape and offsets agree and stay inside it.
+    """The safetensors header rules, wherever the bytes come from, at least as strict as the
+    reference reader (``safetensors``' ``read_metadata`` and ``Metadata::validate``): a length
+    within the 100 MB cap that fits the file; strict UTF-8 JSON (no NaN/Infinity, no duplicate
+    key, no lone surrogate); an object of entries whose dtype is known, whose shape and
+    ``data_offsets`` are unsigned 64-bit integers agreeing with each other; string-to-string
+    ``__metadata__``; and data ranges that, sorted, tile the data area from its start to the
+    end of the file without a gap or an overlap.
 
     Args:
         file: the file, named in messages and recorded in each ``TensorInfo``.
@@ -275,64 +288,231 @@ def parse_header(
     if size < 8:
         raise BrokenFile(f"{file}: too short to be safetensors ({size} bytes); re-download it")
     (n,) = struct.unpack("<Q", read(0, 8))
-    if n > MAX_HEADER_BYTES or 8 + n > size:
+    if n > MAX_HEADER_BYTES:
+        raise BrokenFile(
+            f"{file}: header length {n} is over the safetensors limit of {MAX_HEADER_BYTES} "
+            "bytes: not safetensors; re-download or re-save it"
+        )
+    if 8 + n > size:
         raise BrokenFile(
             f"{file}: header length {n} is larger than the file ({size} bytes): "
             "truncated or not safetensors; re-download or re-save it"
         )
     raw = read(8, 8 + n)
     BYTES_READ.add(8 + len(raw))
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        why = getattr(exc, "msg", None) or type(exc).__name__
-        raise BrokenFile(f"{file}: header is not valid JSON ({why}); re-save the file") from None
+    header = _load_json(file, raw)
     if not isinstance(header, dict):
         raise BrokenFile(f"{file}: header is not a JSON object; re-save the file")
     data_offset = 8 + n
-    meta = header.pop("__metadata__", None) or {}
+    metadata = _parse_metadata(file, header.pop("__metadata__", None))
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         tensors[name] = _parse_entry(file, name, entry, data_offset, size)
+    _check_tiling(file, tensors, data_offset, size)
     return SafetensorsHeader(
-        path=file,
-        tensors=tensors,
-        metadata={str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {},
-        data_offset=data_offset,
-        file_size=size,
+        path=file, tensors=tensors, metadata=metadata, data_offset=data_offset, file_size=size
     )
+
+
+class _Constant:
+    """``NaN``/``Infinity``/``-Infinity`` met in a header: not JSON (the reference reader
+    refuses them), kept as a marker so the entry holding one can be named."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __repr__(self) -> str:
+        return self.token
+
+
+def _load_json(file: Path | RemoteFile, raw: bytes) -> Any:
+    """The header's JSON, decoded as strict UTF-8, refusing duplicate keys and numbers that
+    overflow a double; ``NaN``/``Infinity`` come back as ``_Constant`` markers."""
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in obj:
+                raise BrokenFile(
+                    f"{file}: header has the key {_shown(key)} twice (the safetensors "
+                    "format allows each name once); re-save the file"
+                )
+            obj[key] = value
+        return obj
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise BrokenFile(f"{file}: header number {text:.40} overflows; re-save the file")
+        return value
+
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=unique,
+            parse_constant=_Constant,
+            parse_float=finite,
+        )
+    except BrokenFile:
+        raise
+    except UnicodeDecodeError:
+        raise BrokenFile(f"{file}: header is not UTF-8 text; re-save the file") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or an int too long to read
+        why = getattr(exc, "msg", None) or "a number too long to read"
+        raise BrokenFile(f"{file}: header is not valid JSON ({why}); re-save the file") from None
+
+
+def _shown(text: str) -> str:
+    """``repr`` of a header string, safe to print (escapes included), cut to 200 characters
+    (a real tensor name fits; a hostile one does not flood the terminal)."""
+    shown = repr(text)
+    return shown if len(shown) <= 200 else shown[:197] + "..."
+
+
+def _is_text(value: str) -> bool:
+    """True when ``value`` can be written as UTF-8 (JSON's ``\\ud800`` escapes give lone
+    surrogates, which Python's json accepts and the reference reader refuses)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _bad_value(value: Any) -> str | None:
+    """What makes a parsed JSON value unacceptable anywhere in a header (a NaN/Infinity, a
+    string that is not UTF-8), found without recursion; None when nothing does."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, _Constant):
+            return f"{v.token} (not a JSON number)"
+        if isinstance(v, str) and not _is_text(v):
+            return f"the string {_shown(v)}, which is not valid UTF-8"
+        if isinstance(v, dict):
+            bad_keys = [k for k in v if not _is_text(k)]
+            if bad_keys:
+                return f"the key {_shown(bad_keys[0])}, which is not valid UTF-8"
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
+
+
+def _parse_metadata(file: Path | RemoteFile, meta: Any) -> dict[str, str]:
+    """``__metadata__``: absent (or null), or an object of strings to strings."""
+    if meta is None:
+        return {}
+    bad = _bad_value(meta)
+    if not isinstance(meta, dict) or bad is not None:
+        raise BrokenFile(
+            f"{file}: __metadata__ must map strings to strings"
+            + (f" (it holds {bad})" if bad else "")
+            + "; re-save the file"
+        )
+    wrong = [k for k, v in meta.items() if not isinstance(v, str)]
+    if wrong:
+        raise BrokenFile(
+            f"{file}: __metadata__ must map strings to strings, but {_shown(wrong[0])} is "
+            f"{meta[wrong[0]]!r:.40}; re-save the file"
+        )
+    return meta
 
 
 def _parse_entry(
     p: Path | RemoteFile, name: str, entry: Any, data_offset: int, size: int
 ) -> TensorInfo:
-    try:
-        dtype = str(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
+    """One tensor's entry, checked alone: its name, dtype, shape and byte range."""
+    if not _is_text(name):
         raise BrokenFile(
-            f"{p}: malformed header entry for tensor {name!r}; re-save the file"
-        ) from None
-    if dtype not in DTYPE_SIZES:
-        raise BrokenFile(
-            f"{p}: tensor {name!r} has unknown dtype {dtype!r}; re-save it with a standard dtype"
+            f"{p}: tensor name {_shown(name)} is not valid UTF-8 (a lone surrogate escape); "
+            "re-save the file"
         )
-    if any(d < 0 for d in shape) or begin < 0:
-        raise BrokenFile(f"{p}: tensor {name!r} has a negative shape or offset; re-save the file")
-    expected = 1
-    for d in shape:
-        expected *= d
-    if end < begin or (end - begin) != int(expected * DTYPE_SIZES[dtype]):
+    shown = _shown(name)
+    if (
+        not isinstance(entry, dict)
+        or not isinstance(entry.get("dtype"), str)
+        or not isinstance(entry.get("shape"), list)
+        or not isinstance(entry.get("data_offsets"), list)
+        or len(entry["data_offsets"]) != 2
+    ):
         raise BrokenFile(
-            f"{p}: tensor {name!r} byte range does not match its shape and dtype; re-save the file"
+            f"{p}: malformed header entry for tensor {shown} (needs dtype, shape and two "
+            "data_offsets); re-save the file"
+        )
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPE_BITS:
+        raise BrokenFile(
+            f"{p}: tensor {shown} has unknown dtype {_shown(dtype)}; re-save it with a "
+            "standard dtype"
+        )
+    for what, values in (("shape", shape), ("data_offsets", offsets)):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise BrokenFile(
+                    f"{p}: tensor {shown} has {what} entry {v!r:.40}, not an integer; "
+                    "re-save the file"
+                )
+            if v < 0:
+                raise BrokenFile(
+                    f"{p}: tensor {shown} has a negative {what} entry ({v}); re-save the file"
+                )
+            if v >= _U64:
+                raise BrokenFile(
+                    f"{p}: tensor {shown} has {what} entry {v:.3g}, past the format's 64-bit "
+                    "range; re-save the file"
+                )
+    bad = _bad_value(entry)
+    if bad is not None:
+        raise BrokenFile(f"{p}: header entry for tensor {shown} holds {bad}; re-save the file")
+    begin, end = offsets
+    bits = DTYPE_BITS[dtype]
+    for d in shape:  # the reference reader's checked products: no 64-bit overflow on the way
+        bits *= d
+        if bits >= _U64:
+            raise BrokenFile(
+                f"{p}: tensor {shown} has shape {shape}, too large for the format; re-save the file"
+            )
+    if bits % 8:
+        raise BrokenFile(
+            f"{p}: tensor {shown} ({dtype} {shape}) does not fill a whole number of bytes; "
+            "re-save the file"
+        )
+    if end < begin or end - begin != bits // 8:
+        raise BrokenFile(
+            f"{p}: tensor {shown} byte range does not match its shape and dtype; re-save the file"
         )
     if data_offset + end > size:
         raise BrokenFile(
-            f"{p}: truncated: tensor {name!r} ends at byte {data_offset + end} "
+            f"{p}: truncated: tensor {shown} ends at byte {data_offset + end} "
             f"but the file has {size}; re-download it"
         )
-    return TensorInfo(name, dtype, shape, p, data_offset + begin, data_offset + end)
+    return TensorInfo(name, dtype, tuple(shape), p, data_offset + begin, data_offset + end)
+
+
+def _check_tiling(
+    p: Path | RemoteFile, tensors: dict[str, TensorInfo], data_offset: int, size: int
+) -> None:
+    """The data ranges, sorted, must follow each other from the start of the data area to the
+    end of the file: no overlap (two tensors sharing bytes), no gap, nothing after the last."""
+    at, previous = data_offset, None
+    for info in sorted(tensors.values(), key=lambda i: (i.start, i.end)):
+        if info.start < at:
+            raise BrokenFile(
+                f"{p}: tensors {_shown(previous or '')} and {_shown(info.name)} overlap (bytes "
+                f"{info.start - data_offset}-{at - data_offset} of the data); re-save the file"
+            )
+        if info.start > at:
+            raise BrokenFile(
+                f"{p}: {info.start - at} bytes before tensor {_shown(info.name)} belong to no "
+                "tensor (the format allows no gap); re-save the file"
+            )
+        at, previous = info.end, info.name
+    if at != size:
+        raise BrokenFile(
+            f"{p}: {size - at} bytes after the last tensor's data belong to no tensor (the "
+            "format ends the file there); re-save or re-download the file"
+        )
 
 
 def header_bytes(
@@ -360,7 +540,7 @@ def header_bytes(
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     """Bytes a tensor of ``dtype`` (safetensors name) and ``shape`` takes."""
-    n = 1
+    n = DTYPE_BITS[dtype]
     for d in shape:
         n *= d
-    return int(n * DTYPE_SIZES[dtype])
+    return n // 8

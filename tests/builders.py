@@ -116,3 +116,25 @@ def edit_config(path: Path, **changes: Any) -> Path:
             cfg[k] = v
     cfg_path.write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def many_module_adapter(
+    path: Path, n: int, *, name: str = "model.layers.{i}.mlp.proj", **config: Any
+) -> Path:
+    """A PEFT folder of ``n`` tiny modules (r=1 on a 4×4 weight) named ``name.format(i=i)``,
+    written with NumPy alone (no model): for scaling tests and benchmarks. ``config`` keys
+    go into ``adapter_config.json``."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in range(n):
+        key = "base_model.model." + name.format(i=i)
+        tensors[f"{key}.lora_A.weight"] = rng.standard_normal((1, 4), dtype=np.float32)  # (r, in)
+        tensors[f"{key}.lora_B.weight"] = rng.standard_normal((4, 1), dtype=np.float32)  # (out, r)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": ["proj"], **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path

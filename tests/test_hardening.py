@@ -171,6 +171,7 @@ def test_names_and_aliases_are_whole_strings(
         "adapter/adapter_model.safetensors",
     ],
 )
+@pytest.mark.timeout(90)  # past the subprocess's own 60 s: a hang fails, never stalls
 def test_a_fifo_is_refused_not_waited_on(fifo: str, tree: Path, tmp_path: Path) -> None:
     """Run in a subprocess with a timeout: a regression fails the test instead of hanging CI."""
     import subprocess

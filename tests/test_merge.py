@@ -426,10 +426,13 @@ def test_dtype_casts_scalars_and_vectors(engine: Engine, tmp_path: Path) -> None
     _assert_rounded_once({k: v for k, v in ours.items() if k in ref}, ref)
 
 
-def test_float16_overflow_is_reported(engine: Engine, tmp_path: Path) -> None:
-    """A bf16 value beyond float16's range becomes inf in an fp16 output: the report says
-    where (PEFT and a plain cast do it silently)."""
+def test_float16_overflow_is_refused(engine: Engine, tmp_path: Path) -> None:
+    """A bf16 value beyond float16's range would become inf in an fp16 output: the merge
+    refuses it (exit 3), naming the tensor and the count, and leaves nothing behind (PEFT and a
+    plain cast do it silently)."""
     from safetensors.torch import save_file
+
+    from adapterctl.errors import ValidationFailed
 
     model = llama_model()
     base = save_base(model, tmp_path / "base", torch.bfloat16)
@@ -438,10 +441,9 @@ def test_float16_overflow_is_reported(engine: Engine, tmp_path: Path) -> None:
     state[name][0, :3] = 1e5
     save_file(state, str(base / "model.safetensors"), metadata={"format": "pt"})
     _, adapter = peft_adapter(model.to(torch.bfloat16).float(), tmp_path / "a")
-    report = merge(
-        open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16", **engine.kwargs
-    )
-    assert any(f"3 in {name}" in w and "--dtype" in w for w in report.warnings), report.warnings
+    with pytest.raises(ValidationFailed, match=f"{name}: 3 merged value.*--dtype bf16"):
+        merge(open_checkpoint(base), [read(adapter)], tmp_path / "o", dtype="fp16", **engine.kwargs)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
     clean = merge(
         open_checkpoint(base), [read(adapter)], tmp_path / "o2", dtype="bf16", **engine.kwargs
     )

@@ -21,9 +21,9 @@ from builders import gpt2_model, llama_model, peft_adapter, save_base
 from adapterctl import device
 from adapterctl.checkpoint import open_checkpoint
 from adapterctl.device import _nvidia_driver_present
-from adapterctl.errors import BrokenFile, UsageError
+from adapterctl.errors import OperationalError, UsageError
 from adapterctl.formats import read
-from adapterctl.merge import numpy_engine, plan_merge, run_merge
+from adapterctl.merge import merge, numpy_engine, plan_merge, run_merge
 
 
 @pytest.fixture(scope="module")
@@ -133,8 +133,56 @@ def test_base_truncated_after_planning_is_refused_cleanly(
     shard = copy_of_base / "model.safetensors"
     with open(shard, "r+b") as fh:
         fh.truncate(shard.stat().st_size // 2)
-    with pytest.raises(BrokenFile, match="truncated"):
+    with pytest.raises(OperationalError, match="shrank while the merge read"):
         run_merge(plan, tmp_path / "out", device="cpu", engine="numpy" if use_numpy else "torch")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_base_truncated_while_the_merge_reads_it(
+    engine: str, tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process truncates the base mid-merge: the read that comes after it fails
+    cleanly (exit 1 naming the file; no SIGBUS, no traceback, nothing left behind). The
+    truncation happens at a known point: right after the merge's first read of the base."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from adapterctl.cli import cli
+    from adapterctl.merge import torch_engine
+
+    base, plain, _ = tiny
+    copy_of_base = tmp_path / "base"
+    shutil.copytree(base, copy_of_base)
+    shard = copy_of_base / "model.safetensors"
+    module, name = (
+        (numpy_engine._BaseFiles, "read_rows")
+        if engine == "numpy"
+        else (torch_engine, "_read_tensor")
+    )
+    real = getattr(module, name)
+    reads = [0]
+
+    def read_then_truncate(*args: Any, **kwargs: Any) -> Any:
+        result = real(*args, **kwargs)
+        reads[0] += 1
+        if reads[0] == 1:
+            with open(shard, "r+b") as fh:
+                fh.truncate(4096)
+        return result
+
+    monkeypatch.setattr(module, name, read_then_truncate)
+    out = tmp_path / "out"
+    if engine == "numpy":  # what the command line runs for this merge
+        res = CliRunner().invoke(cli, ["merge", str(copy_of_base), str(plain), "-o", str(out)])
+        assert res.exit_code == 1, res.output
+        assert "shrank while the merge read" in res.output and str(shard) in res.output
+        assert "Traceback" not in res.output
+    else:
+        with pytest.raises(OperationalError, match="shrank while the merge read"):
+            merge(copy_of_base, [plain], out, engine="torch", device="cpu")
+    assert reads[0] >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
 
 

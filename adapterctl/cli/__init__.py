@@ -93,7 +93,9 @@ class AdapterctlGroup(click.Group):
 def _die(message: str, code: int) -> None:
     if os.environ.get("ADAPTERCTL_DEBUG") and code != 130 and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    click.echo(f"Error: {message}", err=True)
+    from adapterctl.cli.render import printable  # messages name files, tensors, keys
+
+    click.echo(f"Error: {printable(message)}", err=True)
     sys.exit(code)
 
 

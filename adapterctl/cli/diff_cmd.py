@@ -33,7 +33,9 @@ def diff_command(a: str, b: str, tol: float, alpha: float | None, as_json: bool)
             warn(w)
     report = diff(left, right, tol=tol)
     if as_json:
-        click.echo(report.model_dump_json(indent=2))
+        from adapterctl.cli.render import json_text
+
+        click.echo(json_text(report.model_dump_json(indent=2)))
         return
     from adapterctl.cli.render import render_diff
 

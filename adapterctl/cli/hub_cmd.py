@@ -6,6 +6,7 @@ import click
 
 from adapterctl.cli import cli
 from adapterctl.cli.options import json_option
+from adapterctl.cli.render import json_text
 
 _TOKEN_HELP = (
     "A Hugging Face token (default: HF_TOKEN, or the token file `hf auth login` writes); "
@@ -50,7 +51,7 @@ def push_command(
 
     report = push(ref, repo, private=private, branch=branch, base_id=base_id, token=token)
     if as_json:
-        click.echo(report.model_dump_json(indent=2))
+        click.echo(json_text(report.model_dump_json(indent=2)))
     elif report.already:
         click.echo(
             f"{report.version} is already at {report.url} as {report.tag} ({report.commit[:12]})"
@@ -76,7 +77,7 @@ def pull_command(source: str, name: str | None, token: str | None, as_json: bool
 
     report = pull(source, name=name, token=token)
     if as_json:
-        click.echo(report.model_dump_json(indent=2))
+        click.echo(json_text(report.model_dump_json(indent=2)))
         return
     for w in report.warnings:
         warn(w)

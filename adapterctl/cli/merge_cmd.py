@@ -65,12 +65,17 @@ def parse_size(text: str) -> int:
 )  # fmt: skip
 @click.option(
     "--max-delta-error", type=float, default=None, metavar="X",
-    help="With --quantize: fail (exit 3) if the delta error is above X.",
+    help="With --quantize: fail (exit 3), writing nothing, if a layer's delta error is above X.",
 )  # fmt: skip
 @click.option("--max-shard-size", default=None, metavar="SIZE", help="e.g. 5GB: repack shards.")
 @click.option(
     "--allow-base-mismatch", is_flag=True,
     help="Merge even if BASE differs from a registry SOURCE's base pin (exit 5 otherwise).",
+)  # fmt: skip
+@click.option(
+    "--hash-base", is_flag=True,
+    help="Hash BASE's weight files (cached by path, size and mtime) so a registry SOURCE "
+    "pinned to a content digest is compared by content, not only by fingerprint.",
 )  # fmt: skip
 @register_option
 @force_option
@@ -86,7 +91,8 @@ def merge_command(
     density: float | None, majority_sign: str | None, convention: str | None, seed: int | None,
     device: str,
     dtype: str, quantize: str | None, quant_method: str, max_delta_error: float | None,
-    max_shard_size: str | None, allow_base_mismatch: bool, register_as: str | None,
+    max_shard_size: str | None, allow_base_mismatch: bool, hash_base: bool,
+    register_as: str | None,
     force: bool, fsync: bool, verify: bool, dry_run: bool, alpha: float | None, as_json: bool,
 ) -> None:  # fmt: skip
     """Merge one or more adapters into BASE, streaming one tensor at a time, into OUT.
@@ -108,11 +114,16 @@ def merge_command(
                 "seed": seed,
             },
             device=device, force=force, verify=verify, max_delta_error=max_delta_error,
-            fsync=fsync, dry_run=dry_run, allow_base_mismatch=allow_base_mismatch, alpha=alpha,
+            fsync=fsync, dry_run=dry_run, allow_base_mismatch=allow_base_mismatch,
+            hash_base=hash_base, alpha=alpha,
             register_as=register_as, progress=progress,
         )  # fmt: skip
     from adapterctl.cli.render import render_merge
+    from adapterctl.merge.output import delta_error_alert
 
+    alert = None if as_json else delta_error_alert(report.layers)
+    if alert is not None:  # render_merge ends with it, as a WARNING rather than a Warning
+        report.warnings.remove(alert)
     emit(report, as_json, render_merge)
 
 

@@ -56,7 +56,9 @@ def load_base(base: str | None) -> Any:
 
 def warn(message: str) -> None:
     """A warning, on stderr."""
-    click.echo(f"Warning: {message}", err=True)
+    from adapterctl.cli.render import printable
+
+    click.echo(f"Warning: {printable(message)}", err=True)
 
 
 def device_option(f: F) -> F:
@@ -138,9 +140,11 @@ def register_option(f: F) -> F:
 
 def emit(report: Any, as_json: bool, render: Callable[[Any], None]) -> None:
     """Show a report: its warnings on stderr, then its JSON (``--json``) or ``render(report)``."""
+    from adapterctl.cli.render import json_text
+
     for w in getattr(report, "warnings", []):
         warn(w)
     if as_json:
-        click.echo(report.model_dump_json(indent=2))
+        click.echo(json_text(report.model_dump_json(indent=2)))
     else:
         render(report)

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option, source_options
-from adapterctl.cli.render import human_bytes
+from adapterctl.cli.options import json_option, source_options, warn
+from adapterctl.cli.render import human_bytes, json_text, printable
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -29,16 +29,17 @@ def _echo_json(data: BaseModel | list[Any]) -> None:
 
         click.echo(json.dumps([d.model_dump(mode="json") for d in data], indent=2))
     else:
-        click.echo(data.model_dump_json(indent=2))
+        click.echo(json_text(data.model_dump_json(indent=2)))
 
 
 def _rows(pairs: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
-        click.echo(f"{k:<{width}}  {v}")
+        click.echo(printable(f"{k:<{width}}  {v}"))
 
 
 def _table(header: list[str], rows: list[list[str]]) -> None:
+    rows = [[printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
@@ -62,6 +63,12 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
     help="Also pin the base's content digest (sha256 of each weight file; cached by path, "
     "size and mtime).",
 )
+@click.option(
+    "--allow-base-mismatch",
+    is_flag=True,
+    help="Add it although NAME's latest version is pinned to another base (exit 5 otherwise); "
+    "a warning says so.",
+)
 @click.option("--tag", "tags", multiple=True, metavar="T", help="Point alias T at the version.")
 @click.option("-m", "--message", default=None, metavar="MESSAGE", help="A note kept with it.")
 @json_option
@@ -71,6 +78,7 @@ def add_command(
     name: str,
     base: str | None,
     hash_base: bool,
+    allow_base_mismatch: bool,
     tags: tuple[str, ...],
     message: str | None,
     as_json: bool,
@@ -81,6 +89,7 @@ def add_command(
 
     Each version is immutable and keyed by a digest of its files and base pin. Without
     --base, the pin is the config's base_model_name_or_path and revision (unverified).
+    A name keeps to one base: a pin that differs from NAME's latest version's is refused.
     """
     with _registry() as reg:
         v = reg.add(
@@ -92,7 +101,10 @@ def add_command(
             message=message,
             alpha=alpha,
             rank=rank,
+            allow_base_mismatch=allow_base_mismatch,
         )
+    for w in v.warnings:
+        warn(w)
     if as_json:
         _echo_json(v)
         return
@@ -211,7 +223,7 @@ def render_version(v: Version) -> None:
     click.echo("files")
     width = max((len(f.path) for f in v.files), default=0)
     for f in v.files:
-        click.echo(f"  {f.path:<{width}}  {human_bytes(f.size):>10}  {f.sha256[:16]}")
+        click.echo(printable(f"  {f.path:<{width}}  {human_bytes(f.size):>10}  {f.sha256[:16]}"))
 
 
 def _tree(nodes: list[LineageNode], indent: str) -> None:
@@ -326,6 +338,10 @@ def verify_command(as_json: bool) -> None:
             click.echo(f"  altered checkout (removed by adapterctl registry gc): {d}")
         if report.foreign_key_errors:
             click.echo(f"  {report.foreign_key_errors} foreign key error(s)")
+        for line in report.dangling:
+            click.echo(f"  dangling reference: {line}")
+        for line in report.missing_versions:
+            click.echo(f"  missing version: {line}")
         for t in report.missing_triggers:
             click.echo(f"  append-only trigger dropped: {t}")
         click.echo("ok" if report.ok else "FAILED")

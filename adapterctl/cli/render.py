@@ -1,11 +1,60 @@
-"""Human-readable rendering of reports (rich tables on stdout)."""
+"""Human-readable rendering of reports (plain lines and tables on stdout), and the one
+place where text from files (tensor and module names, config strings) is made safe to print.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from adapterctl.introspect import InspectReport
+
+# C0 controls, DEL, C1 controls, and the bidirectional overrides and isolates: printed raw, a
+# name holding them drives the terminal (``\x1b]0;…\x07`` sets its title) or reorders the
+# text around it.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+# The same in serialized JSON, where C0 controls are already escaped and newlines between
+# values are layout.
+_UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters and bidirectional overrides written
+    as Python escapes (``\\x1b``, ``\\u202e``), everything else as is.
+
+    Every line the CLI prints goes through here (reports, warnings, errors) or through
+    ``json_text``.
+    """
+    return _UNSAFE.sub(_escape_char, str(text))
+
+
+def json_text(text: str) -> str:
+    """Serialized JSON with the characters ``printable`` escapes written as ``\\u…`` escapes
+    (pydantic writes C1 controls and bidirectional overrides raw); the same JSON value."""
+    return _UNSAFE_IN_JSON.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    code = ord(m[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def print_table(headers: list[str], rows: list[list[str]], align: str) -> None:
+    """Plain columns, two spaces apart, sized to their widest cell; ``align`` holds one
+    ``l``/``r`` per column. Cells must already be ``printable``. (A rich table costs about a
+    millisecond a row: a minute for 100k modules.)"""
+    import click
+
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    lines = []
+    for cells in [headers, *rows]:
+        padded = (
+            c.ljust(w) if a == "l" else c.rjust(w)
+            for c, w, a in zip(cells, widths, align, strict=True)
+        )
+        lines.append("  ".join(padded).rstrip())
+    click.echo("\n".join(lines))
 
 
 def console(stderr: bool = False) -> Any:
@@ -32,9 +81,6 @@ def _num(x: float | None, fmt: str = ".4g") -> str:
 
 
 def render_inspect(r: InspectReport) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     out = console()
     alphas = ", ".join(_num(a, "g") for a in r.alphas)
     rows = [
@@ -67,20 +113,19 @@ def render_inspect(r: InspectReport) -> None:
             rows.append(("base quantization", r.base.quantization))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
-        out.print(f"{k:<{width}}  {v}", markup=False)
+        out.print(f"{k:<{width}}  {printable(v)}", markup=False)
     spectrum = any(m.spectrum is not None for m in r.modules)
-    table = Table(show_edge=False, pad_edge=False, box=None)
-    for col in ("module", "shape", "r", "scale", "‖ΔW‖_F", "stable rank"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    if spectrum:
-        table.add_column("singular values", justify="left")
+    headers = ["module", "shape", "r", "scale", "‖ΔW‖_F", "stable rank"]
+    headers += ["singular values"] if spectrum else []
+    table: list[list[str]] = []
     for m in r.modules:
         flags = ("  [zero A]" if m.zero_a else "") + ("  [zero B]" if m.zero_b else "")
         flags += "  [NaN/Inf]" if m.nonfinite else ""
+        flags += "  [overflows float32]" if m.overflow else ""
         flags += "  [DoRA]" if m.dora else ""
         flags += f"  [config r={m.config_rank}]" if m.config_rank is not None else ""
         row = [
-            escape(m.name + flags),  # "[zero B]" is not rich markup
+            printable(m.name) + flags,
             "×".join(map(str, m.shape)),
             str(m.rank),
             _num(m.scale, "g"),
@@ -89,25 +134,31 @@ def render_inspect(r: InspectReport) -> None:
         ]
         if spectrum:
             row.append(" ".join(_num(s, ".3g") for s in (m.spectrum or [])))
-        table.add_row(*row)
+        table.append(row)
     out.print()
-    out.print(table)
+    print_table(headers, table, "lrrrrr" + "l" * spectrum)
     if r.zero_update_modules:
+        out.print()
         out.print(
-            f"\n{len(r.zero_update_modules)} module(s) have a zero LoRA factor (no update): "
-            + ", ".join(r.zero_update_modules),
+            f"{len(r.zero_update_modules)} module(s) have a zero LoRA factor (no update): "
+            + printable(", ".join(r.zero_update_modules)),
             markup=False,
         )
     if r.nonfinite_modules:
         out.print(f"{len(r.nonfinite_modules)} module(s) hold NaN or Inf.")
+    if r.overflow_modules:
+        out.print(
+            f"{len(r.overflow_modules)} module(s) have an update scale·B·A that can exceed "
+            "float32's range (±3.4e38): merging them would write inf; check lora_alpha and the "
+            "factors.",
+            markup=False,
+        )
 
 
 def render_merge(r: Any) -> None:
     """Summary of a merge (or of its plan, with --dry-run): plain lines, so that a merge never
     pays for importing rich."""
-    import click
-
-    out = click.echo
+    out = _lines()
     verb = "would write" if r.dry_run else "wrote"
     out(f"{verb} {r.out}: {len(r.shards)} shard(s), {human_bytes(r.bytes_written)}")
     out(
@@ -138,6 +189,11 @@ def render_merge(r: Any) -> None:
         worst = sorted(r.layers, key=lambda x: -x.delta_error)[:5]
         for layer in worst:
             out(f"  {layer.name}: {layer.delta_error:.3f}")
+        from adapterctl.merge.output import delta_error_alert
+
+        alert = delta_error_alert(r.layers)
+        if alert is not None:
+            out(f"WARNING: {alert}", err=True)
     if r.verified is not None:
         out(f"verified {r.verified} rows against float64 math")
     if r.registered:
@@ -152,27 +208,33 @@ def _pct(x: float) -> str:
 
 def render_compose(r: Any) -> None:
     """Summary of a composition: what was written and how much of ΔW it keeps."""
-    from rich.table import Table
-
-    out = console()
+    out = _lines()
     opts = ", ".join(f"{k}={v}" for k, v in r.options.items() if v is not None)
     weights = ", ".join(_num(w, "g") for w in r.weights)
-    out.print(f"wrote {r.out}: {len(r.modules)} module(s), rank {_ranks(r.ranks)}", markup=False)
-    out.print(f"method {r.method}" + (f" ({opts})" if opts else "") + f", weights {weights}",
-              markup=False)  # fmt: skip
+    out(f"wrote {r.out}: {len(r.modules)} module(s), rank {_ranks(r.ranks)}")
+    out(f"method {r.method}" + (f" ({opts})" if opts else "") + f", weights {weights}")
     kept = "exact (Σ wᵢ·ΔWᵢ, factors concatenated)" if r.exact else _pct(r.energy_kept)
-    out.print(f"energy kept: {kept}; device {r.device}, {r.seconds:.2f} s", markup=False)
+    out(f"energy kept: {kept}; device {r.device}, {r.seconds:.2f} s")
     if r.carried:
-        out.print("carried: " + ", ".join(r.carried), markup=False)
+        out("carried: " + ", ".join(r.carried))
     if r.exact:
         return
-    table = Table(show_edge=False, pad_edge=False, box=None)
-    for col in ("module", "inputs", "rank", "‖ΔW‖_F", "energy kept"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for m in r.modules:
-        table.add_row(m.name, str(m.inputs), str(m.rank), _num(m.norm), _pct(m.energy_kept))
-    out.print()
-    out.print(table)
+    rows = [
+        [printable(m.name), str(m.inputs), str(m.rank), _num(m.norm), _pct(m.energy_kept)]
+        for m in r.modules
+    ]
+    out("")
+    print_table(["module", "inputs", "rank", "‖ΔW‖_F", "energy kept"], rows, "lrrrr")
+
+
+def _lines() -> Any:
+    """A function printing one line on stdout, made ``printable`` (no rich: plain text)."""
+    import click
+
+    def out(line: str, err: bool = False) -> None:
+        click.echo(printable(line), err=err)
+
+    return out
 
 
 def _ranks(ranks: list[int]) -> str:
@@ -181,73 +243,70 @@ def _ranks(ranks: list[int]) -> str:
 
 def render_resize(r: Any) -> None:
     """Summary of a resize: ranks before and after, energy kept per module."""
-    from rich.table import Table
-
-    out = console()
-    out.print(
+    out = _lines()
+    out(
         f"wrote {r.out}: rank {_ranks(r.ranks)}, energy kept {_pct(r.energy_kept)}, "
-        f"{r.parameters_after:,} parameters (was {r.parameters_before:,})",
-        markup=False,
+        f"{r.parameters_after:,} parameters (was {r.parameters_before:,})"
     )
-    table = Table(show_edge=False, pad_edge=False, box=None)
-    for col in ("module", "r before", "r", "‖ΔW‖_F", "energy kept"):
-        table.add_column(col, justify="left" if col == "module" else "right")
-    for m in r.modules:
-        table.add_row(m.name, str(m.rank_before), str(m.rank), _num(m.norm), _pct(m.energy_kept))
-    out.print()
-    out.print(table)
+    rows = [
+        [printable(m.name), str(m.rank_before), str(m.rank), _num(m.norm), _pct(m.energy_kept)]
+        for m in r.modules
+    ]
+    out("")
+    print_table(["module", "r before", "r", "‖ΔW‖_F", "energy kept"], rows, "lrrrr")
 
 
 def render_diff(r: Any) -> None:
     """Config differences, the per-module comparison, and the one-line verdict last."""
-    from rich.table import Table
-
-    out = console()
-    out.print(f"A  {r.a}\nB  {r.b}", markup=False)
+    out = _lines()
+    out(f"A  {r.a}")
+    out(f"B  {r.b}")
     if r.config:
-        out.print()
+        out("")
         width = max(len(c.field) for c in r.config)
         for c in r.config:
-            out.print(f"{c.field:<{width}}  {c.a!s}  →  {c.b!s}", markup=False)
+            out(f"{c.field:<{width}}  {c.a!s}  →  {c.b!s}")
     if r.modules:
-        table = Table(show_edge=False, pad_edge=False, box=None)
-        for col in ("module", "‖ΔW_A‖", "‖ΔW_B‖", "‖A−B‖/‖A‖", "cosine", "subspace overlap"):
-            table.add_column(col, justify="left" if col == "module" else "right")
-        for m in r.modules:
-            table.add_row(
-                m.name, _num(m.norm_a), _num(m.norm_b),
+        rows = [
+            [
+                printable(m.name),
+                _num(m.norm_a),
+                _num(m.norm_b),
                 "-" if m.relative_difference is None else f"{m.relative_difference:.3g}",
                 "-" if m.cosine is None else f"{m.cosine:.4f}",
                 "-" if m.subspace_overlap is None else f"{m.subspace_overlap:.3f}",
-            )  # fmt: skip
-        out.print()
-        out.print(table)
+            ]
+            for m in r.modules
+        ]
+        out("")
+        headers = ["module", "‖ΔW_A‖", "‖ΔW_B‖", "‖A−B‖/‖A‖", "cosine", "subspace overlap"]
+        print_table(headers, rows, "lrrrrr")
     for side, names in (("A", r.only_in_a), ("B", r.only_in_b)):
         if names:
-            out.print(f"\nonly in {side} ({len(names)}): " + ", ".join(names), markup=False)
-    out.print()
+            out("")
+            out(f"only in {side} ({len(names)}): " + ", ".join(names))
+    out("")
     worst = "-" if r.max_relative_difference is None else f"{r.max_relative_difference:.3g}"
     if r.verdict == "identical":
-        out.print(f"identical (max relative difference {worst} ≤ tol {r.tol:g})", markup=False)
+        out(f"identical (max relative difference {worst} ≤ tol {r.tol:g})")
         return
     top = ", ".join(r.most_different[:5]) + (" …" if len(r.most_different) > 5 else "")
-    out.print(
+    out(
         f"different: {len(r.most_different)} module(s) beyond tol {r.tol:g} "
-        f"(max relative difference {worst}); most different: {top}",
-        markup=False,
+        f"(max relative difference {worst}); most different: {top}"
     )
 
 
 def render_methods(infos: list[Any]) -> None:
     """Each method: name, what it computes, its options and its reference."""
-    out = console()
+    out = _lines()
     for i, m in enumerate(infos):
         if i:
-            out.print()
-        out.print(f"{m.name}: {m.description}", markup=False)
-        out.print(f"  reference: {m.reference}", markup=False)
+            out("")
+        out(f"{m.name}: {m.description}")
+        out(f"  reference: {m.reference}")
         for o in m.options:
             kind = "|".join(map(str, o.choices)) if o.choices else o.type
             need = "required" if o.required else f"default {o.default}"
             flag = "--" + o.name.replace("_", "-")
-            out.print(f"  {flag} {kind} ({need}): {o.description}", markup=False)
+            out(f"  {flag} {kind} ({need}): {o.description}")

@@ -78,15 +78,17 @@ def validate_command(
     report = validate(adapter, base=ckpt, target=target, max_rank=max_rank)
     for w in adapter.warnings:
         warn_stderr(w)
+    from adapterctl.cli.render import json_text, printable
+
     if as_json or fmt == "json":
-        click.echo(report.model_dump_json(indent=2))
+        click.echo(json_text(report.model_dump_json(indent=2)))
     elif fmt == "github":
         for line in github_lines(report, strict):
-            click.echo(line)
+            click.echo(printable(line))
     else:
         for f in report.findings:
-            click.echo(text_line(f))
-        click.echo(summary(report, strict))
+            click.echo(printable(text_line(f)))
+        click.echo(printable(summary(report, strict)))
     if junit is not None:
         write_text_atomic(junit, junit_xml(report, strict), "JUnit report")
     if not report.passed(strict):

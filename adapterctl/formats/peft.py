@@ -16,6 +16,7 @@ from adapterctl.config import NON_LORA_TYPES, AdapterConfig
 from adapterctl.errors import BrokenFile, UnsupportedAdapter
 from adapterctl.formats import ReadOptions
 from adapterctl.hookspecs import hookimpl
+from adapterctl.patterns import SuffixIndex
 from adapterctl.tensorfile import check_not_pointer, read_header
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,6 +68,7 @@ def parse_tensors(
     parts: dict[str, dict[str, TensorSource]] = {}
     extras: list[ExtraTensor] = []
     unknown: list[str] = []
+    saved = SuffixIndex(config.modules_to_save or [])
     for key, src in tensors.items():
         m = _LORA_KEY.match(key)
         if m:
@@ -84,7 +86,7 @@ def parse_tensors(
             continue  # a second name for a trained copy saved under its plain name too
         if _ORIGINAL in target:
             extras.append(ExtraTensor(base, "base_layer", src))  # frozen, not trained
-        elif _in_modules_to_save(base, config.modules_to_save):
+        elif _in_modules_to_save(base, saved):
             extras.append(ExtraTensor(base, "modules_to_save", src))
         elif base.endswith(".bias") and config.bias != "none":
             # bias="all"/"lora_only" trains biases in place, those of wrapped layers too
@@ -95,6 +97,22 @@ def parse_tensors(
         else:
             extras.append(ExtraTensor(base, "modules_to_save", src))
 
+    try:
+        modules, incomplete = _lora_modules(parts, config, path)
+        notes = list(warnings or []) + config.pattern_overlaps(list(modules))
+    except UnsupportedAdapter as exc:  # a rank/alpha pattern key we will not match
+        raise UnsupportedAdapter(f"{path}: {exc}") from None
+    return Adapter(
+        path=path, format=fmt, config=config, modules=modules, extras=extras, files=files,
+        warnings=notes, unknown_tensors=unknown, incomplete=incomplete,
+    )  # fmt: skip
+
+
+def _lora_modules(
+    parts: dict[str, dict[str, TensorSource]], config: AdapterConfig, path: Path
+) -> tuple[dict[str, LoraModule], list[str]]:
+    """One ``LoraModule`` per module with both factors (scaled as the config says), and the
+    names of the modules missing one."""
     modules: dict[str, LoraModule] = {}
     incomplete: list[str] = []
     for name, p in sorted(parts.items()):
@@ -125,11 +143,7 @@ def parse_tensors(
             magnitude=p.get("lora_magnitude_vector"),
             bias=p.get("lora_B.bias"),
         )
-    notes = list(warnings or []) + config.pattern_overlaps(list(modules))
-    return Adapter(
-        path=path, format=fmt, config=config, modules=modules, extras=extras, files=files,
-        warnings=notes, unknown_tensors=unknown, incomplete=incomplete,
-    )  # fmt: skip
+    return modules, incomplete
 
 
 def _check_factor_shapes(path: Path, module: str, a: TensorSource, b: TensorSource) -> None:
@@ -146,11 +160,10 @@ def _check_factor_shapes(path: Path, module: str, a: TensorSource, b: TensorSour
         )
 
 
-def _in_modules_to_save(param: str, names: list[str] | None) -> bool:
+def _in_modules_to_save(param: str, names: SuffixIndex) -> bool:
     """True if ``param`` (``classifier.weight``) belongs to a ``modules_to_save`` module,
     matched as PEFT matches them: the whole module name or its dotted suffix."""
-    module = param.rsplit(".", 1)[0]
-    return any(module == n or module.endswith("." + n) for n in names or [])
+    return param.rsplit(".", 1)[0] in names
 
 
 def load_bin(path: Path) -> dict[str, TensorSource]:

@@ -30,13 +30,17 @@ from adapterctl.checkpoint import Checkpoint
 from adapterctl.device import resolve_device
 from adapterctl.errors import (
     AdapterctlError,
-    Conflict,
     OperationalError,
     UsageError,
-    ValidationFailed,
 )
 from adapterctl.files import fsync_dir, refuse_existing, refuse_overlap, replace_dir
-from adapterctl.merge.output import build_report, dry_run_report, provenance_json, write_side_files
+from adapterctl.merge.output import (
+    build_report,
+    check_delta_error,
+    dry_run_report,
+    provenance_json,
+    write_side_files,
+)
 from adapterctl.merge.plan import (
     DTYPE_CHOICES,
     LayerError,
@@ -92,7 +96,7 @@ def run_merge(
         force: replace an existing ``out``.
         verify: re-read the output and check sampled rows of every merged tensor against a
             fresh float64 computation.
-        max_delta_error: with 4-bit output, fail (exit 3) when the overall delta error is
+        max_delta_error: with 4-bit output, fail (exit 3) when any layer's delta error is
             above this; nothing is left behind.
         progress: called once per tensor written, with (bytes written so far, total bytes).
         fsync: flush every shard to the disk before the rename (survives a power loss, at
@@ -107,7 +111,9 @@ def run_merge(
         Conflict: ``out`` exists and ``force`` is False, or ``out`` is, contains or lies
             inside the base or an adapter (``--force`` never overrides that).
         OperationalError: not enough free disk space, or an I/O error.
-        ValidationFailed: the delta error exceeded ``max_delta_error``.
+        ValidationFailed: a layer's delta error exceeded ``max_delta_error``, or merged values
+            came out as inf or NaN (an update too large for the output dtype); nothing is
+            left behind.
         MissingExtra: the merge needs torch, which is not installed (exit 4).
     """
     out_path = Path(out)
@@ -138,19 +144,11 @@ def run_merge(
     try:
         overflow = Overflow()
         summed, layers = _execute(plan, tmp, dev, engine, fused, progress, fsync, overflow)
+        overflow.check({j.name: j.out_dtype for j in plan.jobs})  # inf/NaN written: refused
+        check_delta_error(layers, max_delta_error)
         report = build_report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine, report.kernel = engine, summed
-        overflowed = overflow.warning()
-        if overflowed:
-            report.warnings.append(overflowed)
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
-        err = report.delta_error
-        if max_delta_error is not None and err is not None and err > max_delta_error:
-            raise ValidationFailed(
-                f"4-bit re-quantisation kept too little of the adapter: delta error "
-                f"{report.delta_error:.3f} > --max-delta-error {max_delta_error}; "
-                "merge without --quantize"
-            )
         write_side_files(plan, tmp, report)
         if verify:
             from adapterctl.merge.verify import verify_output
@@ -272,39 +270,37 @@ def _copied_bytes(plan: MergePlan) -> int:
 
 
 def check_base_pins(
-    versions: list[Any], base: Checkpoint, *, allow_mismatch: bool = False
-) -> tuple[list[str], list[str]]:
-    """Check each registry input's base pin against ``base`` (DESIGN: "Identity").
+    versions: list[Any],
+    base: Checkpoint,
+    *,
+    allow_mismatch: bool = False,
+    hash_base: bool = False,
+) -> tuple[str, list[str], list[str]]:
+    """Check each registry input's base pin against ``base`` (DESIGN: "Identity";
+    ``Registry.check_pins``).
 
     Args:
         versions: ``adapterctl.refs.registry_versions`` of the SOURCEs (None: a local path,
             which has no pin to check).
         base: the checkpoint about to be merged into.
         allow_mismatch: report a mismatch as a warning instead of refusing.
+        hash_base: hash ``base``'s weight files so content pins are compared by content.
 
     Returns:
-        (what was checked, one line per input; warnings for allowed mismatches).
+        (the weakest level checked: ``content``, ``fingerprint``, ``unpinned`` or
+        ``mismatch``; what was checked, one line per registry input; warnings).
 
     Raises:
         Conflict: a pin differs from ``base`` and ``allow_mismatch`` is False (exit 5).
     """
-    if not any(v is not None for v in versions):
-        return [], []
+    if not any(v is not None for v in versions):  # no registry input: the registry stays shut
+        unused = ["--hash-base: no SOURCE is a registry version, so no base pin was compared"]
+        return "unpinned", [], unused if hash_base else []
     from adapterctl.registry import Registry
 
-    checks: list[str] = []
-    warnings: list[str] = []
     with Registry(create=False) as reg:
-        for v in versions:
-            if v is None:
-                continue
-            try:
-                checks.append(f"{v.ref}: base pin checked by {reg.check_base_pin(v, base)}")
-            except Conflict as exc:
-                if not allow_mismatch:
-                    raise
-                warnings.append(f"--allow-base-mismatch: {exc}")
-    return checks, warnings
+        checked = reg.check_pins(versions, base, hash_base=hash_base, allow_mismatch=allow_mismatch)
+    return checked.level, checked.lines, checked.warnings
 
 
 def merge(
@@ -328,6 +324,7 @@ def merge(
     fsync: bool = False,
     dry_run: bool = False,
     allow_base_mismatch: bool = False,
+    hash_base: bool = False,
     alpha: float | None = None,
     register_as: str | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -358,10 +355,13 @@ def merge(
         kernel: the NumPy engine's compiled kernel: ``auto``, ``none`` or a vector width.
         force: replace an existing ``out``.
         verify: re-read ``out`` and check sampled rows against float64 math.
-        max_delta_error: with 4-bit output, fail when more of ΔW is lost than this.
+        max_delta_error: with 4-bit output, fail when a layer loses more of ΔW than this.
         fsync: flush the output to the disk before the rename.
         dry_run: plan only; write nothing (the report says what would be written).
         allow_base_mismatch: report a base-pin mismatch as a warning instead of refusing.
+        hash_base: hash ``base``'s weight files (cached by path, size and mtime) so that a
+            content pin is compared by content, not only by fingerprint; the report's
+            ``base_check`` says which level was compared.
         alpha: LoRA alpha of bare ``.safetensors`` sources.
         register_as: record ``out`` in the registry as the next version of this name (every
             adapter must then be a registry reference, since lineage links versions).
@@ -386,7 +386,9 @@ def merge(
 
     ckpt = open_base(base, needs_weights="merge")  # a Hub base: refused, nothing fetched
     read_in, inputs = read_inputs(adapters, alpha=alpha, register_as=register_as)
-    pin_checks, pin_warnings = check_base_pins(inputs, ckpt, allow_mismatch=allow_base_mismatch)
+    base_check, pin_checks, pin_warnings = check_base_pins(
+        inputs, ckpt, allow_mismatch=allow_base_mismatch, hash_base=hash_base
+    )
     plan = plan_merge(
         ckpt, read_in, None if weights is None else list(weights), dtype=dtype,
         quantize=quantize, quant_method=quant_method, max_shard_size=max_shard_size,
@@ -395,6 +397,7 @@ def merge(
     if dry_run:
         report = dry_run_report(plan, out)
         report.base_pin_checks = pin_checks
+        report.base_check = base_check
         report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
         return report
     from adapterctl.hub import output
@@ -405,6 +408,7 @@ def merge(
             verify=verify, max_delta_error=max_delta_error, progress=progress, fsync=fsync,
         )  # fmt: skip
         report.base_pin_checks = pin_checks
+        report.base_check = base_check
         report.warnings = [w for a in read_in for w in a.warnings] + pin_warnings + report.warnings
         if register_as:
             from adapterctl.registry import Registry

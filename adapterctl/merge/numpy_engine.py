@@ -21,32 +21,32 @@ release the GIL): each takes the next job, merges its rows in float32 chunks tha
 cache, rounds each chunk and writes it at its planned offset with ``pwrite`` (with the
 kernel, one call per tensor does all of this, block by block of rows, in C) — every header
 is planned, so each tensor's place in its file is known and the workers never wait for each
-other. Base tensors are read through memory maps (page cache, not anonymous memory);
-untouched tensors are copied in the kernel.
+other. Base tensors are read with positioned reads, a few MiB of rows at a time, into each
+worker's buffers (``_BaseFiles``: a base that shrinks mid-merge is an error, not a SIGBUS);
+untouched tensors are copied in the kernel. Every plain value is the correctly rounded exact
+sum (``adapterctl.merge.rounding``: float64 sums, the rare undecided values settled).
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
+import functools
 import os
-import sys
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.device import workers
 from adapterctl.errors import UsageError
 from adapterctl.files import POSITIONED_WRITES, pwrite_all
-from adapterctl.floats import round_bf16, widen_bf16
-from adapterctl.merge import math
+from adapterctl.floats import round_bf16, widen, widen_bf16
+from adapterctl.merge import math, rounding
 from adapterctl.merge.plan import CHUNK_ELEMENTS, Job, MergePlan
-from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
-from adapterctl.tensorfile import BYTES_READ, TensorInfo, header_bytes, numpy_dtype
+from adapterctl.merge.writing import Overflow, copy_tensor_bytes, shrank
+from adapterctl.tensorfile import BYTES_READ, DTYPE_SIZES, TensorInfo, header_bytes, numpy_dtype
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,8 +119,6 @@ def choose_kernel(wanted: str | None = None) -> Kernel | None:
 # in bf16) stays in L2 beside the factor it reads (up to 1 MiB); larger blocks measured slower.
 KERNEL_BLOCK_ELEMENTS = 1 << 16
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
-# Linux ≥ 5.14 (Python names it from 3.12 on); elsewhere pages fault in as they are read.
-_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 def supports(plan: MergePlan) -> bool:
@@ -165,7 +163,7 @@ def write_shards(
     fds: list[int] = []
     tasks: list[tuple[Job, int, int]] = []  # (job, output file, offset of its bytes there)
     headers = 0
-    maps = _BaseMaps()
+    maps = _BaseFiles()
     try:
         for shard in plan.shards:
             fd = os.open(tmp / shard.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -207,7 +205,7 @@ def _schedule(tasks: list[tuple[Job, int, int]]) -> list[tuple[Job, int, int]]:
 
 def _run_tasks(
     tasks: list[tuple[Job, int, int]],
-    maps: _BaseMaps,
+    maps: _BaseFiles,
     overflow: Overflow,
     kernel: Kernel | None,
     used: set[str],
@@ -241,45 +239,53 @@ def _run_tasks(
             raise
 
 
-class _BaseMaps:
-    """Read-only memory maps of the base's shard files, opened once and shared by the workers."""
+class _BaseFiles:
+    """The base's shard files, opened once and shared by the workers, read with positioned
+    reads into each worker's buffers.
+
+    Checked reads, not memory maps: a base file that shrinks while the merge runs (another
+    process rewriting it) gives a short read and a one-line error (exit 1) here, where a
+    mapped page past the new end would kill the process with SIGBUS and leave the output's
+    temporary folder behind. The cost is one copy of the base's bytes from the page cache
+    into a buffer that stays in cache (bench/RESULTS.md measures it against the maps).
+    """
 
     def __init__(self) -> None:
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
-    def view(self, info: TensorInfo) -> np.ndarray[Any, Any]:
-        """The tensor as an array over the page cache (no copy), its pages mapped in now.
+    def read_rows(self, info: TensorInfo, cols: int, r0: int, r1: int) -> np.ndarray[Any, Any]:
+        """Rows r0:r1 of the tensor flattened to (rows, cols), as stored (bfloat16 as its
+        bits), in this worker's buffer.
 
-        The shard's size was checked against its header when it was opened; a file truncated
-        while the merge runs is outside what this guards against.
+        Raises:
+            OperationalError: the file ended before the rows (it shrank since it was opened).
         """
         import numpy as np
 
         with self._lock:
             path = info.local_path
-            mm = self._maps.get(path)
-            if mm is None:
-                with open(path, "rb") as fh:
-                    mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-                self._maps[path] = mm
-            BYTES_READ.add(info.nbytes)
-        require_inside(info, len(mm))
-        page = info.start - info.start % mmap.PAGESIZE
-        if info.nbytes and _MADV_POPULATE_READ is not None:
-            # Map every page in one call instead of one fault per page; older kernels refuse.
-            with contextlib.suppress(OSError, ValueError):
-                mm.madvise(_MADV_POPULATE_READ, page, info.end - page)
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
         dtype = numpy_dtype(info.dtype)
-        return np.frombuffer(mm, dtype=dtype, count=info.numel, offset=info.start).reshape(
-            info.shape
-        )
+        rows = _BUFFERS.get("base_rows", (r1 - r0) * cols, dtype).reshape(r1 - r0, cols)
+        view = memoryview(rows.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        at = info.start + r0 * cols * dtype.itemsize
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], at + got)
+            if n == 0:
+                shrank(info)
+            got += n
+        BYTES_READ.add(got)
+        return rows
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            with contextlib.suppress(BufferError):  # a view still alive (a traceback): GC closes it
-                mm.close()
-        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class _Buffers(threading.local):
@@ -305,7 +311,7 @@ def _write_job(
     job: Job,
     fd: int,
     offset: int,
-    maps: _BaseMaps,
+    files: _BaseFiles,
     overflow: Overflow,
     kernel: Kernel | None,
     used: set[str],
@@ -320,49 +326,226 @@ def _write_job(
         return
     source = job.replace if job.replace is not None else job.source
     assert source is not None
-    # Mapped, not read, when the tensor is in a safetensors file (a saved 128k-row embedding
-    # would otherwise cost a GB of memory); a legacy .bin adapter's tensors are in memory.
+    # Read block by block when the tensor is in a safetensors file (a saved 128k-row
+    # embedding would otherwise cost a GB of memory); a legacy .bin adapter's is in memory.
+    shape: list[int]
     if isinstance(source, TensorInfo):
-        w, base_dtype = maps.view(source), source.dtype  # as stored: bfloat16 as its bits
+        shape, base_dtype, held = list(source.shape), source.dtype, None
     else:
-        w = source.array()  # bfloat16 comes widened to float32
-        base_dtype = "F16" if w.dtype == np.float16 else "F32"
-    rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
-    flat = np.ascontiguousarray(w.reshape(rows, -1))  # conv kernels: (out, in·k); bias: (out, 1)
-    cols = flat.shape[1]
-    upd = math.update(job, rows, cols)  # left (rows, Σr), right (Σr, cols), float32
-    wanted = "F32" if upd.finishes else job.out_dtype  # float32 sums needed before finishing
+        held = source.array()  # bfloat16 comes widened to float32
+        shape, base_dtype = list(held.shape), "F16" if held.dtype == np.float16 else "F32"
+    rows = shape[0] if shape else 1  # a scalar is one row of one
+    cols = int(np.prod(shape)) // rows if rows else 0  # conv: (out, in·k); bias: (out, 1)
+    if held is not None:
+        held = np.ascontiguousarray(held.reshape(rows, cols))
+    upd = math.update(job, rows, cols, "float64")  # left (rows, Σr), right (Σr, cols)
+    t = _Tensor(job, source, held, files, rows, cols, base_dtype, upd)
+    if upd.finishes:
+        _write_finished(t, fd, offset, overflow, kernel, used)
+        return
+    out = job.out_dtype
     pays = kernel is not None and kernel.pays(upd.rank, cols)
-    kernel_dtype = _kernel_dtype(base_dtype, wanted, kernel) if pays else None
-    used.add("numpy" if kernel_dtype is None else "kernel")
-    left, right = upd.left, upd.right
-    if kernel is not None and kernel_dtype is not None:
-        right = _right_tiles(right, kernel)
-        if not upd.finishes:
-            # The whole tensor in one call: the kernel merges it block by block of rows
-            # through this worker's buffer and writes each block itself, no Python between.
-            out = numpy_dtype(job.out_dtype)
-            block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, cols), out)
-            inf = kernel.module.addmm_round_into(
-                fd, offset, _raw(block), _raw(flat), left, right, rows, cols, right.shape[1],
-                _KERNEL_CODES[base_dtype], _KERNEL_CODES[job.out_dtype], kernel.isa,
-            )  # fmt: skip
-            overflow.add(job.name, int(inf))
-            return
+    if kernel is not None and pays and out != "F32" and _kernel_dtype(base_dtype, out, kernel):
+        used.add("kernel")
+        _write_with_kernel(t, fd, offset, overflow, kernel, used)
+        return
+    used.add("numpy")
+    _write_with_numpy(t, 0, rows, fd, offset, overflow, kernel)
+
+
+@dataclass
+class _Tensor:
+    """One job's inputs as the engine holds them: its base (in its file, or ``held`` in
+    memory) flattened to (rows, cols), and its update in float64 (``math.update``)."""
+
+    job: Job
+    source: Any  # TensorInfo, or an in-memory tensor (then ``held``)
+    held: np.ndarray[Any, Any] | None
+    files: _BaseFiles
+    rows: int
+    cols: int
+    base_dtype: str
+    upd: math.Update
+
+    def read(self, r0: int, r1: int) -> np.ndarray[Any, Any]:
+        """W's rows r0:r1 as stored (bfloat16 as its bits): (r1 - r0, cols)."""
+        if self.held is not None:
+            return self.held[r0:r1]
+        return self.files.read_rows(self.source, self.cols, r0, r1)
+
+    @functools.cached_property
+    def bounds(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """Per row: the float32 magnitude below which a 16-bit rounding is settled, and the
+        float64 error bound that flags float32 roundings (``rounding.row_bounds``)."""
+        return rounding.row_bounds(self.upd.left, self.upd.right)
+
+
+# Bytes of the base a kernel call reads at once (the rows are read first: ``_BaseFiles``).
+KERNEL_READ_BYTES = 4 << 20
+
+
+def _write_with_kernel(
+    t: _Tensor, fd: int, offset: int, overflow: Overflow, kernel: Kernel, used: set[str]
+) -> None:
+    """A plain job through the compiled kernel: a few MiB of rows read per call, which the
+    kernel merges block by block through this worker's buffer and writes itself; the values
+    it notes are settled (``rounding``) and written over their places after each call."""
+    import numpy as np
+
+    out = t.job.out_dtype
+    right = _right_tiles(t.upd.right, kernel)
+    block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, t.cols), numpy_dtype(out))
+    row_in = max(1, int(t.cols * DTYPE_SIZES[t.base_dtype]))
+    step = max(kernel.module.TILE_ROWS, KERNEL_READ_BYTES // row_in)
+    step -= step % kernel.module.TILE_ROWS
+    row_out = t.cols * numpy_dtype(out).itemsize
+    noted = _BUFFERS.get("suspects", 1 << 14, np.int64)
+    thr = t.bounds[0]
+    for r0 in range(0, t.rows, step):
+        r1 = min(t.rows, r0 + step)
+        w = t.read(r0, r1)
+        at = offset + r0 * row_out
+        inf, n = kernel.module.addmm_round_into(
+            fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
+            right.shape[1], _KERNEL_CODES[t.base_dtype], _KERNEL_CODES[out], kernel.isa,
+            thr[r0:r1], noted,
+        )  # fmt: skip
+        if n > len(noted):  # more to settle than noted (an adversarial tensor): NumPy redoes it
+            used.add("numpy")
+            _write_with_numpy(t, r0, r1, fd, at, overflow, kernel)
+            continue
+        overflow.add(t.job.name, int(inf))
+        if n:
+            idx = np.sort(noted[:n])
+            rows, cols = np.divmod(idx, t.cols)
+            values = _settle(t, w, rows, cols, r0)
+            size = values.dtype.itemsize
+            for i, v in zip(idx.tolist(), values.view(np.uint8).reshape(-1, size), strict=True):
+                pwrite_all(fd, v, at + i * size)
+
+
+def _write_with_numpy(
+    t: _Tensor, r0: int, r1: int, fd: int, offset: int, overflow: Overflow, kernel: Kernel | None
+) -> None:
+    """Rows r0:r1 of a plain job in NumPy, chunk by chunk: x̂ in float64, rounded once, the
+    flagged values settled; written from ``offset`` on."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is counted, then refused
+        for c0, c1 in row_chunks(r1 - r0, t.cols, kernel):
+            w = t.read(r0 + c0, r0 + c1)
+            x = _sums(t, w, r0 + c0)  # (c1 - c0, cols) float64
+            data, inf = _round_exact(t, w, x, r0 + c0)
+            overflow.add(t.job.name, inf)
+            offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
+
+
+def _settle(
+    t: _Tensor, w: np.ndarray[Any, Any], rows: Any, cols: Any, r0: int
+) -> np.ndarray[Any, Any]:
+    """``rounding.settle`` of the elements (rows, cols) of the block ``w`` (rows r0: of W)."""
+    base = widen(w[rows, cols], t.base_dtype).astype("float64")
+    return rounding.settle(t.job, t.upd.left, t.upd.right, base, rows + r0, cols, t.job.out_dtype)
+
+
+def _sums(t: _Tensor, w: np.ndarray[Any, Any], r0: int) -> np.ndarray[Any, Any]:
+    """x̂ = W + L·R for the rows ``w`` (rows r0: of W) in float64 (``rounding``: the sum runs
+    from zero, the base is added last), in this worker's buffer."""
+    import numpy as np
+
+    n, cols = w.shape
+    x = _BUFFERS.get("x64", n * cols, np.float64).reshape(n, cols)
+    if t.upd.rank:
+        np.matmul(t.upd.left[r0 : r0 + n], t.upd.right, out=x)  # (rows, Σr) @ (Σr, cols)
+        if t.base_dtype == "BF16":
+            w = widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols))
+        np.add(x, w, out=x)
+    elif t.base_dtype == "BF16":
+        np.copyto(x, widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols)))
+    else:
+        np.copyto(x, w)
+    return x
+
+
+def _round_exact(
+    t: _Tensor, w: np.ndarray[Any, Any], x: np.ndarray[Any, Any], r0: int
+) -> tuple[np.ndarray[Any, Any], int]:
+    """Rows r0: of the output: x̂ (rows, cols) float64 rounded once into the output dtype, the
+    values ``rounding`` flags settled exactly; and how many finite base values (``w``, as
+    stored) came out non-finite. In this worker's buffer (bfloat16 as its bits)."""
+    import numpy as np
+
+    out = t.job.out_dtype
+    n, cols = x.shape
+    if out == "F32":
+        data = _BUFFERS.get("out32", n * cols, np.float32).reshape(n, cols)
+        np.copyto(data, x, casting="same_kind")  # float64 -> float32: one rounding
+        err = t.bounds[1][r0 : r0 + n]
+        flagged = np.flatnonzero(rounding.f32_suspect_mask(x, x.view(np.int64), err))
+    else:
+        s = _BUFFERS.get("work", n * cols, np.float32).reshape(n, cols)
+        np.copyto(s, x, casting="same_kind")
+        data, _ = _round_rows(s, out)
+        thr = t.bounds[0][r0 : r0 + n]
+        flagged = np.flatnonzero(rounding.suspect_mask(s, s.view(np.int32), thr, out))
+    if len(flagged):
+        rows, cols_ = np.divmod(flagged, cols)
+        data.reshape(-1)[flagged] = _settle(t, w, rows, cols_, r0).view(data.dtype)
+    return data, _fresh_nonfinite(t, data, x, w, out)
+
+
+def _fresh_nonfinite(
+    t: _Tensor,
+    data: np.ndarray[Any, Any],
+    x: np.ndarray[Any, Any],
+    w: np.ndarray[Any, Any],
+    out: str,
+) -> int:
+    """How many values of the rounded rows ``data`` are ±inf or NaN where the base's are
+    finite (overflow, or non-finite factors): one max/min pass when there are none."""
+    import numpy as np
+
+    limit = _FINITE_LIMIT[out]
+    if x.size == 0 or (float(x.max()) < limit and float(x.min()) > -limit):
+        return 0
+    wide = widen(data, out) if out == "BF16" else data
+    base = widen(w, t.base_dtype)
+    return int(np.count_nonzero(~np.isfinite(wide) & np.isfinite(base)))
+
+
+# Below these magnitudes a value rounds to a finite one in every output dtype.
+_FINITE_LIMIT = {"BF16": 3.38e38, "F16": 65504.0, "F32": 3.4e38}
+
+
+def _write_finished(
+    t: _Tensor, fd: int, offset: int, overflow: Overflow, kernel: Kernel | None, used: set[str]
+) -> None:
+    """A job with work after the sum (DoRA, lora biases): V = W + L·R rounded to float32
+    (by the kernel where it pays, else NumPy), finished in float32, rounded once."""
+    import numpy as np
+
+    rows, cols = t.rows, t.cols
+    upd = replace(
+        t.upd,
+        magnitude=None if t.upd.magnitude is None else t.upd.magnitude.astype(np.float32),
+        bias=None if t.upd.bias is None else t.upd.bias.astype(np.float32),
+    )
+    pays = kernel is not None and kernel.pays(upd.rank, cols)
+    use_kernel = kernel is not None and pays and _kernel_dtype(t.base_dtype, "F32", kernel)
+    right = _right_tiles(upd.right, kernel) if kernel is not None and use_kernel else None
+    used.add("kernel" if use_kernel else "numpy")
     with np.errstate(over="ignore", invalid="ignore"):  # inf/NaN round as torch rounds them
         for r0, r1 in row_chunks(rows, cols, kernel):
-            w_rows, l_rows = flat[r0:r1], left[r0:r1]
-            if kernel is not None and kernel_dtype is not None:
-                data, inf = _kernel_rows(w_rows, base_dtype, l_rows, right, kernel_dtype, kernel)
-                summed = kernel_dtype
+            w = t.read(r0, r1)
+            if kernel is not None and right is not None:
+                v = _kernel_rows(w, t.base_dtype, upd.left[r0:r1], right, kernel)
             else:
-                data, inf = _numpy_rows(w_rows, base_dtype, l_rows, right), 0
-                summed = "F32"
-            if upd.finishes or summed != job.out_dtype:
-                math.finish(data, upd, slice(r0, r1))
-                data, inf = _round_rows(data, job.out_dtype)
-            overflow.add(job.name, inf)
-            offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
+                v = _BUFFERS.get("work", (r1 - r0) * cols, np.float32).reshape(r1 - r0, cols)
+                np.copyto(v, _sums(t, w, r0), casting="same_kind")
+            math.finish(v, upd, slice(r0, r1))
+            data, inf = _round_rows(v, t.job.out_dtype)
+            overflow.add(t.job.name, inf)
+            offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)
 
 
 def row_chunks(rows: int, cols: int, kernel: Kernel | None = None) -> list[tuple[int, int]]:
@@ -394,29 +577,28 @@ def _kernel_rows(
     w_dtype: str,
     left: np.ndarray[Any, Any],
     right: np.ndarray[Any, Any],
-    dtype: str,
     kernel: Kernel,
-) -> tuple[np.ndarray[Any, Any], int]:
+) -> np.ndarray[Any, Any]:
     """W + L·R for the rows ``w`` (rows, cols), of safetensors dtype ``w_dtype`` held as
-    ``numpy_dtype`` holds it, with the compiled ``kernel`` (``right`` in its tiles:
-    ``_right_tiles``), rounded once into ``dtype`` (a safetensors name), in this worker's
-    buffer; and how many finite sums overflowed float16."""
+    ``numpy_dtype`` holds it, with the compiled ``kernel`` (float64 factors, ``right`` in its
+    tiles: ``_right_tiles``), rounded once to float32, in this worker's buffer."""
+    import numpy as np
+
     rows, cols = w.shape
-    key = "work" if dtype == "F32" else "out"  # float32 sums go on to _finish_rows
-    data = _BUFFERS.get(key, rows * cols, numpy_dtype(dtype)).reshape(rows, cols)
-    inf = kernel.module.addmm_round(
+    data = _BUFFERS.get("work", rows * cols, np.float32).reshape(rows, cols)
+    kernel.module.addmm_round(
         _raw(data),
         _raw(w),
-        left,  # (rows, r) float32
-        right,  # (ceil(cols / T), r, T) float32: _right_tiles
+        left,  # (rows, r) float64
+        right,  # (ceil(cols / T), r, T) float64: _right_tiles
         rows,
         cols,
         right.shape[1],
         _KERNEL_CODES[w_dtype],
-        _KERNEL_CODES[dtype],
+        _KERNEL_CODES["F32"],
         kernel.isa,
     )
-    return data, int(inf)
+    return data
 
 
 def _raw(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -428,40 +610,15 @@ def _raw(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 def _right_tiles(right: np.ndarray[Any, Any], kernel: Kernel) -> np.ndarray[Any, Any]:
     """``right`` (r, cols) in the kernel's layout: tiles of T columns, (ceil(cols / T), r, T),
-    zero-padded, so that the r·T values a tile of the output needs are contiguous."""
+    float64, zero-padded, so that the r·T values a tile of the output needs are contiguous."""
     import numpy as np
 
     rank, cols = right.shape
     tile = kernel.module.TILE_COLS
     n = -(-cols // tile)
-    padded = np.zeros((rank, n * tile), np.float32)
+    padded = np.zeros((rank, n * tile), np.float64)
     padded[:, :cols] = right
     return np.ascontiguousarray(padded.reshape(rank, n, tile).transpose(1, 0, 2))
-
-
-def _numpy_rows(
-    w: np.ndarray[Any, Any],
-    w_dtype: str,
-    left: np.ndarray[Any, Any],
-    right: np.ndarray[Any, Any],
-) -> np.ndarray[Any, Any]:
-    """W + L·R for the rows ``w`` (rows, cols), of safetensors dtype ``w_dtype`` held as
-    ``numpy_dtype`` holds it, in float32 with NumPy (matmul, then the base widened exactly),
-    in this worker's buffer."""
-    import numpy as np
-
-    rows, cols = w.shape
-    chunk = _BUFFERS.get("work", rows * cols, np.float32).reshape(rows, cols)
-    if not right.shape[0]:
-        if w_dtype == "BF16":
-            return widen_bf16(w, out=chunk)
-        np.copyto(chunk, w, casting="safe")  # float16 widens exactly
-        return chunk
-    np.matmul(left, right, out=chunk)  # (rows, r) @ (r, cols)
-    if w_dtype == "BF16":
-        w = widen_bf16(w, out=_BUFFERS.get("base", rows * cols, np.float32).reshape(rows, cols))
-    np.add(chunk, w, out=chunk)
-    return chunk
 
 
 def _round_rows(chunk: np.ndarray[Any, Any], out_dtype: str) -> tuple[np.ndarray[Any, Any], int]:

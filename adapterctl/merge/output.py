@@ -52,6 +52,53 @@ def provenance_json(plan: MergePlan, report: MergeReport) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
+# A layer's delta error above this is worse than not merging the adapter at all: the 4-bit
+# weights lie further from W + ΔW than W itself does.
+DELTA_ERROR_ALERT = 1.0
+
+
+def _worst(layers: list[LayerError], limit: float) -> list[LayerError]:
+    """The layers whose delta error is above ``limit``, worst first."""
+    return sorted((x for x in layers if x.delta_error > limit), key=lambda x: -x.delta_error)
+
+
+def delta_error_alert(layers: list[LayerError]) -> str | None:
+    """The warning for layers whose 4-bit delta error is above 1.0 (naming them and the
+    worst value), or None: the report's ``warnings`` carry it and the CLI shows it loudly."""
+    from adapterctl.validate.context import list_names
+
+    over = _worst(layers, DELTA_ERROR_ALERT)
+    if not over:
+        return None
+    return (
+        f"4-bit re-quantisation is worse than not merging the adapter in {len(over)} of "
+        f"{len(layers)} layer(s) (delta error above {DELTA_ERROR_ALERT:g}: "
+        f"{list_names([x.name for x in over])}); worst {over[0].delta_error:.3g} in "
+        f"{over[0].name}; merge without --quantize to keep the adapter, or refuse such "
+        f"output with --max-delta-error {DELTA_ERROR_ALERT:g}"
+    )
+
+
+def check_delta_error(layers: list[LayerError], limit: float | None) -> None:
+    """Refuse a 4-bit output with a layer whose delta error is above ``limit``
+    (``--max-delta-error``; None: no limit).
+
+    Raises:
+        ValidationFailed: naming the worst layer and how many are over (exit 3).
+    """
+    over = [] if limit is None else _worst(layers, limit)
+    if not over:
+        return
+    from adapterctl.errors import ValidationFailed
+
+    more = f" (and {len(over) - 1} more layer(s))" if len(over) > 1 else ""
+    raise ValidationFailed(
+        f"4-bit re-quantisation kept too little of the adapter: delta error "
+        f"{over[0].delta_error:.3g} in {over[0].name}{more} > --max-delta-error {limit:g}; "
+        "nothing was written; merge without --quantize"
+    )
+
+
 def build_report(
     plan: MergePlan, out: Path, dev: Any, layers: list[LayerError], seconds: float
 ) -> MergeReport:
@@ -66,7 +113,10 @@ def build_report(
         else None
     )
     warnings = list(plan.warnings)
-    if total_err is not None and total_err > 0.5:
+    alert = delta_error_alert(layers)
+    if alert is not None:
+        warnings.append(alert)
+    elif total_err is not None and total_err > 0.5:
         warnings.append(
             f"4-bit re-quantisation erased most of the adapter: delta error {total_err:.2f} "
             "(1.0 = nothing of ΔW survives); merge without --quantize to keep it"

@@ -9,6 +9,8 @@ tensor and each adapter's ``Delta``), grouped into output shards. The engines
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -243,6 +245,10 @@ class MergeReport(BaseModel):
     layers: list[LayerError] = []
     verified: int | None = None
     base_pin_checks: list[str] = []
+    # How far BASE was checked against the inputs' base pins, weakest input first: "content"
+    # (weight-file hashes), "fingerprint" (tensor names, shapes, dtypes), "unpinned" (an input
+    # with no pin to compare) or "mismatch" (a differing pin let through).
+    base_check: str = "unpinned"
     registered: str | None = None  # the registry version the output was recorded as
     published: str | None = None  # hf://owner/name@v<N> for an -o hf://… output
     warnings: list[str]
@@ -297,6 +303,8 @@ def plan_merge(
         )
     if dtype not in DTYPE_CHOICES:
         raise UsageError(f"unknown --dtype {dtype!r}; use one of {', '.join(DTYPE_CHOICES)}")
+    if not all(math.isfinite(w) for w in weights):
+        raise UsageError(f"weights {weights}: each -w must be a finite number")
     if quantize is not None and quantize not in nf4_layout.QUANT_TYPES:
         raise UsageError(f"unknown --quantize {quantize!r}; use nf4")
     dora = [a for a in adapters if a.is_dora]
@@ -386,6 +394,7 @@ def plan_merge(
                         f"({bname}); it cannot be merged"
                     )
                 jobs[bname].bias_add.append((mod.bias, w * mod.scale))
+    _check_range(jobs.values(), adapters)
     spec = _quant_spec(base, quantize, quant_method)
     skip = _skip_modules(base, spec)
     for job in jobs.values():
@@ -497,6 +506,37 @@ def _preflight(base: Checkpoint, adapters: list[Adapter]) -> list[str]:
         report = require_fit(a, base)
         warnings += [f"{f.code}: {f.message}" for f in report.findings if f.severity == "warning"]
     return warnings
+
+
+def _check_range(jobs: Iterable[Job], adapters: list[Adapter]) -> None:
+    """Refuse, before anything is written, an update the merge cannot compute: a bound on
+    Σ|wᵢ·sᵢ|·|BᵢAᵢ| (``LoraModule.update_bound``; lora biases added) that is not finite (a
+    weight × scale or a factor beyond float64) or beyond float32's range, where the engines
+    compute (float64 for a float64 output). Values that overflow only the output dtype
+    (float16's ±65504) are found while writing (``Overflow``).
+
+    Raises:
+        ValidationFailed: naming the adapter and module (the tensor, for a sum) (exit 3).
+    """
+    from adapterctl.lowrank import range_problem
+
+    for job in jobs:
+        terms = [*job.deltas, *([job.dora] if job.dora is not None else [])]
+        total = sum(d.module.update_bound(d.weight * d.module.scale) for d in terms)
+        for t, c in job.bias_add:
+            total += abs(c) * float(abs(t.array()).max(initial=0.0))
+        if len(terms) == 1:
+            d = terms[0]
+            what, where = "its update w·s·B·A", f"{adapters[d.index].path}: {d.module.name}"
+        else:
+            what = f"the sum of its {len(terms)} updates" if terms else "its lora bias update"
+            where = job.name
+        problem = range_problem(total, "float64" if job.out_dtype == "F64" else "float32", what)
+        if problem is not None:
+            raise ValidationFailed(
+                f"{where}: {problem}; merging would write inf: lower the weights (-w) or the "
+                "adapter's lora_alpha (see: adapterctl inspect SOURCE)"
+            )
 
 
 def _quant_spec(base: Checkpoint, quantize: str | None, method: str) -> QuantSpec | None:

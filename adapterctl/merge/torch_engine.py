@@ -2,7 +2,7 @@
 
 ``run_merge`` hands a plan to this engine when ``numpy_engine`` cannot take it. Shards are
 written one after the other, tensor by tensor in header order: a read-ahead thread loads the
-next tensors (memory-mapped views on the CPU; a ring of reused pinned buffers for CUDA), the
+next tensors (checked reads into a ring of reused buffers, pinned for CUDA), the
 calling thread merges row chunks in float32 on the device (W + L·R with one ``addmm``, the
 DoRA rescaling, lora biases, all from ``math``; whole tensors where a method, a 4-bit output or a
 column-wise DoRA norm needs them), and a writer thread rounds each chunk once into the output
@@ -20,11 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from adapterctl.merge import math
 from adapterctl.merge.plan import CHUNK_ELEMENTS, RING, Job, LayerError, MergePlan
-from adapterctl.merge.writing import Overflow, copy_tensor_bytes, require_inside
+from adapterctl.merge.writing import Overflow, copy_tensor_bytes, shrank
 from adapterctl.tensorfile import BYTES_READ, TORCH_DTYPE_NAMES, TensorInfo, header_bytes
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+# Elements whose rounding was settled exactly: (flat indices in the chunk, stored values).
+Settled = tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]"] | None
 
 
 def write_shards(
@@ -123,16 +127,15 @@ def _read_ahead(
 ) -> Iterator[tuple[Job, dict[str, torch.Tensor]]]:
     """Yield (job, its input tensors), reading the next jobs' inputs while this one computes.
 
-    On the CPU, base tensors are views into the memory-mapped shards (no copy out of the
-    page cache). For CUDA they are read into a ring of reused pinned buffers (one more than
-    the read-ahead depth, so the buffer being merged is never the one being filled): fresh
-    memory for every tensor costs page faults that dominate a read from the page cache.
+    Base tensors are read into a ring of reused buffers, pinned for CUDA (one more than the
+    read-ahead depth, so the buffer being merged is never the one being filled): fresh memory
+    for every tensor costs page faults that dominate a read from the page cache. Reads, not
+    memory maps: a base that shrinks mid-merge is an error (``shrank``), not a SIGBUS.
     """
     pending: list[tuple[Job, Future[dict[str, torch.Tensor]] | None]] = []
     it = iter(jobs)
     depth = 2
     ring: list[torch.Tensor | None] = [None] * (depth + 1)
-    maps: dict[Path, Any] | None = {} if dev.type == "cpu" else None
     turn = 0
 
     def submit() -> None:
@@ -142,7 +145,7 @@ def _read_ahead(
             return
         fut = None
         if not job.copy_bytes:
-            fut = pool.submit(_load_inputs, job, dev.type == "cuda", ring, turn, maps)
+            fut = pool.submit(_load_inputs, job, dev.type == "cuda", ring, turn)
             turn = (turn + 1) % len(ring)
         pending.append((job, fut))
 
@@ -159,19 +162,15 @@ def _load_inputs(
     pin: bool,
     ring: list[torch.Tensor | None] | None = None,
     slot: int = 0,
-    maps: dict[Path, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read one job's input tensors (in the read-ahead thread). A plain base tensor is a
-    view into the memory-mapped shard when ``maps`` is given (the CPU path: no copy), else
-    it is read into ``ring[slot]`` (pinned, for CUDA; grown when too small)."""
+    """Read one job's input tensors (in the read-ahead thread). A plain base tensor is read
+    into ``ring[slot]`` when a ring is given (pinned, for CUDA; grown when too small)."""
     if job.replace is not None:
         return {"w": job.replace.load()}
     assert job.source is not None
     if job.quant_in is None:
         if ring is None:
             return {"w": _read_tensor(job.source, pin)}
-        if maps is not None:
-            return {"w": _mapped_tensor(job.source, maps)}
         import torch
 
         buf = ring[slot]
@@ -180,35 +179,6 @@ def _load_inputs(
             ring[slot] = buf
         return {"w": _read_tensor(job.source, pin, buf[: job.source.nbytes])}
     return {info.name: _read_tensor(info, pin) for info in (job.source, *job.quant_aux)}
-
-
-def _mapped_tensor(info: TensorInfo, maps: dict[Path, Any]) -> torch.Tensor:
-    """A read-only view of a tensor's bytes in the page cache (no copy), its pages faulted in
-    here, in the read-ahead thread, so the merging thread reads them without a fault.
-
-    The shard's size was checked against its header when it was opened; a file truncated
-    while the merge runs is outside what this guards against.
-    """
-    import mmap
-    import warnings
-
-    import torch
-
-    path = info.local_path
-    mm = maps.get(path)
-    if mm is None:
-        with open(path, "rb") as fh:
-            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        maps[path] = mm
-    require_inside(info, len(mm))
-    dtype = getattr(torch, TORCH_DTYPE_NAMES[info.dtype])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # read-only buffer: we never write through it
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=info.nbytes, offset=info.start)
-    if info.nbytes:
-        raw[:: mmap.PAGESIZE].max()  # touch one byte per page: fault the mapping in now
-    BYTES_READ.add(info.nbytes)
-    return raw.view(dtype).reshape(info.shape)
 
 
 def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -> torch.Tensor:
@@ -225,9 +195,7 @@ def _read_tensor(info: TensorInfo, pin: bool, buf: torch.Tensor | None = None) -
         while got < info.nbytes:
             n = fh.readinto(view[got:])
             if not n:
-                from adapterctl.errors import BrokenFile
-
-                raise BrokenFile(f"{info.path}: truncated inside {info.name}; re-download it")
+                shrank(info)
             got += n
     BYTES_READ.add(info.nbytes)
     return buf.view(dtype).reshape(info.shape)
@@ -299,9 +267,14 @@ class _Writer:
         self.last: Future[Any] | None = None
 
     def round_and_write(
-        self, name: str, chunk: torch.Tensor, host: torch.Tensor, keys: tuple[tuple[str, int], ...]
+        self,
+        name: str,
+        chunk: torch.Tensor,
+        host: torch.Tensor,
+        keys: tuple[tuple[str, int], ...],
+        settled: Settled = None,
     ) -> None:
-        fut = self.pool.submit(_round_and_write, self.fh, chunk, host, name, self.overflow)
+        fut = self.pool.submit(_round_and_write, self.fh, chunk, host, name, self.overflow, settled)
         self.last = fut
         for key in keys:
             self.pending[key] = fut
@@ -321,11 +294,19 @@ class _Writer:
 
 
 def _round_and_write(
-    fh: Any, chunk: torch.Tensor, host: torch.Tensor, name: str, overflow: Overflow
+    fh: Any,
+    chunk: torch.Tensor,
+    host: torch.Tensor,
+    name: str,
+    overflow: Overflow,
+    settled: Settled = None,
 ) -> None:
     import torch
 
     host.copy_(chunk)  # the one rounding: float32 -> output dtype
+    if settled is not None:  # the values whose rounding ``rounding.settle`` decided
+        flagged, values = settled
+        host.reshape(-1).view(torch.uint8).numpy().view(values.dtype)[flagged] = values
     _count_overflow(name, host, chunk, overflow)
     _write_all(fh, host.reshape(-1).view(torch.uint8).numpy())
 
@@ -354,18 +335,23 @@ def _write_job(
         w = inputs["w"]
     if job.transpose_out:
         writer.drain()
-        merged_t = torch.cat([c.clone() for c in _merged_rows(job, w, dev, ws)]).T
+        merged_t = torch.cat([c.clone() for c, _ in _merged_rows(job, w, dev, ws)]).T
         rounded = merged_t.to(out_dtype)
         _count_overflow(job.name, rounded, merged_t, writer.overflow)
         _write_all(fh, rounded.cpu().contiguous().view(torch.uint8).numpy())
         return None
     if job.quantize is None:
-        for chunk in _merged_rows(job, w, dev, ws):
+        chunks = (
+            _exact_rows(job, w, dev, ws, writer.overflow)
+            if _plain(job)
+            else _merged_rows(job, w, dev, ws)
+        )
+        for chunk, settled in chunks:
             host, slot = ws.host(chunk, out_dtype)
             keys: tuple[tuple[str, int], ...] = (("host", slot),)
             if ws.is_work(chunk) and ws.work_slot is not None:
                 keys += (("work", ws.work_slot),)
-            writer.round_and_write(job.name, chunk, host, keys)
+            writer.round_and_write(job.name, chunk, host, keys, settled)
         return None
     writer.drain()
     from adapterctl import nf4
@@ -373,7 +359,7 @@ def _write_job(
     rows = w.shape[0]
     merged = torch.empty((rows, w[0].numel()), dtype=torch.float32, device=dev)  # (out, in)
     r0 = 0
-    for chunk in _merged_rows(job, w, dev, ws):
+    for chunk, _ in _merged_rows(job, w, dev, ws):
         merged[r0 : r0 + chunk.shape[0]] = chunk
         r0 += chunk.shape[0]
     merged = merged.reshape(w.shape)
@@ -403,11 +389,11 @@ def _write_job(
 def _count_overflow(
     name: str, rounded: torch.Tensor, source: torch.Tensor, overflow: Overflow
 ) -> None:
-    """Count float16 values that became ±inf in rounding (their float32 source is finite)."""
+    """Count values that became ±inf in rounding (their float32 source is finite)."""
     import torch
 
-    if rounded.dtype == torch.float16 and bool(torch.isinf(rounded).any()):
-        fresh = torch.isinf(rounded) & torch.isfinite(source.to(rounded.device))
+    if rounded.dtype != source.dtype and not bool(torch.isfinite(rounded).all()):
+        fresh = ~torch.isfinite(rounded) & torch.isfinite(source.to(rounded.device))
         overflow.add(name, int(fresh.sum()))
 
 
@@ -426,10 +412,11 @@ def _buffer(array: Any) -> memoryview:
 
 def _merged_rows(
     job: Job, w: torch.Tensor, dev: torch.device, ws: _Workspace
-) -> Iterator[torch.Tensor]:
+) -> Iterator[tuple[torch.Tensor, Settled]]:
     """Yield W' in float32 row chunks, in order (``adapterctl.merge.math``: W + L·R, DoRA's
-    rescaling, lora biases). Chunks are views of a reused buffer: consume each before asking
-    for the next; a ``--method`` merge or column-wise DoRA norms come as one whole tensor."""
+    rescaling, lora biases), each with None (nothing to settle). Chunks are views of a reused
+    buffer: consume each before asking for the next; a ``--method`` merge or column-wise DoRA
+    norms come as one whole tensor."""
     import torch
 
     rows = w.shape[0] if w.ndim else 1  # a scalar is one row of one
@@ -439,13 +426,13 @@ def _merged_rows(
     if job.combine is not None:
         v = w.to(dev, torch.float32, copy=True)  # own copy: w may be a read-only map
         v.add_(math.combined(job, v))
-        yield math.finish(v.reshape(rows, cols), upd)
+        yield math.finish(v.reshape(rows, cols), upd), None
         return
     if not upd.row_local:
         # DoRA on a weight stored (in, out): its per-output norms run down columns: whole.
         v = flat.to(dev, torch.float32, copy=True)  # w may be a read-only map
         v.addmm_(upd.left, upd.right)  # (in, r) @ (r, out)
-        yield math.finish(v, upd)
+        yield math.finish(v, upd), None
         return
     step = max(1, CHUNK_ELEMENTS // max(1, cols))
     for r0 in range(0, rows, step):
@@ -454,4 +441,61 @@ def _merged_rows(
         chunk.copy_(flat[r0:r1], non_blocking=True)  # (rows, cols) float32
         if upd.rank:
             chunk.addmm_(upd.left[r0:r1], upd.right)  # (rows, Σr) @ (Σr, cols)
-        yield math.finish(chunk, upd, slice(r0, r1))
+        yield math.finish(chunk, upd, slice(r0, r1)), None
+
+
+def _plain(job: Job) -> bool:
+    """True when the job's value is exactly W + Σ cᵢ·BᵢAᵢ (no method, DoRA or lora bias), so
+    ``rounding`` can make its one rounding the correct one."""
+    return (
+        job.combine is None
+        and job.dora is None
+        and not job.bias_add
+        and (job.out_dtype in ("BF16", "F16", "F32"))
+    )
+
+
+def _exact_rows(
+    job: Job, w: torch.Tensor, dev: torch.device, ws: _Workspace, overflow: Overflow
+) -> Iterator[tuple[torch.Tensor, Settled]]:
+    """Yield a plain job's output in row chunks, in order: x̂ = L·R + W in float64 on the
+    device (``adapterctl.merge.rounding``), rounded to float32 into a reused buffer, and the
+    elements whose final rounding ``rounding`` settled (flat indices in the chunk, values in
+    the output's storage), which the writer puts in place of its own rounding."""
+    import numpy as np
+    import torch
+
+    from adapterctl.merge import rounding
+
+    rows = w.shape[0] if w.ndim else 1
+    flat = w.reshape(rows, -1)  # (out, in), conv kernels (out, in·k), a bias (out, 1)
+    cols = flat.shape[1]
+    upd = math.update(job, rows, cols, "float64")
+    thr, err = rounding.row_bounds(upd.left, upd.right)
+    on = upd.map(lambda a: torch.from_numpy(a).to(dev))
+    thr_d, err_d = torch.from_numpy(thr).to(dev), torch.from_numpy(err).to(dev)
+    out = job.out_dtype
+    step = max(1, CHUNK_ELEMENTS // max(1, cols))
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = flat[r0:r1].to(dev, torch.float64)  # W, exact
+        if upd.rank:
+            x += on.left[r0:r1] @ on.right  # (rows, Σr) @ (Σr, cols), summed from zero
+        chunk = ws.work(r1 - r0, cols)
+        chunk.copy_(x)  # float64 -> float32: one rounding
+        if not bool(torch.isfinite(chunk).all()):  # beyond float32, from a finite base value
+            base = flat[r0:r1].to(dev)
+            overflow.add(job.name, int((~torch.isfinite(chunk) & torch.isfinite(base)).sum()))
+        if out == "F32":
+            mask = rounding.f32_suspect_mask(x, x.view(torch.int64), err_d[r0:r1])
+        else:
+            mask = rounding.suspect_mask(chunk, chunk.view(torch.int32), thr_d[r0:r1], out)
+        flagged = mask.reshape(-1).nonzero().reshape(-1).cpu().numpy()
+        settled: Settled = None
+        if len(flagged):
+            r, c = np.divmod(flagged, cols)
+            stored = flat[r0:r1].reshape(-1)[torch.from_numpy(flagged).to(flat.device)]
+            w64 = stored.to("cpu", torch.float64).numpy()
+            values = rounding.settle(job, upd.left, upd.right, w64, r + r0, c, out)
+            settled = (flagged, values)
+        yield chunk, settled

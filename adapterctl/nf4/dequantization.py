@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 def read_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, Any]:
-    """Decode the JSON quant state of one weight.
+    """Decode the JSON quant state of one weight, after checking that every tensor it needs
+    is there and fits it (``layout.group_problem``: the checkpoint reader's rules).
 
     Args:
         tensors: the weight's serialized tensors (other tensors may be present too).
@@ -31,7 +32,9 @@ def read_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, An
         ``nested_*`` fields when double-quantised).
 
     Raises:
-        BrokenFile: no quant state for ``prefix``, or it is not valid JSON.
+        BrokenFile: no quant state for ``prefix``, a state bitsandbytes would refuse, or a
+            missing or ill-fitting packed weight, ``absmax``, ``quant_map``, ``nested_absmax``
+            or ``nested_quant_map``.
     """
     import torch
 
@@ -42,8 +45,25 @@ def read_state(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, An
             f"{prefix}: expected one of {', '.join(keys)} in the checkpoint, found {len(found)}; "
             "re-save the 4-bit model with transformers"
         )
+    group = layout.group(prefix, found[0], tensors)
+    stored = {
+        name: (layout.st_dtype(t.dtype), tuple(t.shape))
+        for name in (prefix, *group.statistics)
+        if (t := tensors.get(name)) is not None
+    }
+    fix = "re-save the 4-bit model with transformers"
+    problem = layout.group_problem(group, stored)
+    if problem is not None:
+        raise BrokenFile(f"{problem}; {fix}")
     raw = tensors[found[0]].detach().to("cpu", torch.uint8).numpy()
-    return layout.parse_state(bytes(raw), found[0])
+    try:
+        state = layout.parse_state(bytes(raw), found[0])
+    except BrokenFile as exc:
+        raise BrokenFile(f"{exc}; {fix}") from None
+    problem = layout.group_problem(group, stored, state)
+    if problem is not None:
+        raise BrokenFile(f"{problem}; {fix}")
+    return state
 
 
 def _need(tensors: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -57,15 +77,12 @@ def _scales(
 ) -> torch.Tensor:
     """The float32 per-block scales as bitsandbytes dequantises them."""
     absmax = _need(tensors, prefix + layout.ABSMAX).to(device)
-    if prefix + layout.NESTED_ABSMAX not in tensors:
+    if not layout.is_nested(state):
         return absmax.float().reshape(-1)  # (n_blocks,)
-    nested_absmax = tensors[prefix + layout.NESTED_ABSMAX].to(device).float().reshape(-1)
+    nested_absmax = _need(tensors, prefix + layout.NESTED_ABSMAX).to(device).float().reshape(-1)
     nested_code = _need(tensors, prefix + layout.NESTED_QUANT_MAP).to(device).float().reshape(-1)
-    try:
-        offset = float(state["nested_offset"])
-        nested_bs = int(state.get("nested_blocksize", layout.NESTED_BLOCKSIZE))
-    except (KeyError, TypeError, ValueError):
-        raise BrokenFile(f"{prefix}: quant state lacks nested_offset/nested_blocksize") from None
+    offset = float(state["nested_offset"])
+    nested_bs = int(state["nested_blocksize"])
     return dequantize_nested(absmax.reshape(-1), nested_absmax, nested_code, nested_bs, offset)
 
 

@@ -10,7 +10,8 @@ State lives under ``$ADAPTERCTL_HOME`` (default: the platform's user data dir fo
 - ``blobs/sha256/<2>/<hex>``: every stored file once, named by its sha256, written to a
   temporary name, fsynced and renamed into place, read-only.
 - ``checkouts/<hex>``: versions materialised as ordinary folders so any command can read a
-  registry reference (a cache: ``registry gc`` prunes it).
+  registry reference (a cache, checked on each use against a stat stamp and made again from
+  the blobs when its bytes changed: see ``checkouts``; ``registry gc`` prunes it).
 
 Adding, hashing and bookkeeping use hashlib, json and sqlite only; only the pre-flight check
 against a base (``validate``'s rules) imports torch. Writers take ``BEGIN IMMEDIATE`` and
@@ -58,12 +59,14 @@ from adapterctl.registry.intake import Lineage
 from adapterctl.registry.models import (
     PIN_LABELS,
     AdapterSummary,
+    BaseCheck,
     BasePin,
     BlobProblem,
     FileEntry,
     GcReport,
     LineageNode,
     LogEntry,
+    PinChecks,
     PinLevel,
     RegistryInfo,
     Remote,
@@ -87,12 +90,14 @@ __all__ = [
     "PIN_LABELS",
     "RESERVED_ALIASES",
     "AdapterSummary",
+    "BaseCheck",
     "BasePin",
     "BlobProblem",
     "FileEntry",
     "GcReport",
     "LineageNode",
     "LogEntry",
+    "PinChecks",
     "PinLevel",
     "Registry",
     "RegistryInfo",
@@ -265,6 +270,48 @@ class Registry:
         v = version if isinstance(version, Version) else self.resolve(version)
         return pins.check_pin(self._database, v, checkpoint, hash_base=hash_base)
 
+    def check_pins(
+        self,
+        versions: Sequence[Version | None],
+        checkpoint: Checkpoint,
+        *,
+        hash_base: bool = False,
+        allow_mismatch: bool = False,
+    ) -> PinChecks:
+        """Check the base pin of each input of a merge against ``checkpoint``, and say how
+        far the base was checked: ``content`` (weight-file hashes compared), ``fingerprint``
+        (tensor names, shapes, dtypes and architecture), ``unpinned`` (some input has nothing
+        to compare: a local path, a name-only pin) or ``mismatch`` (a differing pin let
+        through), the weakest input deciding.
+
+        Without ``hash_base``, a content pin is compared only where the base hash cache
+        already knows the checkpoint's files (else its fingerprint is); with it, the files are
+        hashed (and cached) so that every content pin is enforced.
+
+        Args:
+            versions: the registry version of each input; None for a local path.
+            checkpoint: the base about to be merged into.
+            hash_base: hash the checkpoint's weight files where a pin has a content digest.
+            allow_mismatch: report a differing pin as a warning instead of refusing.
+
+        Returns:
+            The overall level, one line per registry input, and warnings.
+
+        Raises:
+            Conflict: a pin differs from ``checkpoint`` and not ``allow_mismatch`` (exit 5).
+
+        Example:
+            >>> reg.check_pins([reg.resolve("chat@prod")], ckpt, hash_base=True).level
+            'content'
+        """
+        return pins.check_pins(
+            self._database,
+            versions,
+            checkpoint,
+            hash_base=hash_base,
+            allow_mismatch=allow_mismatch,
+        )
+
     # -- add -------------------------------------------------------------------------------
 
     def add(
@@ -281,12 +328,15 @@ class Registry:
         lineage: Lineage | None = None,
         pin: BasePin | None = None,
         remote: tuple[str, str | None] | None = None,
+        allow_base_mismatch: bool = False,
     ) -> Version:
         """Add an adapter as the next version of ``name``.
 
         With a base, the adapter is first checked against it with ``validate``'s rules
         (an error refuses it) and pinned to it; without one, the pin is the config's base
-        name and revision, marked unverified.
+        name and revision, marked unverified. A name keeps to one base: a pin that differs
+        from the latest live version's (``identity.check_successor``) is refused before
+        anything is stored, unless ``allow_base_mismatch``.
 
         Args:
             source: a local adapter (PEFT folder or bare ``.safetensors``) or a registry ref.
@@ -302,14 +352,18 @@ class Registry:
                 artifact (see ``record_lineage``); the source may then be a checkpoint.
             pin: a ready base pin (overrides ``base``).
             remote: (url, revision) it was pulled from (``adapterctl pull``), recorded with it.
+            allow_base_mismatch: add it although ``name``'s latest version is pinned to
+                another base (the new version's ``warnings`` say so).
 
         Returns:
-            The new version.
+            The new version; its ``warnings`` (not stored) name an allowed base mismatch, or
+            base names that differ where the bases could not be compared.
 
         Raises:
             ValidationFailed: the adapter does not fit the base, or its files are broken (3).
             NotFound: no such source or base (4).
-            Conflict: this name already holds these exact files on this base (5).
+            Conflict: this name already holds these exact files on this base, or its latest
+                version is pinned to another base (5).
 
         Example:
             >>> reg.add("out/chat-lora", "chat", base="models/Llama-3.2-1B", tags=["prod"]).ref
@@ -332,13 +386,26 @@ class Registry:
             pin = self.pin_base(ckpt, name=base_name, revision=revision, hash_base=hash_base)
         contents = intake.contents(adapter, path)
         digest = contents.version_digest(pin)
+        resolved_pin: BasePin = pin
 
+        def check_base(conn: sqlite3.Connection) -> builtins.list[str]:
+            return intake.check_base_of_name(
+                conn, name, resolved_pin, allow_mismatch=allow_base_mismatch
+            )
+
+        def precheck() -> None:
+            with self._read() as conn:  # refuse before any blob is stored
+                check_base(conn)
+
+        retry(precheck, f"reading {name}")
+        warnings: builtins.list[str] = []
         with self._store.lock(exclusive=False):
             for e in contents.entries:
                 self._store_blob(contents.sources[e.path], e.sha256)
 
             def insert() -> int:
                 with self._write() as conn:
+                    warnings[:] = check_base(conn)  # again: another add may have come first
                     return self._insert_version(
                         conn,
                         name=name,
@@ -356,7 +423,7 @@ class Registry:
                     )
 
             vid = retry(insert, f"adding {name}")
-        return self._version_by_id(vid)
+        return self._version_by_id(vid).model_copy(update={"warnings": warnings})
 
     def _insert_version(self, conn: sqlite3.Connection, **fields: Any) -> int:
         """Insert the rows of a new version in the open write transaction ``conn``; its row id
@@ -396,7 +463,9 @@ class Registry:
         parents, their weights, the method and its options.
 
         The new version's base pin is ``base``'s when given, else the parents' when they all
-        share one, else the output config's base name (unverified).
+        share one, else the output config's base name (unverified). A pin that differs from
+        ``name``'s latest version's is not refused here (the artifact is already written):
+        the new version's ``warnings`` say so.
 
         Args:
             name: the name to register under.
@@ -431,6 +500,7 @@ class Registry:
             tags=tags,
             pin=pin,
             lineage=([(v, w) for v, w in resolved], method, options),
+            allow_base_mismatch=True,
         )
 
     # -- lookups ---------------------------------------------------------------------------
@@ -566,11 +636,12 @@ class Registry:
             True
         """
 
-        def write() -> int:
+        def write() -> Version:
             with self._write() as conn:
-                return history.remove(conn, lookups.lookup(conn, ref), force=force)
+                vid = history.remove(conn, lookups.lookup(conn, ref), force=force)
+                return lookups.build(conn, vid, depth=0)  # a damaged row undoes the removal
 
-        return self._version_by_id(retry(write, f"removing {ref}"))
+        return retry(write, f"removing {ref}")
 
     # -- materialising ---------------------------------------------------------------------
 
@@ -611,7 +682,10 @@ class Registry:
 
     def checkout(self, ref: str | Version) -> Path:
         """A local, read-only copy of a version that any reader can open (cached under
-        ``checkouts/``).
+        ``checkouts/``). A cached copy is checked first (a stat per file against the stamp
+        taken when it was written, a re-hash of any file that changed); one whose bytes no
+        longer match the version is made again from the blobs, with a warning logged on
+        ``adapterctl.registry``.
 
         Args:
             ref: the version or its reference.
@@ -621,6 +695,7 @@ class Registry:
 
         Raises:
             NotFound: ``ref`` does not resolve (4).
+            OperationalError: a blob it needs is missing or altered (1).
 
         Example:
             >>> read(reg.checkout("chat@prod")).format
@@ -632,9 +707,9 @@ class Registry:
     # -- maintenance -----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Check the database (``PRAGMA integrity_check``, foreign keys, every live version's
-        digests recomputed from its rows), re-hash every blob a live version uses, and check
-        cached checkouts.
+        """Check the database (``PRAGMA integrity_check``, dangling references, version rows
+        missing from a name's numbering, every live version's digests recomputed from its
+        rows), re-hash every blob a live version uses, and re-hash cached checkouts.
 
         Returns:
             The report; ``ok`` is True when nothing is wrong.
@@ -648,7 +723,7 @@ class Registry:
     def gc(self) -> GcReport:
         """Delete blobs no live version uses (removed versions' files, orphans of an
         interrupted ``add``), leftover temporary files, and checkouts of removed versions or
-        whose files were changed.
+        whose files no longer hash to the version's (every checkout is re-hashed).
 
         Returns:
             What was deleted.

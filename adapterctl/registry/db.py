@@ -133,6 +133,41 @@ def rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list
     return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
 
+def first_row(conn: sqlite3.Connection, sql: str, params: Sequence[Any], missing: str) -> dict:
+    """The first row of a query that must find one (other rows say it exists).
+
+    Args:
+        conn: an open transaction.
+        sql: the query.
+        params: its parameters.
+        missing: what it means when there is none, for the message.
+
+    Raises:
+        OperationalError: there is none: the database is damaged (``damaged``, exit 1).
+    """
+    found = rows(conn, sql, params)
+    if not found:
+        raise damaged(conn, missing)
+    return found[0]
+
+
+def damaged(conn: sqlite3.Connection, what: str) -> OperationalError:
+    """The error for a database whose rows contradict each other (a row deleted or edited
+    behind the registry's back, its append-only triggers dropped): exit 1, naming the
+    database file and how to see everything that is wrong.
+
+    Args:
+        conn: the connection the contradiction was found on.
+        what: what was found ("chat@prod points at version id 7, which has no row").
+    """
+    found = conn.execute("PRAGMA database_list").fetchone()
+    where = found[2] if found and found[2] else DB_NAME
+    return OperationalError(
+        f"{where}: the registry database is damaged ({what}); see everything that is wrong "
+        "with: adapterctl registry verify, then restore registry.db from a backup"
+    )
+
+
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
     msg = str(exc).lower()
     return "locked" in msg or "busy" in msg

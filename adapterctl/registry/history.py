@@ -14,7 +14,7 @@ from typing import Any
 
 from adapterctl import __version__
 from adapterctl.errors import Conflict
-from adapterctl.registry.db import now, rows
+from adapterctl.registry.db import damaged, first_row, now
 from adapterctl.registry.models import LineageNode, LogEntry, TagResult
 
 
@@ -35,13 +35,14 @@ def lineage_tree(conn: sqlite3.Connection, vid: int, depth: int) -> list[Lineage
     for pid, weight in conn.execute(
         "SELECT parent_id, weight FROM lineage WHERE version_id = ? ORDER BY position", [vid]
     ).fetchall():
-        p = rows(
+        p = first_row(
             conn,
             "SELECT v.name, v.number, v.digest, t.removed_at, d.method FROM versions v "
             "LEFT JOIN tombstones t ON t.version_id = v.id "
             "LEFT JOIN derivations d ON d.version_id = v.id WHERE v.id = ?",
             [pid],
-        )[0]
+            f"a lineage parent of version id {vid}, version id {pid}, has no row",
+        )
         out.append(
             LineageNode(
                 ref=f"{p['name']}@{p['number']}",
@@ -177,6 +178,15 @@ def log(conn: sqlite3.Connection, name: str) -> list[LogEntry]:
     Returns:
         Versions added, aliases moved, versions removed.
     """
+    dangling = conn.execute(
+        "SELECT t.alias, t.version_id FROM tag_events t WHERE t.name = ? AND NOT EXISTS "
+        "(SELECT 1 FROM versions v WHERE v.id = t.version_id) LIMIT 1",
+        [name],
+    ).fetchone()
+    if dangling:
+        raise damaged(
+            conn, f"{name}@{dangling[0]} was pointed at version id {dangling[1]}, which has no row"
+        )
     found = conn.execute(
         "SELECT * FROM ("
         "SELECT created_at AS at, 0 AS rank, id AS seq, 'added' AS event, number, "

@@ -15,10 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import AdapterctlError, BrokenFile, Conflict, NotFound, ValidationFailed
-from adapterctl.identity import manifest, manifest_digest, short_digest, version_digest
-from adapterctl.registry.db import now
+from adapterctl.identity import (
+    check_successor,
+    manifest,
+    manifest_digest,
+    short_digest,
+    version_digest,
+)
+from adapterctl.registry.db import now, rows
 from adapterctl.registry.history import move_alias, record_parents
-from adapterctl.registry.lookups import lookup
+from adapterctl.registry.lookups import lookup, pin_from_row
 from adapterctl.registry.models import BasePin, FileEntry, Version
 
 if TYPE_CHECKING:
@@ -140,6 +146,41 @@ def contents(adapter: Adapter | None, path: Path) -> Contents:
         sources={e.path: (root if root.is_file() else root / e.path) for e in entries},
         files_digest=manifest_digest(raw),
         size=sum(e.size for e in entries),
+    )
+
+
+def check_base_of_name(
+    conn: sqlite3.Connection, name: str, pin: BasePin, *, allow_mismatch: bool
+) -> list[str]:
+    """Check a new version's base pin against the latest live version of ``name``
+    (``identity.check_successor``); nothing to check for a new name.
+
+    Args:
+        conn: an open transaction.
+        name: the adapter name.
+        pin: the new version's base pin.
+        allow_mismatch: warn about another base instead of refusing.
+
+    Returns:
+        Warnings.
+
+    Raises:
+        Conflict: the latest version is pinned to another base (5).
+    """
+    found = conn.execute(
+        "SELECT v.id FROM versions v WHERE v.name = ? AND NOT EXISTS "
+        "(SELECT 1 FROM tombstones t WHERE t.version_id = v.id) ORDER BY v.number DESC LIMIT 1",
+        [name],
+    ).fetchone()
+    if found is None:
+        return []
+    latest = rows(conn, "SELECT * FROM versions WHERE id = ?", [found[0]])[0]
+    return check_successor(
+        name,
+        f"{name}@{latest['number']}",
+        pin_from_row(latest),
+        pin,
+        allow_mismatch=allow_mismatch,
     )
 
 

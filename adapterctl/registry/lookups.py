@@ -13,7 +13,7 @@ from typing import Any
 
 from adapterctl.errors import NotFound, VersionRemoved
 from adapterctl.identity import base_fingerprint, short_digest
-from adapterctl.registry.db import rows
+from adapterctl.registry.db import damaged, first_row, rows
 from adapterctl.registry.grammar import DigestRef, parse_ref
 from adapterctl.registry.history import children, lineage_tree
 from adapterctl.registry.models import (
@@ -77,7 +77,7 @@ def lookup(conn: sqlite3.Connection, ref: str, *, allow_removed: bool = False) -
         )
         if not found:
             newest = _SELECT + "WHERE v.name = ? ORDER BY v.number DESC LIMIT 1"
-            last = rows(conn, newest, [name])[0]
+            last = first_row(conn, newest, [name], f"the adapter {name} has no version rows")
             if allow_removed:
                 return last
             raise VersionRemoved(
@@ -86,16 +86,21 @@ def lookup(conn: sqlite3.Connection, ref: str, *, allow_removed: bool = False) -
             )
         return found[0]
     if sel.isdigit():
-        found = rows(conn, _SELECT + "WHERE v.name = ? AND v.number = ?", [name, int(sel)])
-        if not found:
-            top = conn.execute(
-                "SELECT max(number) FROM versions WHERE name = ?", [name]
-            ).fetchone()[0]
+        top = conn.execute("SELECT max(number) FROM versions WHERE name = ?", [name]).fetchone()[0]
+        number = int(sel)
+        if top is None:
+            raise damaged(conn, f"the adapter {name} has no version rows")
+        if not 1 <= number <= top:  # numbers run 1..top with no gap: nothing else to look up
             raise NotFound(
                 f"{name} has no version {sel} (versions 1 to {top}); "
                 f"list them with: adapterctl log {name}"
             )
-        row = found[0]
+        row = first_row(
+            conn,
+            _SELECT + "WHERE v.name = ? AND v.number = ?",
+            [name, number],
+            f"{name}@{number} has no version row (numbers are never skipped)",
+        )
         if row["removed_at"] and not allow_removed:
             raise VersionRemoved(
                 f"{name}@{sel} was removed at {row['removed_at']} (tombstone; the number is "
@@ -108,12 +113,15 @@ def lookup(conn: sqlite3.Connection, ref: str, *, allow_removed: bool = False) -
         [name, sel],
     )
     if not found:
-        aliases = [
-            x[0]
-            for x in conn.execute(
-                "SELECT alias FROM current_tags WHERE name = ? ORDER BY alias", [name]
+        aliases = dict(
+            conn.execute(
+                "SELECT alias, version_id FROM current_tags WHERE name = ? ORDER BY alias", [name]
+            ).fetchall()
+        )
+        if sel in aliases:
+            raise damaged(
+                conn, f"{name}@{sel} points at version id {aliases[sel]}, which has no row"
             )
-        ]
         have = ("aliases: " + ", ".join(aliases)) if aliases else "it has no aliases"
         raise NotFound(
             f"{name} has no version or alias {sel!r} ({have}); "
@@ -190,7 +198,7 @@ def build(conn: sqlite3.Connection, vid: int, depth: int) -> Version:
     Returns:
         The version.
     """
-    row = rows(conn, _SELECT + "WHERE v.id = ?", [vid])[0]
+    row = first_row(conn, _SELECT + "WHERE v.id = ?", [vid], f"version id {vid} has no row")
     files = [
         FileEntry(path=p, size=s, sha256=h)
         for p, s, h in conn.execute(

@@ -1,12 +1,15 @@
-"""Keeping the registry sound: ``registry verify`` (database integrity, every live blob
-re-hashed, checkouts checked), ``registry gc`` (unused blobs, leftover temporary files, stale
-checkouts) and ``registry path`` (where the state lives, and how much there is).
+"""Keeping the registry sound: ``registry verify`` (database integrity and dangling
+references, every live blob and checkout re-hashed), ``registry gc`` (unused blobs, leftover
+temporary files, stale checkouts) and ``registry path`` (where the state lives, and how much
+there is).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from pathlib import Path
+from typing import NamedTuple
 
 from adapterctl.errors import OperationalError
 from adapterctl.identity import manifest_digest, version_digest
@@ -38,9 +41,8 @@ def verify(database: LazyDatabase, store: BlobStore, checkouts: Path) -> VerifyR
     """
 
     db = retry(lambda: _check_database(database), "verifying the registry")
-    integrity, fk, triggers, versions, bad_digests = db
     users: dict[tuple[str, int], list[str]] = {}
-    for v in versions:
+    for v in db.versions:
         for e in v.files:
             users.setdefault((e.sha256, e.size), []).append(v.ref)
     from adapterctl.identity import file_sha256
@@ -60,36 +62,69 @@ def verify(database: LazyDatabase, store: BlobStore, checkouts: Path) -> VerifyR
                 BlobProblem(sha256=sha, path=str(p), problem=f"sha256 is {got}", versions=refs)
             )
     checkouts_altered = []
-    for v in versions:
+    for v in db.versions:
         d = checkout_dir(checkouts, v)
-        if d.is_dir() and not intact(d, v.files, deep=True):
+        if d.exists() and not intact(d, v.files, trust_stamp=False):
             checkouts_altered.append(str(d))
-    ok = _sound(db) and not missing and not altered
+    ok = db.sound and not missing and not altered
     return VerifyReport(
         ok=ok and not checkouts_altered,
-        integrity=integrity,
-        foreign_key_errors=fk,
-        missing_triggers=triggers,
-        versions_checked=len(versions),
+        integrity=db.integrity,
+        foreign_key_errors=db.foreign_key_errors,
+        dangling=db.dangling,
+        missing_versions=db.missing_versions,
+        missing_triggers=db.missing_triggers,
+        versions_checked=len(db.versions),
         blobs_checked=len(users),
         bytes_checked=nbytes,
         missing=missing,
         altered=altered,
-        bad_digests=bad_digests,
+        bad_digests=db.bad_digests,
         checkouts_altered=checkouts_altered,
     )
 
 
-_Check = tuple[list[str], int, list[str], list[Version], list[str]]
+class _DatabaseCheck(NamedTuple):
+    """What the database's own checks found (``_check_database``)."""
+
+    integrity: list[str]  # PRAGMA integrity_check: ["ok"] when sound
+    foreign_key_errors: int
+    dangling: list[str]  # the foreign key errors, described
+    missing_versions: list[str]  # version rows a name's numbering says exist but do not
+    missing_triggers: list[str]  # append-only guards dropped
+    versions: list[Version]  # the live versions
+    bad_digests: list[str]  # live versions whose recorded files no longer give their digest
+
+    @property
+    def sound(self) -> bool:
+        return self.integrity == ["ok"] and not (
+            self.foreign_key_errors
+            or self.missing_versions
+            or self.missing_triggers
+            or self.bad_digests
+        )
+
+    def problems(self) -> list[str]:
+        """One short phrase per kind of problem found."""
+        n_fk, n_missing = self.foreign_key_errors, len(self.missing_versions)
+        n_triggers, bad = len(self.missing_triggers), self.bad_digests
+        return [
+            *([] if self.integrity == ["ok"] else [f"integrity: {self.integrity[0]}"]),
+            *([f"{n_fk} foreign key error(s)"] if n_fk else []),
+            *([f"{n_missing} version row(s) missing"] if n_missing else []),
+            *([f"{n_triggers} append-only trigger(s) dropped"] if n_triggers else []),
+            *([f"files of {', '.join(bad)} do not match their digest"] if bad else []),
+        ]
 
 
-def _check_database(database: LazyDatabase) -> _Check:
-    """The database's own checks: SQLite's integrity check, foreign-key errors, append-only
-    triggers that were dropped, the live versions, and those whose recorded files no longer
-    give their digest (a ``files`` row deleted or edited)."""
+def _check_database(database: LazyDatabase) -> _DatabaseCheck:
+    """The database's own checks: SQLite's integrity check, rows that refer to rows that are
+    not there, version numbers with no row, append-only triggers that were dropped, the live
+    versions, and those whose recorded files no longer give their digest (a ``files`` row
+    deleted or edited)."""
     with database.read() as conn:
         integrity = [r[0] for r in conn.execute("PRAGMA integrity_check")]
-        fk = len(conn.execute("PRAGMA foreign_key_check").fetchall())
+        dangling, fk = _dangling(conn)
         have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='trigger'")}
         triggers = sorted(expected_triggers() - have)
         ids = [
@@ -99,7 +134,8 @@ def _check_database(database: LazyDatabase) -> _Check:
                 "(SELECT 1 FROM tombstones t WHERE t.version_id = v.id) ORDER BY id"
             )
         ]
-        versions = [build(conn, i, depth=99) for i in ids]
+        versions = [build(conn, i, depth=99) for i in ids]  # depth 99: no lineage needed
+        missing_versions = _missing_versions(conn)
     bad: list[str] = []
     for v in versions:
         raw: list[dict[str, object]] = [e.model_dump() for e in v.files]
@@ -107,17 +143,60 @@ def _check_database(database: LazyDatabase) -> _Check:
             version_digest(raw, v.base.identity()) != v.digest
         ):
             bad.append(v.ref)
-    return integrity, fk, triggers, versions, bad
+    return _DatabaseCheck(integrity, fk, dangling, missing_versions, triggers, versions, bad)
 
 
-def _sound(check: _Check) -> bool:
-    integrity, fk, triggers, _, bad = check
-    return integrity == ["ok"] and not fk and not triggers and not bad
+def _dangling(conn: sqlite3.Connection) -> tuple[list[str], int]:
+    """SQLite's foreign key check, described: one line per table, column and missing key
+    (``3 files row(s) refer to versions.id = 7, which has no row``), and the number of rows
+    at fault."""
+    columns: dict[str, dict[int, tuple[str, str, str]]] = {}
+    counts: dict[tuple[str, str, str, str, object], int] = {}
+    total = 0
+    for table, rowid, parent, fkid in conn.execute("PRAGMA foreign_key_check").fetchall():
+        if table not in columns:
+            columns[table] = {
+                r[0]: (r[2], r[3], r[4] or "rowid")
+                for r in conn.execute(f'PRAGMA foreign_key_list("{table}")')
+            }
+        parent, col, to = columns[table].get(fkid, (parent, "?", "?"))
+        value = (
+            conn.execute(f'SELECT "{col}" FROM "{table}" WHERE rowid = ?', [rowid]).fetchone()
+            if col != "?"
+            else None
+        )
+        key = (table, col, parent, to, None if value is None else value[0])
+        counts[key] = counts.get(key, 0) + 1
+        total += 1
+    lines = [
+        f"{n} {table} row(s) refer by {col} to {parent}.{to} = {value!r}, which has no row"
+        for (table, col, parent, to, value), n in sorted(counts.items(), key=str)
+    ]
+    return lines, total
+
+
+def _missing_versions(conn: sqlite3.Connection) -> list[str]:
+    """Version rows that must exist but do not: numbers run 1, 2, 3… per name with no gap
+    and are never reused, so a gap is a deleted row, and so is a name with no version at
+    all (a name is only ever created with its first version)."""
+    out = []
+    for (name,) in conn.execute(
+        "SELECT a.name FROM adapters a WHERE NOT EXISTS "
+        "(SELECT 1 FROM versions v WHERE v.name = a.name) ORDER BY a.name"
+    ):
+        out.append(f"{name}: no version rows at all")
+    for name, top in conn.execute(
+        "SELECT name, max(number) FROM versions GROUP BY name "
+        "HAVING count(*) != max(number) ORDER BY name"
+    ).fetchall():
+        have = {n for (n,) in conn.execute("SELECT number FROM versions WHERE name = ?", [name])}
+        out += [f"{name}@{n}: no version row" for n in range(1, top + 1) if n not in have]
+    return out
 
 
 def gc(database: LazyDatabase, store: BlobStore, checkouts: Path) -> GcReport:
     """Delete blobs no live version uses, leftover temporary files, and checkouts of removed
-    versions or whose files were changed (see ``Registry.gc``).
+    versions or whose files no longer hash to the version's (see ``Registry.gc``).
 
     Args:
         database: the registry's database.
@@ -133,18 +212,11 @@ def gc(database: LazyDatabase, store: BlobStore, checkouts: Path) -> GcReport:
     """
     with store.lock(exclusive=True):
         check = retry(lambda: _check_database(database), "checking the registry")
-        if not _sound(check):
-            integrity, fk, triggers, _, bad = check
-            why = [
-                *([] if integrity == ["ok"] else [f"integrity: {integrity[0]}"]),
-                *([f"{fk} foreign key error(s)"] if fk else []),
-                *([f"{len(triggers)} append-only trigger(s) dropped"] if triggers else []),
-                *([f"files of {', '.join(bad)} do not match their digest"] if bad else []),
-            ]
+        if not check.sound:
             raise OperationalError(
-                f"{database.path}: the registry database is damaged ({'; '.join(why)}); gc "
-                "deleted nothing: run `adapterctl registry verify` and restore registry.db "
-                "from a backup"
+                f"{database.path}: the registry database is damaged "
+                f"({'; '.join(check.problems())}); gc deleted nothing: run `adapterctl registry "
+                "verify` and restore registry.db from a backup"
             )
 
         def read_db() -> tuple[set[str], list[Version]]:
@@ -187,7 +259,7 @@ def gc(database: LazyDatabase, store: BlobStore, checkouts: Path) -> GcReport:
         if checkouts.is_dir():
             for d in checkouts.iterdir():
                 v = wanted.get(d.name)
-                if v is None or not intact(d, v.files, deep=False):
+                if v is None or not intact(d, v.files, trust_stamp=False):
                     remove(d)
                     stale += 1
     return GcReport(

@@ -90,6 +90,22 @@ class BasePin(BaseModel):
         }
 
 
+# How far a merge's base was checked against its inputs' pins, weakest input first:
+# "content" (weight-file hashes compared), "fingerprint" (tensor names, shapes, dtypes and
+# architecture), "unpinned" (an input with nothing to compare: a local path, a name-only pin),
+# "mismatch" (a pin that differs, let through by --allow-base-mismatch).
+BaseCheck = Literal["content", "fingerprint", "unpinned", "mismatch"]
+BASE_CHECK_ORDER: tuple[BaseCheck, ...] = ("mismatch", "unpinned", "fingerprint", "content")
+
+
+class PinChecks(BaseModel):
+    """The base pins of a merge's inputs checked against its base (``Registry.check_pins``)."""
+
+    level: BaseCheck
+    lines: list[str] = Field(default_factory=list)  # one per registry input: what was checked
+    warnings: list[str] = Field(default_factory=list)
+
+
 class Tombstone(BaseModel):
     """A removed version: when, and whether ``--force`` overrode a lineage guard."""
 
@@ -138,6 +154,8 @@ class Version(BaseModel):
     parents: list[LineageNode] = Field(default_factory=list)
     children: list[str] = Field(default_factory=list)
     remotes: list[Remote] = Field(default_factory=list)
+    # What the call that returned it has to say (``add --allow-base-mismatch``); not stored.
+    warnings: list[str] = Field(default_factory=list, exclude=True)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -203,6 +221,10 @@ class VerifyReport(BaseModel):
     ok: bool
     integrity: list[str]
     foreign_key_errors: int
+    # the foreign key errors, described: rows that refer to a row that is not there
+    dangling: list[str] = Field(default_factory=list)
+    # versions a name's numbering (1, 2, 3… never reused) says exist but that have no row
+    missing_versions: list[str] = Field(default_factory=list)
     missing_triggers: list[str] = Field(default_factory=list)  # append-only guards dropped
     versions_checked: int
     blobs_checked: int

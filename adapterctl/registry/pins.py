@@ -14,10 +14,18 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from adapterctl import identity
-from adapterctl.errors import UsageError
+from adapterctl.errors import Conflict, UsageError
 from adapterctl.identity import base_content_digest
 from adapterctl.registry.db import LazyDatabase, now, retry, rows
-from adapterctl.registry.models import PIN_LABELS, BasePin, FileEntry, Version
+from adapterctl.registry.models import (
+    BASE_CHECK_ORDER,
+    PIN_LABELS,
+    BaseCheck,
+    BasePin,
+    FileEntry,
+    PinChecks,
+    Version,
+)
 
 if TYPE_CHECKING:
     from adapterctl.checkpoint import Checkpoint
@@ -108,6 +116,69 @@ def check_pin(
         return None if files is None else base_content_digest((f.path, f.sha256) for f in files)
 
     return PIN_LABELS[identity.check_pin(v.ref, v.base, checkpoint, content_digest)]
+
+
+def check_pins(
+    database: LazyDatabase,
+    versions: Sequence[Version | None],
+    checkpoint: Checkpoint,
+    *,
+    hash_base: bool = False,
+    allow_mismatch: bool = False,
+) -> PinChecks:
+    """Check each input's base pin against ``checkpoint`` (``check_pin``) and say how far the
+    base was checked overall (see ``Registry.check_pins``).
+
+    Args:
+        database: the registry's database (its base hash cache).
+        versions: the registry version of each input; None for a local path (no pin).
+        checkpoint: the base about to be merged into.
+        hash_base: hash the checkpoint's weight files where a pin has a content digest and the
+            cache does not know them, so the content is compared, not only the fingerprint.
+        allow_mismatch: report a differing pin as a warning instead of refusing.
+
+    Returns:
+        The weakest level checked, one line per registry input, and warnings.
+
+    Raises:
+        Conflict: a pin differs from ``checkpoint`` and ``allow_mismatch`` is False (5).
+    """
+    levels: list[BaseCheck] = []
+    lines: list[str] = []
+    warnings: list[str] = []
+    for v in versions:
+        if v is None:
+            levels.append("unpinned")
+            continue
+        try:
+            label = check_pin(database, v, checkpoint, hash_base=hash_base)
+        except Conflict as exc:
+            if not allow_mismatch:
+                raise
+            levels.append("mismatch")
+            warnings.append(f"--allow-base-mismatch: {exc}")
+            lines.append(f"{v.ref}: base pin differs (allowed by --allow-base-mismatch)")
+            continue
+        level = _CHECKS.get(label, "unpinned")
+        levels.append(level)
+        line = f"{v.ref}: base pin checked by {label}"
+        if level == "fingerprint" and v.base.content_digest and not hash_base:
+            line += " (the weights were not compared: pass --hash-base to compare its content)"
+        elif hash_base and level == "fingerprint":
+            warnings.append(
+                f"--hash-base: {v.ref} is pinned by fingerprint only (its base was not hashed "
+                "when it was added), so only tensor names, shapes and dtypes were compared"
+            )
+        lines.append(line)
+    level = min(levels, key=BASE_CHECK_ORDER.index) if levels else "unpinned"
+    return PinChecks(level=level, lines=lines, warnings=warnings)
+
+
+# The level of each check_pin result.
+_CHECKS: dict[str, BaseCheck] = {
+    PIN_LABELS["content digest"]: "content",
+    PIN_LABELS["fingerprint"]: "fingerprint",
+}
 
 
 def check_same_base(versions: Sequence[Version], *, allow_mismatch: bool = False) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from adapterctl.checkpoint import Checkpoint
+from adapterctl.checkpoint import QUANT_FIX, Checkpoint
 from adapterctl.identity import model_key
 from adapterctl.validate.context import EMBEDDING_NAMES, HEAD_NAMES, Context, leaf_name, list_names
 from adapterctl.validate.core import rule
@@ -41,6 +41,8 @@ def _target_missing(ctx: Context) -> Iterator[tuple[str | None, str]]:
         if tied and leaf_name(name) in HEAD_NAMES:
             continue  # a tied head has no tensor of its own; AC206 covers it
         expected = ctx.binding.add + name.removeprefix(ctx.binding.strip) + ".weight"
+        if expected in ctx.base.quant_problems:
+            continue  # a 4-bit weight stored without its packed codes: AC213 says so
         yield name, f"the base has no {expected}"
 
 
@@ -48,10 +50,10 @@ def _target_missing(ctx: Context) -> Iterator[tuple[str | None, str]]:
     "AC202", "shape-mismatch", "error", "base", "each update's shape equals its base weight's shape"
 )
 def _shape_mismatch(ctx: Context) -> Iterator[tuple[str | None, str]]:
-    assert ctx.binding is not None
+    assert ctx.binding is not None and ctx.base is not None
     for name, t in sorted(ctx.binding.targets.items()):
-        if t.shape is None:
-            continue
+        if t.shape is None or t.tensor in ctx.base.quant_problems:
+            continue  # a broken 4-bit weight has no trustworthy shape: AC213 says why
         mod = ctx.adapter.modules[name]
         shape = replace(mod, layout=t.layout).weight_shape
         if tuple(shape) == tuple(t.shape):
@@ -260,3 +262,18 @@ def _quantized_base(ctx: Context) -> Iterator[tuple[str | None, str]]:
             "--quantize nf4 is lossy)"
         )
         yield None, msg
+
+
+@rule(
+    "AC213",
+    "quant-state",
+    "error",
+    "base",
+    "every bitsandbytes 4-bit weight of the base has all its stored tensors, consistent with "
+    "its quant state",
+)
+def _quant_state(ctx: Context) -> Iterator[tuple[str | None, str]]:
+    assert ctx.base is not None
+    for weight, problem in ctx.base.quant_problems.items():
+        # A weight missing part of its state would merge (and load) silently wrong.
+        yield weight, f"{problem}; {QUANT_FIX}"

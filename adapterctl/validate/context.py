@@ -26,6 +26,7 @@ class ModuleStats:
 
     nonfinite: list[str]  # which tensors hold NaN/Inf
     zero: bool  # the module changes nothing (B·A = 0, no DoRA magnitude, no lora bias)
+    overflow: str | None = None  # why scale·B·A cannot be computed in float32, if it cannot
 
 
 @dataclass
@@ -120,17 +121,30 @@ def _module_stats(mod: LoraModule) -> ModuleStats:
     wide = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32
     b32: Any = b.astype(wide, copy=False)
     a32: Any = a.astype(wide, copy=False)
-    gb, ga = b32.T @ b32, a32 @ a32.T  # (r, r), (r, r)
-    nb, na = float(np.trace(gb)), float(np.trace(ga))  # ‖B‖², ‖A‖²
+    with np.errstate(over="ignore", invalid="ignore"):  # huge factors: decided below
+        gb, ga = b32.T @ b32, a32 @ a32.T  # (r, r), (r, r)
+        nb, na = float(np.trace(gb)), float(np.trace(ga))  # ‖B‖², ‖A‖²
     factors_ok = np.isfinite(nb) and np.isfinite(na)
     extras = {r: t for r, t in parts.items() if r not in ("lora_A", "lora_B")}
     bad = [r for r, t in (extras if factors_ok else parts).items() if has_nonfinite(t)]
     if bad:
         return ModuleStats(nonfinite=bad, zero=False)
+    from adapterctl.lowrank import entry_bound, range_problem
+
+    # Finite factors and a finite scale can still multiply out beyond float32 (alpha 1e308).
+    overflow = range_problem(entry_bound(b, a, mod.scale))
+    if overflow is None and mod.bias is not None:
+        bias = parts["lora_B.bias"]
+        overflow = range_problem(abs(mod.scale) * float(abs(bias).max(initial=0.0)),
+                                 what="its lora bias scale·b")  # fmt: skip
+    if overflow is not None:
+        return ModuleStats(nonfinite=[], zero=False, overflow=overflow)
     no_bias = mod.bias is None or bool((parts["lora_B.bias"] == 0).all())
     if not (no_bias and mod.magnitude is None):
         return ModuleStats(nonfinite=[], zero=False)
-    if factors_ok and float((gb * ga).sum()) > 1e-3 * nb * na:  # far from zero: ‖BA‖ ≤ ‖B‖‖A‖
+    with np.errstate(over="ignore", invalid="ignore"):
+        far = factors_ok and float((gb * ga).sum()) > 1e-3 * nb * na
+    if far:  # far from zero: ‖BA‖ ≤ ‖B‖‖A‖
         return ModuleStats(nonfinite=[], zero=False)
     from adapterctl.lowrank import frobenius_norm
 

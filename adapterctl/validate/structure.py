@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from adapterctl.patterns import SuffixIndex
 from adapterctl.validate.context import Context, has_nonfinite, list_names, saved_copies
 from adapterctl.validate.core import rule
 
 
-def _declared_match(declared: str, target: str) -> bool:
-    module = target.rsplit(".", 1)[0] if target.endswith((".weight", ".bias")) else target
-    return module == declared or module.endswith("." + declared)
+def _module_of(target: str) -> str:
+    """The module a saved tensor belongs to (``lm_head`` for ``lm_head.weight``)."""
+    return target.rsplit(".", 1)[0] if target.endswith((".weight", ".bias")) else target
 
 
 @rule(
@@ -79,12 +80,20 @@ def _rank_mismatch(ctx: Context) -> Iterator[tuple[str | None, str]]:
     "non-finite",
     "error",
     "structure",
-    "no NaN or Inf in the LoRA factors, DoRA magnitudes, lora biases or saved copies",
+    "no NaN or Inf in the LoRA factors, DoRA magnitudes, lora biases or saved copies, and no "
+    "update scale·B·A beyond float32's range",
 )
 def _non_finite(ctx: Context) -> Iterator[tuple[str | None, str]]:
     for name, st in sorted(ctx.stats.items()):
         if st.nonfinite:
             yield name, f"{', '.join(st.nonfinite)} hold NaN/Inf (diverged training?)"
+        elif st.overflow:
+            mod = ctx.adapter.modules[name]
+            msg = (
+                f"{st.overflow} (scale {mod.scale:.3g}, lora_alpha {mod.alpha:g}): merged, it "
+                "would write inf; check lora_alpha and the factors"
+            )
+            yield name, msg
     for e in ctx.adapter.extras:
         if has_nonfinite(e.tensor.array()):
             yield e.target, f"the saved {e.kind} tensor holds NaN/Inf"
@@ -152,9 +161,12 @@ def _modules_to_save(ctx: Context) -> Iterator[tuple[str | None, str]]:
     saved = saved_copies(ctx.adapter)
     if cfg.bias != "none":  # bias="all"/"lora_only" saves base biases as full tensors
         saved = [t for t in saved if not t.endswith(".bias")]
-    for d in declared:
-        if not any(_declared_match(d, t) for t in saved):
+    index = SuffixIndex(declared)
+    hits = [index.find(_module_of(t)) for t in saved]
+    found = {i for h in hits for i in h}
+    for i, d in enumerate(declared):
+        if i not in found:
             yield d, "listed in modules_to_save but no copy is saved (the module did not exist?)"
-    for t in saved:
-        if not any(_declared_match(d, t) for d in declared):
+    for t, h in zip(saved, hits, strict=True):
+        if not h:
             yield t, "a full copy is saved but modules_to_save does not list it"

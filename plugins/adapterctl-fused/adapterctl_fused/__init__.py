@@ -1,9 +1,10 @@
 """adapterctl-fused: the NumPy merge engine's compiled kernel, as a plugin.
 
 The kernel (``_fused.c``) merges a block of rows of a 16/32-bit weight in one pass over
-memory: the base widened to float32, plus L·R summed in registers, rounded once into the output
-dtype (bfloat16 to nearest even, float16, float32) — about 3× NumPy's three passes (matmul,
-widening add, rounding). It is compiled for three vector widths (AVX-512, AVX2, generic 4-float
+memory: L·R summed in float64 in registers, the base added, rounded into the output dtype
+(bfloat16 to nearest even, float16, float32), noting the rare values whose rounding
+``adapterctl.merge.rounding`` must settle — faster than NumPy's several passes (matmul,
+widening add, roundings, checks). It is compiled for three vector widths (AVX-512, AVX2, generic 4-float
 vectors); the widest the CPU runs is the default.
 
 Importing this package is cheap: the compiled module is imported only when a merge asks for
@@ -32,7 +33,7 @@ class FusedKernel:
             from adapterctl_fused import _fused
         except ImportError:
             return None
-        return _fused if hasattr(_fused, "addmm_round_into") else None
+        return _fused if getattr(_fused, "FACTORS_FLOAT64", 0) else None
 
     def pays(self, isa: str, rank: int, cols: int) -> bool:
         """Whether the kernel sums W + L·R faster than NumPy's ``sgemm`` here, as

@@ -2,17 +2,23 @@
  *
  * One call merges a block of rows of a 16/32-bit weight in a single pass over memory:
  *
- *     out[i, j] = round_out( float(base[i, j]) + sum_k left[i, k] * right[k, j] )
+ *     x[i, j]   = double(base[i, j]) + sum_k left[i, k] * right[k, j]     (float64)
+ *     out[i, j] = round_out( float(x[i, j]) )
  *
  * base (rows, cols) in bfloat16, float16 or float32; left (rows, rank) and right (rank, cols)
- * in float32: the LoRA factors with their coefficients (adapterctl.merge.math), right
+ * in float64: the LoRA factors with their coefficients (adapterctl.merge.math), right
  * passed in tiles of 32 columns, (ceil(cols / 32), rank, 32) zero-padded, so that the values
- * a tile of the output needs lie side by side (numpy_engine._right_tiles). The sum is taken in
- * float32 and rounded once into out (rows, cols): bfloat16 to nearest even with NaN kept quiet
- * (as torch and adapterctl.floats round), float16 by the compiler's IEEE conversion (needs
- * _Float16: GCC 12+, Clang 15+; elsewhere float16 is refused and the engine uses NumPy for it), or
- * float32. NumPy does the same in three passes (matmul, widening add, rounding); this is one,
- * with the running sums in registers. The code is compiled for three vector widths and the
+ * a tile of the output needs lie side by side (numpy_engine._right_tiles). The sum runs from
+ * zero in float64 and the base is added last; x is rounded to float32 and then into out
+ * (rows, cols): bfloat16 to nearest even with NaN kept quiet (as torch and adapterctl.floats
+ * round), float16 by the compiler's IEEE conversion (needs _Float16: GCC 12+, Clang 15+;
+ * elsewhere float16 is refused and the engine uses NumPy for it), or float32. For 16-bit
+ * outputs the two roundings are the one correct rounding of the exact sum except where the
+ * float32 value lands exactly on a 16-bit midpoint or lies below its row's threshold `thr`
+ * (a sum that cancelled): those elements' flat indices are recorded in `suspects` for
+ * adapterctl.merge.rounding to settle (about one in 65,536). NumPy does the same in several
+ * passes (matmul, widening add, roundings, tests); this is one, with the running sums in
+ * registers. The code is compiled for three vector widths and the
  * widest the CPU runs is used (ISAS; `isa` picks another, for tests and benchmarks).
  *
  * Built as an optional extension: where it cannot be compiled, the engine uses NumPy alone.
@@ -74,6 +80,8 @@ static inline uint16_t f32_to_f16(float f) {
 /* A float16 result is ±inf while its float32 sum was finite: the value overflowed. */
 #define F16_INF(h, f) (((h) & 0x7FFFu) == 0x7C00u && (f) - (f) == 0.0f)
 #define NO_COUNT(h, f) 0
+/* A bfloat16 result is ±inf while its float32 sum was finite. */
+#define BF16_INF(h, f) (((h) & 0x7FFFu) == 0x7F80u && (f) - (f) == 0.0f)
 
 /* ---- one kernel per instruction set ----
  *
@@ -94,6 +102,12 @@ static inline uint16_t f32_to_f16(float f) {
     typedef float P##_vf __attribute__((vector_size(4 * (N))));                               \
     typedef uint32_t P##_vu32 __attribute__((vector_size(4 * (N))));                          \
     typedef uint16_t P##_vu16 __attribute__((vector_size(2 * (N))));                          \
+    typedef double P##_vd __attribute__((vector_size(8 * (N))));                              \
+    TARGET static inline P##_vd P##_load_f64(const double *p) {                              \
+        P##_vd v;                                                                             \
+        memcpy(&v, p, sizeof v);                                                              \
+        return v;                                                                             \
+    }                                                                                         \
     TARGET static inline P##_vf P##_load_f32(const float *p) {                               \
         P##_vf v;                                                                             \
         memcpy(&v, p, sizeof v);                                                              \
@@ -115,7 +129,30 @@ static inline uint16_t f32_to_f16(float f) {
         P##_vu32 nan = (P##_vu32)(v != v);                                                    \
         P##_vu16 h = __builtin_convertvector((quiet & nan) | (rounded & ~nan), P##_vu16);     \
         memcpy(p, &h, sizeof h);                                                              \
-        return 0;                                                                             \
+        /* a finite sum that rounded to ±inf: counted, as float16's are */                    \
+        P##_vu32 inf = (P##_vu32)((rounded & 0x7FFFu) == 0x7F80u) & (P##_vu32)(v - v == 0.0f); \
+        Py_ssize_t n = 0;                                                                     \
+        for (int t = 0; t < (N); t++) n += inf[t] != 0;                                       \
+        return n;                                                                             \
+    }                                                                                         \
+    TARGET static inline void P##_note(P##_vf v, float t, int out, Py_ssize_t at, int64_t *susp, \
+                                       Py_ssize_t cap, Py_ssize_t *n) {                       \
+        P##_vu32 u = (P##_vu32)v;                                                             \
+        P##_vf mag = (P##_vf)(u & 0x7FFFFFFFu);                                               \
+        const uint32_t low = out == F16 ? 0x1FFFu : 0xFFFFu;                                  \
+        const uint32_t mid = out == F16 ? 0x1000u : 0x8000u;                                  \
+        const float sub = out == F16 ? 6.103515625e-05f : 0.0f;                               \
+        P##_vu32 hit = (P##_vu32)((u & low) == mid) | (P##_vu32)(mag < t) |                   \
+                       (P##_vu32)(mag < sub);                                                 \
+        hit &= (P##_vu32)((u & 0x7F800000u) != 0x7F800000u);                                  \
+        uint32_t any = 0;                                                                     \
+        for (int q = 0; q < (N); q++) any |= hit[q];                                          \
+        if (any == 0) return;                                                                 \
+        for (int q = 0; q < (N); q++)                                                         \
+            if (hit[q]) {                                                                     \
+                if (*n < cap) susp[*n] = (int64_t)(at + q);                                   \
+                (*n)++;                                                                       \
+            }                                                                                 \
     }                                                                                         \
     F16_VECTOR_OPS(P, N, TARGET)
 
@@ -154,39 +191,60 @@ static inline uint16_t f32_to_f16(float f) {
 
 static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
     if (rank == 0) return cols > 0 ? cols : 1;
-    Py_ssize_t width = RIGHT_BUDGET / (rank * (Py_ssize_t)sizeof(float));
+    Py_ssize_t width = RIGHT_BUDGET / (rank * (Py_ssize_t)sizeof(double));
     width -= width % TILE_COLS;
     if (width < TILE_COLS) width = TILE_COLS;
     return width < cols ? width : (cols > 0 ? cols : 1);
 }
 
-/* The eight running sums of a tile, s0..s7: sum a covers row ACC_ROW(a), columns from
- * ACC_COL(a). Each step k loads the tile's vectors of `right` once, into registers, for all the
- * rows: left to itself, GCC folds the load into every FMA that uses it (twice the loads; AVX2
- * ran 1.5x slower), which an empty asm naming the value as a register operand prevents. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#define IN_REGISTER(x) __asm__("" : "+v"(x))
-#else
-#define IN_REGISTER(x) (void)(x)
-#endif
+/* The eight running sums of a tile, s0..s7, in float64: sum a covers row ACC_ROW(a), columns
+ * from ACC_COL(a). Each step k loads the tile's vectors of `right` once for all the rows. */
 #define FOR_SUMS(X, ...)                                                                      \
     X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
     X(5, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__)
-#define SUM_LOAD(a, N, VF, LOAD_V) VF s##a = LOAD_V(b[ACC_ROW(N, a)] + j + ACC_COL(N, a));
+#define SUM_ZERO(a, VD) VD s##a = -(VD){}; /* -0.0: rank 0 keeps W's own zeros */
 #define SUM_ADD(a, N, R) s##a += lk[ACC_ROW(N, a)] * R[ACC_COL(N, a) / (N)];
-#define SUM_STORE(a, N, STORE_V)                      \
-    if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) \
-        inf += STORE_V(o[ACC_ROW(N, a)] + j + ACC_COL(N, a), s##a);
+/* x = sum + base in float64, rounded to float32, stored (rounded into out), and checked. */
+#define SUM_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                         \
+    if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
+        const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
+        P##_vd x_ = s##a + __builtin_convertvector(LOAD_V(b[row_] + col_), P##_vd);           \
+        P##_vf v_ = __builtin_convertvector(x_, P##_vf);                                      \
+        inf += STORE_V(o[row_] + col_, v_);                                                   \
+        if (OUT_CODE != F32)                                                                  \
+            P##_note(v_, thr[rr[row_]], OUT_CODE, index0 + rr[row_] * cols + col_, susp, cap, \
+                     n_susp);                                                                 \
+    }
+
+/* Record the flat index `at` of a float32 value v whose rounding into `out` must be settled:
+ * exactly on a 16-bit midpoint, |v| below the row's threshold t, or (float16) subnormal there.
+ * Indices past `cap` are counted, not stored. */
+static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *susp,
+                            Py_ssize_t cap, Py_ssize_t *n) {
+    uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    const float mag = v < 0 ? -v : v;
+    const uint32_t low = out == F16 ? 0x1FFFu : 0xFFFFu, mid = out == F16 ? 0x1000u : 0x8000u;
+    const float sub = out == F16 ? 6.103515625e-05f : 0.0f;
+    const int hit = (u & low) == mid || mag < t || mag < sub;
+    if (hit && (u & 0x7F800000u) != 0x7F800000u) {
+        if (*n < cap) susp[*n] = (int64_t)at;
+        (*n)++;
+    }
+}
 
 /* A kernel for one (base dtype, output dtype) pair and one vector width; returns the number of
- * float16 overflows. Panel by panel of columns, rows go a tile at a time (past the last row, a
- * tile repeats its first row and stores it once): the tile's values of `left` are first laid
- * side by side in `lk` (rank x rows of the tile: one pointer walks them, which keeps the inner
- * loop short), then come whole tiles of 32 columns, then the panel's last columns one by one. */
-#define KERNEL(P, N, TARGET, NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT)          \
-    TARGET static Py_ssize_t P##_##NAME(const void *base_, const float *left,                  \
-                                        const float *right, void *out_, Py_ssize_t rows,       \
-                                        Py_ssize_t cols, Py_ssize_t rank, float *scratch) {    \
+ * finite sums that rounded to ±inf in a 16-bit output and adds the suspects it records to
+ * *n_susp. Panel by panel of columns, rows go a tile at a time (past the last row, a tile
+ * repeats its first row and stores it once): the tile's values of `left` are first laid side
+ * by side in `lk` (rank x rows of the tile: one pointer walks them, which keeps the inner
+ * loop short), then come whole tiles of 32 columns, then the panel's last columns one by one.
+ * `thr` holds a threshold per row; `index0` is the flat index of row 0 in the whole tensor. */
+#define KERNEL(P, N, TARGET, NAME, IN_T, LOAD, LOAD_V, OUT_T, STORE, STORE_V, COUNT, OUT_CODE) \
+    TARGET static Py_ssize_t P##_##NAME(                                                      \
+        const void *base_, const double *left, const double *right, void *out_,               \
+        Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank, double *scratch, const float *thr, \
+        int64_t *susp, Py_ssize_t cap, Py_ssize_t *n_susp, Py_ssize_t index0) {               \
         enum { RT = ACC_ROW(N, 7) + 1 }; /* rows per tile */                                   \
         const IN_T *base = base_;                                                              \
         OUT_T *out = out_;                                                                     \
@@ -207,26 +265,27 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
                 }                                                                              \
                 Py_ssize_t j = p;                                                              \
                 for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                               \
-                    FOR_SUMS(SUM_LOAD, N, P##_vf, LOAD_V)                                      \
-                    const float *r = right + (j / TILE_COLS) * rank * TILE_COLS;               \
-                    const float *lk = scratch;                                                 \
+                    FOR_SUMS(SUM_ZERO, P##_vd)                                                 \
+                    const double *r = right + (j / TILE_COLS) * rank * TILE_COLS;              \
+                    const double *lk = scratch;                                                \
                     for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS, lk += RT) {          \
-                        P##_vf R[TILE_COLS / N];                                               \
-                        for (int v = 0; v < TILE_COLS / N; v++) {                              \
-                            R[v] = P##_load_f32(r + v * N);                                    \
-                            IN_REGISTER(R[v]);                                                 \
-                        }                                                                      \
+                        P##_vd R[TILE_COLS / N];                                               \
+                        for (int v = 0; v < TILE_COLS / N; v++) R[v] = P##_load_f64(r + v * N); \
                         FOR_SUMS(SUM_ADD, N, R)                                                \
                     }                                                                          \
-                    FOR_SUMS(SUM_STORE, N, STORE_V)                                            \
+                    FOR_SUMS(SUM_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                       \
                 }                                                                              \
                 for (Py_ssize_t row = i; row < i + RT && row < rows; row++) {                  \
                     for (Py_ssize_t col = j; col < p_end; col++) {                             \
-                        float acc = LOAD(base[row * cols + col]);                              \
+                        double acc = -0.0;                                                     \
                         for (Py_ssize_t k = 0; k < rank; k++)                                  \
                             acc += left[row * rank + k] * right[RIGHT_AT(k, col)];             \
-                        out[row * cols + col] = STORE(acc);                                    \
-                        inf += COUNT(out[row * cols + col], acc);                              \
+                        const float v = (float)(acc + (double)LOAD(base[row * cols + col]));   \
+                        out[row * cols + col] = STORE(v);                                      \
+                        inf += COUNT(out[row * cols + col], v);                                \
+                        if (OUT_CODE != F32)                                                   \
+                            note_one(v, thr[row], OUT_CODE, index0 + row * cols + col, susp,   \
+                                     cap, n_susp);                                             \
                     }                                                                          \
                 }                                                                              \
             }                                                                                  \
@@ -234,24 +293,25 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
         return inf;                                                                            \
     }
 
-/* scratch: TILE_ROWS x rank floats. */
-typedef Py_ssize_t (*kernel_fn)(const void *, const float *, const float *, void *, Py_ssize_t,
-                                Py_ssize_t, Py_ssize_t, float *);
+/* scratch: TILE_ROWS x rank doubles. */
+typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, void *,
+                                Py_ssize_t, Py_ssize_t, Py_ssize_t, double *, const float *,
+                                int64_t *, Py_ssize_t, Py_ssize_t *, Py_ssize_t);
 
 /* Every (base, output) kernel for one width, and their table P_KERNELS[base][output] (NULL
  * where the compiler has no _Float16). */
 #if HAVE_FLOAT16
 #define F16_KERNELS(P, N, TARGET)                                                             \
     KERNEL(P, N, TARGET, f16_f16, uint16_t, f16_to_f32, P##_load_f16, uint16_t, f32_to_f16,   \
-           P##_store_f16, F16_INF)                                                            \
+           P##_store_f16, F16_INF, F16)                                                            \
     KERNEL(P, N, TARGET, f16_bf16, uint16_t, f16_to_f32, P##_load_f16, uint16_t, f32_to_bf16, \
-           P##_store_bf16, NO_COUNT)                                                          \
+           P##_store_bf16, BF16_INF, BF16)                                                         \
     KERNEL(P, N, TARGET, f16_f32, uint16_t, f16_to_f32, P##_load_f16, float, F32_STORE,       \
-           P##_store_f32, NO_COUNT)                                                           \
+           P##_store_f32, NO_COUNT, F32)                                                           \
     KERNEL(P, N, TARGET, bf16_f16, uint16_t, bf16_to_f32, P##_load_bf16, uint16_t, f32_to_f16, \
-           P##_store_f16, F16_INF)                                                            \
+           P##_store_f16, F16_INF, F16)                                                            \
     KERNEL(P, N, TARGET, f32_f16, float, F32_LOAD, P##_load_f32, uint16_t, f32_to_f16,        \
-           P##_store_f16, F16_INF)
+           P##_store_f16, F16_INF, F16)
 #define WITH_F16(fn) fn
 #else
 #define F16_KERNELS(P, N, TARGET)
@@ -261,13 +321,13 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const float *, const float *, void
 #define KERNEL_SET(P, N, TARGET)                                                              \
     VECTOR_OPS(P, N, TARGET)                                                                  \
     KERNEL(P, N, TARGET, bf16_bf16, uint16_t, bf16_to_f32, P##_load_bf16, uint16_t,           \
-           f32_to_bf16, P##_store_bf16, NO_COUNT)                                             \
+           f32_to_bf16, P##_store_bf16, BF16_INF, BF16)                                            \
     KERNEL(P, N, TARGET, f32_bf16, float, F32_LOAD, P##_load_f32, uint16_t, f32_to_bf16,      \
-           P##_store_bf16, NO_COUNT)                                                          \
+           P##_store_bf16, BF16_INF, BF16)                                                         \
     KERNEL(P, N, TARGET, bf16_f32, uint16_t, bf16_to_f32, P##_load_bf16, float, F32_STORE,    \
-           P##_store_f32, NO_COUNT)                                                           \
+           P##_store_f32, NO_COUNT, F32)                                                           \
     KERNEL(P, N, TARGET, f32_f32, float, F32_LOAD, P##_load_f32, float, F32_STORE,            \
-           P##_store_f32, NO_COUNT)                                                           \
+           P##_store_f32, NO_COUNT, F32)                                                           \
     F16_KERNELS(P, N, TARGET)                                                                 \
     static const kernel_fn P##_KERNELS[3][3] = {                                              \
         [BF16] = {[BF16] = P##_bf16_bf16, [F16] = WITH_F16(P##_bf16_f16),                     \
@@ -364,55 +424,84 @@ static kernel_fn find_kernel(const char *fn, const Py_buffer *out, const Py_buff
     const Py_ssize_t right_cols = (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS; /* padded */
     if ((out != NULL && check_size(fn, out, "out", rows * cols * itemsize(out_dt))) ||
         check_size(fn, base, "base", rows * cols * itemsize(base_dt)) ||
-        check_size(fn, left, "left", rows * rank * 4) ||
-        check_size(fn, right, "right", rank * right_cols * 4))
+        check_size(fn, left, "left", rows * rank * 8) ||
+        check_size(fn, right, "right", rank * right_cols * 8))
         return NULL;
     return kernel;
 }
 
-static float *new_scratch(Py_ssize_t rank) {
-    float *scratch = PyMem_RawMalloc(sizeof(float) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
+/* An optional buffer argument: None leaves `b` empty; 0, or -1 with an exception set. */
+static int optional_buffer(PyObject *o, Py_buffer *b, int writable) {
+    if (o == NULL || o == Py_None) return 0;
+    return PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0));
+}
+
+/* The optional thresholds (rows floats, needed for 16-bit outputs) and suspects buffer (int64s:
+ * its length is the capacity); 0, or -1 with an exception set. */
+static int check_checks(const char *fn, int out_dt, const Py_buffer *thr, const Py_buffer *susp,
+                        Py_ssize_t rows) {
+    if (out_dt == F32) return 0;
+    if (thr->buf == NULL || susp->buf == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: 16-bit outputs need thr and suspects", fn);
+        return -1;
+    }
+    return check_size(fn, thr, "thr", rows * 4);
+}
+
+static double *new_scratch(Py_ssize_t rank) {
+    double *scratch = PyMem_RawMalloc(sizeof(double) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
     if (scratch == NULL) PyErr_NoMemory();
     return scratch;
 }
 
 PyDoc_STRVAR(addmm_round_doc,
              "addmm_round(out, base, left, right, rows, cols, rank, base_dtype, out_dtype,\n"
-             "            isa=None) -> int\n"
+             "            isa=None, thr=None, suspects=None) -> (int, int)\n"
              "\n"
-             "out = round(base + left @ right), summed in float32 and rounded once.\n"
+             "out = round(float(base + left @ right)), summed in float64 from zero, the base\n"
+             "added last.\n"
              "\n"
              "out: writable C-contiguous buffer of rows*cols values of out_dtype; base: rows*cols\n"
-             "values of base_dtype; left: float32 (rows, rank); right: float32 (rank, cols) in\n"
+             "values of base_dtype; left: float64 (rows, rank); right: float64 (rank, cols) in\n"
              "tiles of TILE_COLS columns, (ceil(cols / TILE_COLS), rank, TILE_COLS), zero-padded.\n"
              "Dtypes are the names in DTYPES. isa: one of ISAS (default: the first, the widest\n"
-             "this CPU runs). Returns the number of finite sums that became infinite (float16\n"
-             "outputs only).");
+             "this CPU runs). 16-bit outputs need thr (float32, a threshold per row) and\n"
+             "suspects (a writable int64 buffer): the flat indices of the values to settle\n"
+             "(adapterctl.merge.rounding) are written there, as many as fit. Returns the number\n"
+             "of finite sums that became infinite (16-bit outputs) and the number of\n"
+             "suspects found (more than fit: the caller settles the whole tensor otherwise).");
 
 static PyObject *addmm_round(PyObject *self, PyObject *args) {
-    Py_buffer out, base, left, right;
-    Py_ssize_t rows, cols, rank, inf = 0;
+    Py_buffer out, base, left, right, thr = {0}, susp = {0};
+    Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     int base_dt, out_dt;
     const char *isa_name = NULL;
+    PyObject *thr_o = NULL, *susp_o = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|z:addmm_round", &out, &base, &left, &right, &rows,
-                          &cols, &rank, &base_dt, &out_dt, &isa_name))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|zOO:addmm_round", &out, &base, &left, &right,
+                          &rows, &cols, &rank, &base_dt, &out_dt, &isa_name, &thr_o, &susp_o))
         return NULL;
     PyObject *result = NULL;
-    float *scratch = NULL;
+    double *scratch = NULL;
+    if (optional_buffer(thr_o, &thr, 0) < 0 || optional_buffer(susp_o, &susp, 1) < 0) goto done;
     const kernel_fn kernel = find_kernel("addmm_round", &out, &base, &left, &right, rows, cols,
                                          rank, base_dt, out_dt, isa_name);
-    if (kernel == NULL || (scratch = new_scratch(rank)) == NULL) goto done;
+    if (kernel == NULL || check_checks("addmm_round", out_dt, &thr, &susp, rows) < 0 ||
+        (scratch = new_scratch(rank)) == NULL)
+        goto done;
     Py_BEGIN_ALLOW_THREADS;
-    inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank, scratch);
+    inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank, scratch, thr.buf,
+                 susp.buf, susp.len / 8, &n_susp, 0);
     Py_END_ALLOW_THREADS;
-    result = PyLong_FromSsize_t(inf);
+    result = Py_BuildValue("(nn)", inf, n_susp);
 done:
     PyMem_RawFree(scratch);
     PyBuffer_Release(&out);
     PyBuffer_Release(&base);
     PyBuffer_Release(&left);
     PyBuffer_Release(&right);
+    if (thr.obj != NULL) PyBuffer_Release(&thr);
+    if (susp.obj != NULL) PyBuffer_Release(&susp);
     return result;
 }
 
@@ -422,13 +511,14 @@ done:
 
 PyDoc_STRVAR(addmm_round_into_doc,
              "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
-             "                 base_dtype, out_dtype, isa=None) -> int\n"
+             "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None)\n"
+             "    -> (int, int)\n"
              "\n"
              "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
              "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
              "each block written with pwrite into the file `fd` at `offset` onwards. One call\n"
              "per tensor, the GIL released throughout. Raises OSError when a write fails.\n"
-             "Returns the number of finite sums that became infinite (float16 outputs only).");
+             "Returns what addmm_round returns; suspects are flat indices in the whole tensor.");
 
 /* Writes n bytes at offset; returns 0, or the errno of a failed write. */
 static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
@@ -447,24 +537,27 @@ static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
 }
 
 static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
-    Py_buffer buffer, base, left, right;
+    Py_buffer buffer, base, left, right, thr = {0}, susp = {0};
     int fd, base_dt, out_dt, err = 0;
     long long offset;
-    Py_ssize_t rows, cols, rank, inf = 0;
+    Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     const char *isa_name = NULL;
+    PyObject *thr_o = NULL, *susp_o = NULL;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|z:addmm_round_into", &fd, &offset, &buffer,
+    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|zOO:addmm_round_into", &fd, &offset, &buffer,
                           &base, &left, &right, &rows, &cols, &rank, &base_dt, &out_dt,
-                          &isa_name))
+                          &isa_name, &thr_o, &susp_o))
         return NULL;
     PyObject *result = NULL;
-    float *scratch = NULL;
+    double *scratch = NULL;
+    if (optional_buffer(thr_o, &thr, 0) < 0 || optional_buffer(susp_o, &susp, 1) < 0) goto done;
     const kernel_fn kernel = find_kernel("addmm_round_into", NULL, &base, &left, &right, rows,
                                          cols, rank, base_dt, out_dt, isa_name);
-    if (kernel == NULL) goto done;
+    if (kernel == NULL || check_checks("addmm_round_into", out_dt, &thr, &susp, rows) < 0)
+        goto done;
     const Py_ssize_t row_bytes = cols * itemsize(out_dt);
     if (rows == 0 || row_bytes == 0) { /* an empty tensor: nothing to write */
-        result = PyLong_FromSsize_t(0);
+        result = Py_BuildValue("(nn)", (Py_ssize_t)0, (Py_ssize_t)0);
         goto done;
     }
     Py_ssize_t block = buffer.len / row_bytes;
@@ -479,8 +572,10 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     const char *in = base.buf;
     for (Py_ssize_t r0 = 0; r0 < rows && err == 0; r0 += block) {
         const Py_ssize_t n = rows - r0 < block ? rows - r0 : block;
-        inf += kernel(in + r0 * cols * itemsize(base_dt), (const float *)left.buf + r0 * rank,
-                      right.buf, buffer.buf, n, cols, rank, scratch);
+        inf += kernel(in + r0 * cols * itemsize(base_dt), (const double *)left.buf + r0 * rank,
+                      right.buf, buffer.buf, n, cols, rank, scratch,
+                      thr.buf == NULL ? NULL : (const float *)thr.buf + r0, susp.buf,
+                      susp.len / 8, &n_susp, r0 * cols);
         err = pwrite_all(fd, buffer.buf, (size_t)(n * row_bytes), offset + r0 * row_bytes);
     }
     Py_END_ALLOW_THREADS;
@@ -489,13 +584,15 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
-    result = PyLong_FromSsize_t(inf);
+    result = Py_BuildValue("(nn)", inf, n_susp);
 done:
     PyMem_RawFree(scratch);
     PyBuffer_Release(&buffer);
     PyBuffer_Release(&base);
     PyBuffer_Release(&left);
     PyBuffer_Release(&right);
+    if (thr.obj != NULL) PyBuffer_Release(&thr);
+    if (susp.obj != NULL) PyBuffer_Release(&susp);
     return result;
 }
 #endif
@@ -539,7 +636,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
     }
     if (PyModule_AddIntConstant(m, "FLOAT16", HAVE_FLOAT16) < 0 ||
         PyModule_AddIntConstant(m, "TILE_ROWS", TILE_ROWS) < 0 ||
-        PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0) {
+        PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0 ||
+        PyModule_AddIntConstant(m, "FACTORS_FLOAT64", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -2,12 +2,13 @@
 
 For Llama-7B weight shapes (4096 x 4096, 4096 x 11008, 11008 x 4096) in bf16 and ranks 16 to
 256 (several adapters merged at once add their ranks), times one core merging the whole
-weight in the engine's row chunks: the fused kernel (`adapterctl_fused._fused`: widen, add L·R,
-round, one pass), in each vector width the CPU runs (AVX-512, AVX2, generic: 16, 8 or 4
-floats), against NumPy's `matmul` + widening add + rounding (`adapterctl.floats`: bfloat16
-held as its bits), all into a bf16 output, OpenBLAS on one thread. Reports ns per merged
-element (best of --repeat) and NumPy's time over the widest kernel's; the FMAs alone need
-rank / 16 cycles per element at one 16-lane FMA per cycle.
+weight in the engine's row chunks: the fused kernel (`adapterctl_fused._fused`: L·R summed in
+float64, the base added, rounded, the midpoint test, one pass), in each vector width the CPU
+runs (AVX-512, AVX2, generic: 16, 8 or 4 values), against NumPy's float64 `matmul` + widening
+add + roundings + the same test (`adapterctl.merge.rounding`; bfloat16 held as its bits), all
+into a bf16 output, OpenBLAS on one thread. Reports ns per merged element (best of --repeat)
+and NumPy's time over the widest kernel's; the FMAs alone need rank / 8 cycles per element at
+one 8-lane float64 FMA per cycle.
 
     python plugins/adapterctl-fused/bench/kernel.py --repeat 3
 """
@@ -21,8 +22,8 @@ from collections.abc import Callable
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from adapterctl.floats import round_bf16
-from adapterctl.merge import numpy_engine
+from adapterctl.floats import round_bf16, widen_bf16
+from adapterctl.merge import numpy_engine, rounding
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 RANKS = [16, 64, 128, 256]
@@ -56,21 +57,32 @@ def main() -> None:
     for rows, cols in SHAPES:
         w = round_bf16(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)  # bf16 bits
         for rank in RANKS:
-            left = rng.standard_normal((rows, rank), dtype=np.float32) * 0.01
-            right = rng.standard_normal((rank, cols), dtype=np.float32) * 0.01
+            left = rng.standard_normal((rows, rank)) * 0.01  # float64, as the engine passes it
+            right = rng.standard_normal((rank, cols)) * 0.01
             tiles = numpy_engine._right_tiles(right, widest)
             chunks = numpy_engine.row_chunks(rows, cols, widest)
+            thr, _ = rounding.row_bounds(left, right)
+            out = np.empty((rows, cols), np.uint16)
+            noted = np.empty(1 << 16, np.int64)
 
-            def fused(isa: str, w=w, left=left, tiles=tiles, chunks=chunks) -> None:
+            def fused(
+                isa: str, w=w, left=left, tiles=tiles, chunks=chunks, thr=thr, out=out,
+                cols=cols, rank=rank, noted=noted,
+            ) -> None:  # fmt: skip
                 for r0, r1 in chunks:
-                    numpy_engine._kernel_rows(
-                        w[r0:r1], "BF16", left[r0:r1], tiles, "BF16", kernels[isa]
-                    )
+                    kernels[isa].module.addmm_round(
+                        out[r0:r1], w[r0:r1], left[r0:r1], tiles, r1 - r0, cols, rank, 0, 0,
+                        isa, thr[r0:r1], noted,
+                    )  # fmt: skip
 
-            def numpy_path(w=w, left=left, right=right, chunks=chunks) -> None:
+            def numpy_path(w=w, left=left, right=right, chunks=chunks, thr=thr) -> None:
+                # the NumPy engine's steps: float64 sums, float32, bfloat16, the midpoint test
                 for r0, r1 in chunks:
-                    chunk = numpy_engine._numpy_rows(w[r0:r1], "BF16", left[r0:r1], right)
-                    numpy_engine._round_rows(chunk, "BF16")
+                    x = left[r0:r1] @ right
+                    x += widen_bf16(w[r0:r1])
+                    s = x.astype(np.float32)
+                    round_bf16(s)
+                    np.flatnonzero(rounding.suspect_mask(s, s.view(np.int32), thr[r0:r1], "BF16"))
 
             with threadpool_limits(limits=1, user_api="blas"):
                 t_fused = [

@@ -1,0 +1,322 @@
+"""One rounding, proven: every merged element is the correctly rounded value of the exact sum.
+
+The value a plain LoRA merge writes for element (i, j) is the exact
+
+    x = W[i, j] + Σᵢ cᵢ·(Bᵢ·Aᵢ)[i, j]        cᵢ = wᵢ·sᵢ, a float64 (merge weight × LoRA scale)
+
+(B and A as stored, W as stored) rounded to nearest, ties to even, into the output dtype —
+once. A float32 sum cannot promise that: rounding W + ΔW in float32 and then into bfloat16
+rounds twice (PEFT's merge does, and a float32 running sum that starts at W rounds at W's
+magnitude on every step). So every engine sums in float64:
+
+    x̂ = fl64(W + Σₖ L[i, k]·R[k, j])      L = c·B rounded once into float64, R = A (exact)
+
+with |x̂ − x| ≤ E = (K+2)·1.01·u·S + min(u·|x̂|, 1.01·S), u = 2⁻⁵³, K the summed rank and
+S = Σₖ |L[i, k]|·|R[k, j]| ≤ ‖L[i]‖·‖R[:, j]‖ (Cauchy–Schwarz) — and then rounds x̂. Rounding
+x̂ is wrong only where x̂ and x straddle a rounding midpoint of the output dtype. For 16-bit
+outputs the engines round x̂ to float32 first (s = fl32(x̂)) and then to the output; that is the
+correct rounding of x unless (a) s lands exactly on a 16-bit midpoint, or (b) E is not small
+against s's float32 spacing (|s| below ``row_bounds``' threshold: a sum that cancelled almost
+to zero). Both are cheap to test on s's bits (``suspect_mask``); for float32 outputs x̂'s own
+bits are tested (``f32_suspect_mask``). The few flagged elements — about one in 65,536 — are
+settled here (``settle``): recomputed in float64 with their exact S, decided where x̂ ± E lies
+on one side of every midpoint, and otherwise (an exact tie, in practice) computed exactly in
+rationals.
+
+DoRA rescaling, lora biases and ``--method`` combinations are computed in float32 and rounded
+once (their norms and divisions have no exact value to round to).
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from adapterctl.merge.plan import Job
+
+U64 = 2.0**-53  # float64's unit roundoff
+# |s| below (K+3)·2⁻²⁷·‖L[i]‖·max‖R[:, j]‖: E might reach a quarter of s's float32 spacing.
+_THRESHOLD = 2.0**-27
+# The lowest bits of a float32 that lie below a 16-bit format's last bit, and their midpoint.
+_LOW_BITS = {"BF16": (0xFFFF, 0x8000), "F16": (0x1FFF, 0x1000)}
+_F16_MIN_NORMAL = 2.0**-14  # below it float16's spacing is fixed (subnormals): all flagged
+_EMAX = {"BF16": 128, "F16": 16, "F32": 128}  # 2^EMAX: the first power of two past the max
+
+
+def row_bounds(
+    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Per row of L (rows, K) float64, with max_j ‖R[:, j]‖ of R (K, cols): the float32 |s|
+    below which a 16-bit rounding is flagged (case (b) above; rounded up), and E's bound for
+    the row (float64), used to flag float32 roundings."""
+    import numpy as np
+
+    k = right.shape[0]
+    if k == 0:
+        zeros = np.zeros(left.shape[0])
+        return zeros.astype(np.float32), zeros
+    rmax = float(np.sqrt((right * right).sum(0)).max())  # max_j ‖R[:, j]‖
+    row = rmax * np.sqrt((left * left).sum(1))  # (rows,) ≥ S on the row, by Cauchy–Schwarz
+    thr = ((k + 3) * _THRESHOLD * 1.01 * row).astype(np.float32)
+    return np.nextafter(thr, np.float32(np.inf)), (k + 3) * 1.01 * U64 * row
+
+
+def suspect_mask(s: Any, bits: Any, thr: Any, out_dtype: str) -> Any:
+    """Which float32 sums ``s`` (rows, cols) must be settled before rounding into
+    ``out_dtype`` (``BF16``/``F16``): s exactly on a midpoint, |s| below its row's threshold
+    ``thr`` (rows,), or (float16) in the subnormal range; never a non-finite s. NumPy arrays
+    or torch tensors alike; ``bits`` is s viewed as int32."""
+    mask, mid = _LOW_BITS[out_dtype]
+    mag = abs(s)
+    flag = ((bits & mask) == mid) | (mag < thr[:, None])
+    if out_dtype == "F16":
+        flag |= mag < _F16_MIN_NORMAL
+    return flag & (s - s == 0)
+
+
+def f32_suspect_mask(x: Any, bits: Any, err: Any) -> Any:
+    """Which float64 sums ``x`` (rows, cols) must be settled before rounding into float32:
+    within the row's bound ``err`` (rows,) plus two float64 steps of a float32 midpoint, or in
+    float32's subnormal range; never a non-finite x. NumPy or torch; ``bits``: x as int64."""
+    mag = abs(x)
+    low = (bits & ((1 << 29) - 1)) - (1 << 28)  # position within float32's last bit
+    # distance to the midpoint in float64 steps, each at least |x|·2⁻⁵³
+    flag = abs(low) * (mag * U64) <= err[:, None] + 2 * U64 * mag
+    return (flag | (mag < 2.0**-126)) & (x - x == 0)
+
+
+def settle(
+    job: Job,
+    left: np.ndarray[Any, Any],
+    right: np.ndarray[Any, Any],
+    w: np.ndarray[Any, Any],
+    rows: np.ndarray[Any, Any],
+    cols: np.ndarray[Any, Any],
+    out_dtype: str,
+) -> np.ndarray[Any, Any]:
+    """The correctly rounded W + L·R of the elements (rows[n], cols[n]), in ``out_dtype``'s
+    storage (bfloat16 as its bits).
+
+    Args:
+        job: the merge job (its deltas give the unrounded factors for the exact fallback).
+        left: L (tensor rows, K) float64: c·B folded in (``math.update(..., "float64")``).
+        right: R (K, tensor cols) float64.
+        w: W at those elements, (n,) float64 (exact: widened from storage).
+        rows, cols: the elements' row and column in the tensor flattened to 2-D, (n,).
+        out_dtype: ``BF16``, ``F16`` or ``F32``.
+    """
+    import numpy as np
+
+    lg, rg = left[rows], right[:, cols].T  # (n, K), (n, K)
+    x = w + np.einsum("nk,nk->n", lg, rg)
+    s_abs = np.einsum("nk,nk->n", np.abs(lg), np.abs(rg))
+    k = left.shape[1]
+    err = (k + 2) * 1.01 * U64 * s_abs + np.minimum(U64 * np.abs(x), 1.01 * s_abs)
+    r = nearest(x, out_dtype)
+    down, up = neighbours(r, out_dtype)
+    # decided where x ± E lies strictly between the midpoints around r
+    decided = ((down + r) / 2 < x - err) & (x + err < (r + up) / 2)
+    undecided = np.flatnonzero(~decided)
+    if len(undecided):
+        terms = _terms(job)
+        # Most undecided values are exact ties whose float64 sum made no rounding error at
+        # all: found error-free (every product and sum checked exact), they round directly.
+        xs, ok = _error_free(terms, w[undecided], rows[undecided], cols[undecided])
+        r[undecided[ok]] = _round_known(xs[ok], out_dtype)
+        for n in undecided[~ok]:
+            exact = _exact(terms, float(w[n]), int(rows[n]), int(cols[n]))
+            r[n] = _round_exact(exact, out_dtype)
+    return store(r, out_dtype)
+
+
+def _error_free(
+    terms: list[tuple[Fraction, Any, Any]], w: Any, rows: Any, cols: Any
+) -> tuple[Any, Any]:
+    """x = W + Σᵢ cᵢ·(Lᵢ·Rᵢ) at the elements in float64, and where that value is exact: every
+    product and every sum checked error-free (Dekker's product, Knuth's sum)."""
+    import numpy as np
+
+    x = w.astype(np.float64)
+    ok = np.isfinite(x)
+    for coeff, left, right in terms:
+        dot = np.zeros_like(x)
+        for k in range(right.shape[0]):
+            a, b = left[rows, k], right[k, cols]  # (n,), (n,)
+            p = a * b
+            ok &= _product_exact(a, b, p)
+            dot, e = _two_sum(dot, p)
+            ok &= e == 0
+        c = float(coeff)
+        t = c * dot
+        ok &= _product_exact(np.full_like(dot, c), dot, t)
+        x, e = _two_sum(x, t)
+        ok &= e == 0
+    return x, ok & np.isfinite(x)
+
+
+def _two_sum(a: Any, b: Any) -> tuple[Any, Any]:
+    """s = fl(a + b) and its error e: a + b = s + e exactly."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def _product_exact(a: Any, b: Any, p: Any) -> Any:
+    """Whether p = fl(a·b) is a·b exactly (Dekker's error term is zero; tiny or huge values,
+    where the split is not exact, count as not)."""
+    import numpy as np
+
+    def split(v: Any) -> tuple[Any, Any]:
+        t = v * 134217729.0  # 2^27 + 1
+        hi = t - (t - v)
+        return hi, v - hi
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        ah, al = split(a)
+        bh, bl = split(b)
+        err = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+        safe = (np.abs(a) < 2.0**990) & (np.abs(b) < 2.0**990)
+        safe &= (p == 0) | (np.abs(p) > 2.0**-960)
+    return (err == 0) & safe & ((p != 0) | (a == 0) | (b == 0))
+
+
+def _round_known(x: Any, out_dtype: str) -> Any:
+    """Exact float64 values x rounded to nearest ``out_dtype`` value, ties to even."""
+    import numpy as np
+
+    r = nearest(x, out_dtype)
+    down, up = neighbours(r, out_dtype)
+    lo_mid, hi_mid = (down + r) / 2, (r + up) / 2
+    r = np.where(x > hi_mid, up, np.where(x < lo_mid, down, r))
+    down, up = neighbours(r, out_dtype)
+    lo_mid, hi_mid = (down + r) / 2, (r + up) / 2
+    odd = _odd(r, out_dtype)
+    r = np.where((x == hi_mid) & odd, up, r)
+    return np.where((x == lo_mid) & odd, down, r)
+
+
+def _odd(r: Any, out_dtype: str) -> Any:
+    """Whether each ``out_dtype`` value r (float64) has an odd last significand bit."""
+    import numpy as np
+
+    bits = store(r, out_dtype)
+    bits = bits.view(np.uint32 if out_dtype == "F32" else np.uint16)
+    finite = np.abs(r) < 2.0 ** _EMAX[out_dtype]
+    return (bits % 2 == 1) & finite
+
+
+def nearest(x: np.ndarray[Any, Any], out_dtype: str) -> np.ndarray[Any, Any]:
+    """Values of ``out_dtype`` next to the float64 values x (the nearest, but for double
+    rounding: ``settle`` checks), as float64; ±2^EMAX for values past the largest finite."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        if out_dtype == "F16":
+            r = x.astype(np.float16).astype(np.float64)
+        elif out_dtype == "F32":
+            r = x.astype(np.float32).astype(np.float64)
+        else:  # BF16: float32's rounding, truncated to bfloat16, then the nearer neighbour
+            t = (x.astype(np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+            t64 = t.astype(np.float64)
+            down, up = neighbours(t64, out_dtype)
+            other = np.where(x < t64, down, up)
+            r = np.where(np.abs(other - x) < np.abs(t64 - x), other, t64)
+    emax = 2.0 ** _EMAX[out_dtype]
+    return np.where(np.isinf(r), np.copysign(emax, r), r)
+
+
+def neighbours(r: np.ndarray[Any, Any], out_dtype: str) -> tuple[Any, Any]:
+    """(before, after): the ``out_dtype`` values either side of each value r (float64), as
+    float64, with ±2^EMAX for the overflow past the largest finite value."""
+    import numpy as np
+
+    emax = 2.0 ** _EMAX[out_dtype]
+    finite = np.clip(r, -np.finfo(np.float64).max, np.finfo(np.float64).max)
+    with np.errstate(over="ignore"):
+        if out_dtype == "BF16":
+            bits = (finite.astype(np.float32).view(np.uint32) >> 16).astype(np.int64)  # exact
+            neg = bits >= 0x8000
+            zero = (bits & 0x7FFF) == 0
+            # sign and magnitude: up is a larger magnitude when positive, smaller when
+            # negative, and crosses zero to the smallest subnormal of the other sign
+            up_bits = np.where(neg, np.where(zero, 1, bits - 1), bits + 1)
+            down_bits = np.where(neg, bits + 1, np.where(zero, 0x8001, bits - 1))
+            up, down = _widen16(up_bits), _widen16(down_bits)
+        else:
+            t = np.float16 if out_dtype == "F16" else np.float32
+            rt = finite.astype(t)
+            up = np.nextafter(rt, t(np.inf)).astype(np.float64)
+            down = np.nextafter(rt, t(-np.inf)).astype(np.float64)
+    up = np.where(np.isinf(up), emax, up)
+    down = np.where(np.isinf(down), -emax, down)
+    at_max = np.abs(r) >= emax  # the overflow value itself: no further values past it
+    up = np.where(at_max & (r > 0), np.inf, up)
+    down = np.where(at_max & (r < 0), -np.inf, down)
+    return down, up
+
+
+def _widen16(bits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """bfloat16 bit patterns (int64) as float64 values."""
+    import numpy as np
+
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+def _terms(job: Job) -> list[tuple[Fraction, Any, Any]]:
+    """(cᵢ, Lᵢ, Rᵢ) of each delta: its coefficient and its stored factors, unscaled, in the
+    weight's layout (float64: exact)."""
+    return [
+        (Fraction(d.weight * d.module.scale), *d.module.factors(1.0, "float64")) for d in job.deltas
+    ]
+
+
+def _exact(terms: list[tuple[Fraction, Any, Any]], w: float, row: int, col: int) -> Fraction:
+    """The exact W + Σᵢ cᵢ·(Lᵢ·Rᵢ) at one element, in rationals."""
+    total = Fraction(w)
+    for coeff, left, right in terms:
+        dot = sum(
+            (Fraction(float(left[row, k])) * Fraction(float(right[k, col]))
+             for k in range(right.shape[0])),
+            Fraction(0),
+        )  # fmt: skip
+        total += coeff * dot
+    return total
+
+
+def _round_exact(x: Fraction, out_dtype: str) -> float:
+    """x rounded to nearest ``out_dtype`` value, ties to even (±2^EMAX: overflow)."""
+    import numpy as np
+
+    x64 = np.array([float(x)])  # correctly rounded: x lies within half a float64 step of it
+    r = nearest(x64, out_dtype)
+    down, up = neighbours(r, out_dtype)
+    cand = [float(v[0]) for v in (down, r, up) if np.isfinite(v[0])]
+    return min(cand, key=lambda c: (abs(Fraction(c) - x), not _even(c, out_dtype)))
+
+
+def _even(v: float, out_dtype: str) -> bool:
+    """Whether ``v`` (a value of ``out_dtype``) has an even last significand bit."""
+    import numpy as np
+
+    if abs(v) >= 2.0 ** _EMAX[out_dtype]:
+        return True  # the overflow value follows the largest finite value, which is odd
+    bits = store(np.array([v]), out_dtype)
+    return int(bits.view(np.uint32 if out_dtype == "F32" else np.uint16)[0]) % 2 == 0
+
+
+def store(value: np.ndarray[Any, Any], out_dtype: str) -> np.ndarray[Any, Any]:
+    """Values of ``out_dtype`` given as float64 (±2^EMAX: overflow, stored as ±inf) in its
+    storage: bfloat16 as uint16 bits, float16, float32."""
+    import numpy as np
+
+    emax = 2.0 ** _EMAX[out_dtype]
+    value = np.where(np.abs(value) >= emax, np.copysign(np.inf, value), value)
+    if out_dtype == "F16":
+        return value.astype(np.float16)
+    v32 = value.astype(np.float32)  # exact
+    if out_dtype == "F32":
+        return v32
+    return (v32.view(np.uint32) >> 16).astype(np.uint16)
