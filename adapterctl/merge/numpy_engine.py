@@ -401,6 +401,7 @@ def _write_with_kernel(
     row_out = t.cols * numpy_dtype(out).itemsize
     noted = _BUFFERS.get("suspects", 1 << 14, np.int64)
     thr = t.bounds[0]
+    flagged: list[tuple[Any, Any]] = []  # (flat indices in the tensor, W there) per block
     for r0 in range(0, t.rows, step):
         r1 = min(t.rows, r0 + step)
         w = t.read(r0, r1)
@@ -416,12 +417,16 @@ def _write_with_kernel(
             continue
         overflow.add(t.job.name, int(inf))
         if n:
-            idx = np.sort(noted[:n])
-            rows, cols = np.divmod(idx, t.cols)
-            values = _settle(t, w, rows, cols, r0)
-            size = values.dtype.itemsize
-            for i, v in zip(idx.tolist(), values.view(np.uint8).reshape(-1, size), strict=True):
-                pwrite_all(fd, v, at + i * size)
+            rows, cols = np.divmod(noted[:n], t.cols)
+            flagged.append((noted[:n] + r0 * t.cols, widen(w[rows, cols], t.base_dtype)))
+    if flagged:  # settled all at once, each written over its place
+        idx = np.concatenate([i for i, _ in flagged])
+        base = np.concatenate([b for _, b in flagged]).astype(np.float64)
+        rows, cols = np.divmod(idx, t.cols)
+        values = rounding.settle(t.job, t.upd.left, t.upd.right, base, rows, cols, out)
+        size = values.dtype.itemsize
+        for i, v in zip(idx.tolist(), values.view(np.uint8).reshape(-1, size), strict=True):
+            pwrite_all(fd, v, offset + i * size)
 
 
 def _write_with_numpy(

@@ -97,16 +97,39 @@ static inline uint16_t f32_to_f16(float f) {
 #define ACC_ROW(N, a) ((a) / (TILE_COLS / (N)))       /* sum a's row in the tile */
 #define ACC_COL(N, a) ((a) % (TILE_COLS / (N)) * (N)) /* and its first column */
 
+/* Lane indices for splitting a vector of N values into halves and joining them again. */
+#define LO_16 0, 1, 2, 3, 4, 5, 6, 7
+#define HI_16 8, 9, 10, 11, 12, 13, 14, 15
+#define ALL_16 LO_16, HI_16
+#define LO_8 0, 1, 2, 3
+#define HI_8 4, 5, 6, 7
+#define ALL_8 LO_8, HI_8
+#define LO_4 0, 1
+#define HI_4 2, 3
+#define ALL_4 LO_4, HI_4
+
 /* Vector types and loads/stores of N values for the target TARGET, prefixed P. */
 #define VECTOR_OPS(P, N, TARGET)                                                              \
     typedef float P##_vf __attribute__((vector_size(4 * (N))));                               \
     typedef uint32_t P##_vu32 __attribute__((vector_size(4 * (N))));                          \
     typedef uint16_t P##_vu16 __attribute__((vector_size(2 * (N))));                          \
-    typedef double P##_vd __attribute__((vector_size(8 * (N))));                              \
+    /* float64 sums at the native width: a float vector's N values as two halves of N/2 */     \
+    typedef double P##_vd __attribute__((vector_size(4 * (N))));                              \
+    typedef float P##_vh32 __attribute__((vector_size(2 * (N))));                             \
     TARGET static inline P##_vd P##_load_f64(const double *p) {                              \
         P##_vd v;                                                                             \
         memcpy(&v, p, sizeof v);                                                              \
         return v;                                                                             \
+    }                                                                                         \
+    /* x = sums + base, in float64, rounded to float32: halves lo, hi of the N values */      \
+    TARGET static inline P##_vf P##_finish(P##_vd lo, P##_vd hi, P##_vf base) {              \
+        P##_vh32 b0 = __builtin_shufflevector(base, base, LO_##N);                            \
+        P##_vh32 b1 = __builtin_shufflevector(base, base, HI_##N);                            \
+        P##_vh32 f0 = __builtin_convertvector(lo + __builtin_convertvector(b0, P##_vd),       \
+                                              P##_vh32);                                      \
+        P##_vh32 f1 = __builtin_convertvector(hi + __builtin_convertvector(b1, P##_vd),       \
+                                              P##_vh32);                                      \
+        return __builtin_shufflevector(f0, f1, ALL_##N);                                      \
     }                                                                                         \
     TARGET static inline P##_vf P##_load_f32(const float *p) {                               \
         P##_vf v;                                                                             \
@@ -118,11 +141,11 @@ static inline uint16_t f32_to_f16(float f) {
         memcpy(&h, p, sizeof h);                                                              \
         return (P##_vf)(__builtin_convertvector(h, P##_vu32) << 16);                          \
     }                                                                                         \
-    TARGET static inline Py_ssize_t P##_store_f32(float *p, P##_vf v) {                      \
+    TARGET static inline P##_vu32 P##_store_f32(float *p, P##_vf v) {                        \
         memcpy(p, &v, sizeof v);                                                              \
-        return 0;                                                                             \
+        return (P##_vu32){};                                                                  \
     }                                                                                         \
-    TARGET static inline Py_ssize_t P##_store_bf16(uint16_t *p, P##_vf v) {                  \
+    TARGET static inline P##_vu32 P##_store_bf16(uint16_t *p, P##_vf v) {                    \
         P##_vu32 u = (P##_vu32)v;                                                             \
         P##_vu32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                            \
         P##_vu32 quiet = (u >> 16) | 0x40u;                                                   \
@@ -130,13 +153,18 @@ static inline uint16_t f32_to_f16(float f) {
         P##_vu16 h = __builtin_convertvector((quiet & nan) | (rounded & ~nan), P##_vu16);     \
         memcpy(p, &h, sizeof h);                                                              \
         /* a finite sum that rounded to ±inf: counted, as float16's are */                    \
-        P##_vu32 inf = (P##_vu32)((rounded & 0x7FFFu) == 0x7F80u) & (P##_vu32)(v - v == 0.0f); \
-        Py_ssize_t n = 0;                                                                     \
-        for (int t = 0; t < (N); t++) n += inf[t] != 0;                                       \
-        return n;                                                                             \
+        return (P##_vu32)((rounded & 0x7FFFu) == 0x7F80u) & (P##_vu32)(v - v == 0.0f);       \
     }                                                                                         \
-    TARGET static inline void P##_note(P##_vf v, float t, int out, Py_ssize_t at, int64_t *susp, \
-                                       Py_ssize_t cap, Py_ssize_t *n) {                       \
+    /* Whether any lane of m is set (a few 64-bit ORs, not one step per lane). */             \
+    TARGET static inline int P##_any(P##_vu32 m) {                                           \
+        uint64_t w[(N) / 2];                                                                  \
+        memcpy(w, &m, sizeof m);                                                              \
+        uint64_t acc = 0;                                                                     \
+        for (int q = 0; q < (N) / 2; q++) acc |= w[q];                                        \
+        return acc != 0;                                                                      \
+    }                                                                                         \
+    /* The lanes of the float32 values v whose rounding into `out` must be settled. */        \
+    TARGET static inline P##_vu32 P##_suspects(P##_vf v, float t, int out) {                 \
         P##_vu32 u = (P##_vu32)v;                                                             \
         P##_vf mag = (P##_vf)(u & 0x7FFFFFFFu);                                               \
         const uint32_t low = out == F16 ? 0x1FFFu : 0xFFFFu;                                  \
@@ -144,20 +172,12 @@ static inline uint16_t f32_to_f16(float f) {
         const float sub = out == F16 ? 6.103515625e-05f : 0.0f;                               \
         P##_vu32 hit = (P##_vu32)((u & low) == mid) | (P##_vu32)(mag < t) |                   \
                        (P##_vu32)(mag < sub);                                                 \
-        hit &= (P##_vu32)((u & 0x7F800000u) != 0x7F800000u);                                  \
-        uint32_t any = 0;                                                                     \
-        for (int q = 0; q < (N); q++) any |= hit[q];                                          \
-        if (any == 0) return;                                                                 \
-        for (int q = 0; q < (N); q++)                                                         \
-            if (hit[q]) {                                                                     \
-                if (*n < cap) susp[*n] = (int64_t)(at + q);                                   \
-                (*n)++;                                                                       \
-            }                                                                                 \
+        return hit & (P##_vu32)((u & 0x7F800000u) != 0x7F800000u);                            \
     }                                                                                         \
     F16_VECTOR_OPS(P, N, TARGET)
 
 #if HAVE_FLOAT16
-/* Stores count how many finite sums overflowed to ±inf. */
+/* Stores return the lanes where a finite sum overflowed to ±inf. */
 #define F16_VECTOR_OPS(P, N, TARGET)                                                          \
     typedef _Float16 P##_vh __attribute__((vector_size(2 * (N))));                            \
     typedef int32_t P##_vi32 __attribute__((vector_size(4 * (N))));                           \
@@ -166,16 +186,14 @@ static inline uint16_t f32_to_f16(float f) {
         memcpy(&h, p, sizeof h);                                                              \
         return __builtin_convertvector(h, P##_vf);                                            \
     }                                                                                         \
-    TARGET static inline Py_ssize_t P##_store_f16(uint16_t *p, P##_vf v) {                   \
+    TARGET static inline P##_vu32 P##_store_f16(uint16_t *p, P##_vf v) {                     \
         P##_vh h = __builtin_convertvector(v, P##_vh);                                        \
         memcpy(p, &h, sizeof h);                                                              \
         P##_vu16 bits;                                                                        \
         memcpy(&bits, &h, sizeof bits);                                                       \
         P##_vi32 inf = __builtin_convertvector((bits & 0x7FFFu) == 0x7C00u, P##_vi32) &       \
                        (v - v == 0.0f);                                                       \
-        Py_ssize_t n = 0;                                                                     \
-        for (int t = 0; t < (N); t++) n -= inf[t];                                            \
-        return n;                                                                             \
+        return (P##_vu32)inf;                                                                 \
     }
 #else
 #define F16_VECTOR_OPS(P, N, TARGET)
@@ -202,19 +220,31 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
 #define FOR_SUMS(X, ...)                                                                      \
     X(0, __VA_ARGS__) X(1, __VA_ARGS__) X(2, __VA_ARGS__) X(3, __VA_ARGS__) X(4, __VA_ARGS__) \
     X(5, __VA_ARGS__) X(6, __VA_ARGS__) X(7, __VA_ARGS__)
-#define SUM_ZERO(a, VD) VD s##a = -(VD){}; /* -0.0: rank 0 keeps W's own zeros */
-#define SUM_ADD(a, N, R) s##a += lk[ACC_ROW(N, a)] * R[ACC_COL(N, a) / (N)];
+/* -0.0: rank 0 keeps W's own zeros. Each sum is two float64 halves (l, h) of N values. */
+#define SUM_ZERO(a, VD) VD s##a##l = -(VD){}, s##a##h = -(VD){};
+#define SUM_ADD(a, N, RL, RH)                    \
+    s##a##l += lk[ACC_ROW(N, a)] * RL[ACC_COL(N, a) / (N)]; \
+    s##a##h += lk[ACC_ROW(N, a)] * RH[ACC_COL(N, a) / (N)];
 /* x = sum + base in float64, rounded to float32, stored (rounded into out), and checked. */
 #define SUM_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                         \
+    hits[a] = (P##_vu32){};                                                                   \
     if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
         const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
-        P##_vd x_ = s##a + __builtin_convertvector(LOAD_V(b[row_] + col_), P##_vd);           \
-        P##_vf v_ = __builtin_convertvector(x_, P##_vf);                                      \
-        inf += STORE_V(o[row_] + col_, v_);                                                   \
-        if (OUT_CODE != F32)                                                                  \
-            P##_note(v_, thr[rr[row_]], OUT_CODE, index0 + rr[row_] * cols + col_, susp, cap, \
-                     n_susp);                                                                 \
+        P##_vf v_ = P##_finish(s##a##l, s##a##h, LOAD_V(b[row_] + col_));                     \
+        inf_lanes -= STORE_V(o[row_] + col_, v_);                                             \
+        if (OUT_CODE != F32) {                                                                \
+            hits[a] = P##_suspects(v_, thr[rr[row_]], OUT_CODE);                              \
+            seen |= hits[a];                                                                  \
+        }                                                                                     \
     }
+/* Record the lanes of sum a that `hits` flags (flat indices; past `cap` only counted). */
+#define SUM_NOTE(a, N)                                                                        \
+    for (int q = 0; q < (N); q++)                                                             \
+        if (hits[a][q]) {                                                                     \
+            const Py_ssize_t at = index0 + rr[ACC_ROW(N, a)] * cols + j + ACC_COL(N, a) + q;  \
+            if (*n_susp < cap) susp[*n_susp] = (int64_t)at;                                   \
+            (*n_susp)++;                                                                      \
+        }
 
 /* Record the flat index `at` of a float32 value v whose rounding into `out` must be settled:
  * exactly on a 16-bit midpoint, |v| below the row's threshold t, or (float16) subnormal there.
@@ -249,6 +279,7 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
         const IN_T *base = base_;                                                              \
         OUT_T *out = out_;                                                                     \
         Py_ssize_t inf = 0;                                                                    \
+        P##_vu32 inf_lanes = {}; /* per lane, how many finite sums became ±inf */              \
         const Py_ssize_t panel = panel_width(rank, cols);                                      \
         for (Py_ssize_t p = 0; p < cols; p += panel) {                                         \
             const Py_ssize_t p_end = p + panel < cols ? p + panel : cols;                      \
@@ -269,11 +300,18 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                     const double *r = right + (j / TILE_COLS) * rank * TILE_COLS;              \
                     const double *lk = scratch;                                                \
                     for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS, lk += RT) {          \
-                        P##_vd R[TILE_COLS / N];                                               \
-                        for (int v = 0; v < TILE_COLS / N; v++) R[v] = P##_load_f64(r + v * N); \
-                        FOR_SUMS(SUM_ADD, N, R)                                                \
+                        P##_vd RL[TILE_COLS / N], RH[TILE_COLS / N];                           \
+                        for (int v = 0; v < TILE_COLS / N; v++) {                              \
+                            RL[v] = P##_load_f64(r + v * N);                                   \
+                            RH[v] = P##_load_f64(r + v * N + (N) / 2);                         \
+                        }                                                                      \
+                        FOR_SUMS(SUM_ADD, N, RL, RH)                                           \
                     }                                                                          \
+                    P##_vu32 hits[8], seen = {};                                               \
                     FOR_SUMS(SUM_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                       \
+                    if (OUT_CODE != F32 && P##_any(seen)) {                                    \
+                        FOR_SUMS(SUM_NOTE, N)                                                  \
+                    }                                                                          \
                 }                                                                              \
                 for (Py_ssize_t row = i; row < i + RT && row < rows; row++) {                  \
                     for (Py_ssize_t col = j; col < p_end; col++) {                             \
@@ -290,6 +328,7 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        for (int q = 0; q < (N); q++) inf += inf_lanes[q];                                     \
         return inf;                                                                            \
     }
 
