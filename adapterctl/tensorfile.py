@@ -16,7 +16,7 @@ import os
 import struct
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -536,6 +536,32 @@ def header_bytes(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(len(raw) + 8) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def write_tensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> None:
+    """Write torch tensors as a safetensors file, byte-reproducibly: tensors in name order,
+    metadata keys sorted (the safetensors library writes its metadata map in an order that
+    changes from run to run, so the same tensors got different bytes and digests).
+
+    Args:
+        path: the file to write (created or truncated).
+        tensors: name → contiguous CPU torch tensor.
+        metadata: string-to-string ``__metadata__``.
+    """
+    import torch
+
+    names = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+    entries = []
+    blobs = []
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
+        entries.append((name, names[str(t.dtype).removeprefix("torch.")], tuple(t.shape), raw.size))
+        blobs.append(raw)
+    with open(path, "wb") as fh:
+        fh.write(header_bytes(entries, dict(sorted(metadata.items()))))
+        for raw in blobs:
+            fh.write(memoryview(raw))
 
 
 def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:

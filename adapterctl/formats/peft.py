@@ -341,9 +341,9 @@ def write_peft(
         UnsupportedAdapter: a DoRA module (its magnitude would need the base weights).
     """
     import torch
-    from safetensors.torch import save_file
 
     from adapterctl.files import refuse_existing, staged_dir
+    from adapterctl.tensorfile import write_tensors
 
     out = Path(out)
     refuse_existing(out, force=force)
@@ -388,5 +388,5 @@ def write_peft(
         text = json.dumps(config.to_json_dict(), indent=2, sort_keys=True) + "\n"
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         meta = {"format": "pt", **(metadata or {})}
-        save_file(tensors, str(tmp / SAFETENSORS_NAME), metadata=meta)
+        write_tensors(tmp / SAFETENSORS_NAME, tensors, meta)
     return out

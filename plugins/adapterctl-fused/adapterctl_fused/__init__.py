@@ -4,8 +4,8 @@ The kernel (``_fused.c``) merges a block of rows of a 16/32-bit weight in one pa
 memory: L·R summed in float64 in registers, the base added, rounded into the output dtype
 (bfloat16 to nearest even, float16, float32), noting the rare values whose rounding
 ``adapterctl.merge.rounding`` must settle — faster than NumPy's several passes (matmul,
-widening add, roundings, checks). It is compiled for three vector widths (AVX-512, AVX2, generic 4-float
-vectors); the widest the CPU runs is the default.
+widening add, roundings, checks). It is compiled for three vector widths (AVX-512, AVX2,
+generic 4-float vectors); the widest the CPU runs is the default.
 
 Importing this package is cheap: the compiled module is imported only when a merge asks for
 it (``FusedKernel.load``).
