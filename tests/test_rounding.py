@@ -222,8 +222,9 @@ def test_every_element_is_the_correctly_rounded_exact_sum(
     adapter = _copy(model_dirs["root"] / "adapter0", tmp_path / "adapter")
     craft(base, adapter, out_dtype, seed=3, base_dtype=base_dtype)
     out = tmp_path / "out"
-    merge(base, [adapter], out, dtype=DTYPE_FLAG[out_dtype], engine=engine, kernel=kernel,
-          device="cpu")  # fmt: skip
+    report = merge(base, [adapter], out, dtype=DTYPE_FLAG[out_dtype], engine=engine,
+                   kernel=kernel, device="cpu")  # fmt: skip
+    assert report.rounding is not None and report.rounding.startswith("correctly rounded")
     bad, total = _mismatches(exact_merge(base, [(adapter, 1.0)], out, out_dtype))
     assert total > 6000
     assert bad == 0, f"{bad} of {total} elements are not the correctly rounded exact sum"

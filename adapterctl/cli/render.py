@@ -183,6 +183,8 @@ def render_merge(r: Any) -> None:
     kernel = f", {r.kernel} kernel" if r.kernel else ""
     engine = f" ({r.engine} engine{kernel})" if r.engine else ""
     out(f"device {r.device}{engine}, {r.seconds:.2f} s")
+    if r.rounding:
+        out(f"rounding: {r.rounding}")
     if r.quantize:
         err = "-" if r.delta_error is None else f"{r.delta_error:.3f}"
         out(f"{r.quantize} delta error (‖Q(W+ΔW) − W − ΔW‖/‖ΔW‖): {err}")

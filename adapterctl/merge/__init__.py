@@ -34,6 +34,7 @@ from adapterctl.errors import (
     UsageError,
 )
 from adapterctl.files import fsync_dir, refuse_existing, refuse_overlap, replace_dir
+from adapterctl.merge import rounding
 from adapterctl.merge.output import (
     build_report,
     check_delta_error,
@@ -148,6 +149,7 @@ def run_merge(
         check_delta_error(layers, max_delta_error)
         report = build_report(plan, out_path, dev, layers, time.perf_counter() - start)
         report.engine, report.kernel = engine, summed
+        report.rounding = rounding.describe(plan.jobs)
         report.bytes_read = BYTES_READ.value - read_before + _copied_bytes(plan)
         write_side_files(plan, tmp, report)
         if verify:

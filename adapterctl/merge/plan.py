@@ -249,6 +249,8 @@ class MergeReport(BaseModel):
     # (weight-file hashes), "fingerprint" (tensor names, shapes, dtypes), "unpinned" (an input
     # with no pin to compare) or "mismatch" (a differing pin let through).
     base_check: str = "unpinned"
+    # How the merged values were rounded (``rounding.describe``); None: dry run
+    rounding: str | None = None
     registered: str | None = None  # the registry version the output was recorded as
     published: str | None = None  # hf://owner/name@v<N> for an -o hf://… output
     warnings: list[str]

@@ -46,6 +46,29 @@ _F16_MIN_NORMAL = 2.0**-14  # below it float16's spacing is fixed (subnormals): 
 _EMAX = {"BF16": 128, "F16": 16, "F32": 128}  # 2^EMAX: the first power of two past the max
 
 
+def describe(jobs: list[Job]) -> str:
+    """How a merge's values were rounded, for its report: the one correct rounding of every
+    plain LoRA value, and what the other kinds of tensor got."""
+    plain = other = quantized = False
+    for job in jobs:
+        if not (job.deltas or job.bias_add or job.dora or job.combine):
+            continue
+        if job.quantize is not None:
+            quantized = True
+        elif job.dora or job.bias_add or job.combine or job.out_dtype not in _EMAX:
+            other = True
+        else:
+            plain = True
+    parts = []
+    if plain:
+        parts.append("correctly rounded exact sums (float64, undecided values settled exactly)")
+    if other:
+        parts.append("DoRA, lora bias and --method tensors: float32, rounded once")
+    if quantized:
+        parts.append("4-bit outputs: quantised from float32")
+    return "; ".join(parts) or "nothing merged"
+
+
 def row_bounds(
     left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
