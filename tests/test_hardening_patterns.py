@@ -170,7 +170,7 @@ def _cost(args: list[str]) -> tuple[Any, int, int]:
     return result, calls, peak
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(120)
 def test_many_modules_cost_linear_work_and_memory(tmp_path: Path) -> None:
     """``inspect`` and ``validate`` of an adapter with 4× the modules (and 4× the pattern keys)
     make at most ~4× the function calls and hold at most ~4× the memory (100k modules took 81 s
