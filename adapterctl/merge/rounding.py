@@ -317,17 +317,7 @@ def _round_exact(x: Fraction, out_dtype: str) -> float:
     r = nearest(x64, out_dtype)
     down, up = neighbours(r, out_dtype)
     cand = [float(v[0]) for v in (down, r, up) if np.isfinite(v[0])]
-    return min(cand, key=lambda c: (abs(Fraction(c) - x), not _even(c, out_dtype)))
-
-
-def _even(v: float, out_dtype: str) -> bool:
-    """Whether ``v`` (a value of ``out_dtype``) has an even last significand bit."""
-    import numpy as np
-
-    if abs(v) >= 2.0 ** _EMAX[out_dtype]:
-        return True  # the overflow value follows the largest finite value, which is odd
-    bits = store(np.array([v]), out_dtype)
-    return int(bits.view(np.uint32 if out_dtype == "F32" else np.uint16)[0]) % 2 == 0
+    return min(cand, key=lambda c: (abs(Fraction(c) - x), bool(_odd(np.array([c]), out_dtype)[0])))
 
 
 def store(value: np.ndarray[Any, Any], out_dtype: str) -> np.ndarray[Any, Any]:
