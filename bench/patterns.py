@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from startup import cli_command, cpu_model, run_process  # bench/ is on sys.path when run
+
 from adapterctl.patterns import PatternKeys
 
 NAME = "model.layers.{i}.mlp.proj"
@@ -49,29 +51,6 @@ def build(path: Path, n: int, **config: object) -> Path:
     cmd = [sys.executable, "-c", BUILD, str(TESTS), str(path), str(n)]
     subprocess.run(cmd, input=json.dumps(config), text=True, check=True)
     return path
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).with_name("adapterctl")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "adapterctl"]
-
-
-def _run(cmd: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MiB) and exit code of one process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def key_sets(n_keys: int) -> dict[str, dict[str, int]]:
@@ -128,7 +107,7 @@ def part2(n_modules: int, n_keys: int, rounds: int, work: Path) -> None:
         rank_pattern={f"layers.{i}.mlp.proj": 1 for i in range(0, 2 * n_keys, 2)},
         alpha_pattern={r"layers\.\d+\.mlp\..*": 2},
     )
-    cli = _cli()
+    cli = cli_command()
     runs = {
         "inspect": [*cli, "inspect", str(plain)],
         "validate": [*cli, "validate", str(plain)],
@@ -138,7 +117,7 @@ def part2(n_modules: int, n_keys: int, rounds: int, work: Path) -> None:
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for r in range(rounds):
         for name in runs if r % 2 == 0 else reversed(list(runs)):
-            wall, peak, rc = _run(runs[name])
+            wall, peak, rc = run_process(runs[name])
             if rc != 0:
                 sys.exit(f"{name} exited {rc}: {' '.join(runs[name])}")
             results[name].append((wall, peak))
@@ -158,7 +137,7 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}; Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}")
     part1(args.modules, args.keys)
     work = Path(tempfile.mkdtemp(prefix="adapterctl-bench-patterns-"))
     try:

@@ -29,14 +29,15 @@ from pathlib import Path
 GOAL = 2.5
 
 
-def _cli() -> list[str]:
+def cli_command() -> list[str]:
     """The installed ``adapterctl`` script next to this interpreter (what a user runs)."""
     script = Path(sys.executable).with_name("adapterctl")
     return [str(script)] if script.exists() else [sys.executable, "-m", "adapterctl"]
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
-    """Wall seconds, peak RSS (MiB) and exit code of one process."""
+def run_process(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (MiB) and exit code of one process (``env``: its environment,
+    default this one's). bench/patterns.py measures with it too."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -45,7 +46,8 @@ def _run(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return wall, usage.ru_maxrss / 1024, proc.returncode
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, for the results' machine line."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -65,7 +67,7 @@ def main() -> None:
     demo = work / "demo"
     env = dict(os.environ, ADAPTERCTL_HOME=str(work / "home"))
     env.pop("ADAPTERCTL_DEBUG", None)
-    cli = _cli()
+    cli = cli_command()
     if not (demo / "base").is_dir():
         shutil.rmtree(demo, ignore_errors=True)
         null = subprocess.DEVNULL
@@ -86,7 +88,7 @@ def main() -> None:
         "show": [*cli, "show", "chat@1"],
     }
     for name, cmd in commands.items():  # warm the page cache and check each one works
-        _, _, rc = _run(cmd, env)
+        _, _, rc = run_process(cmd, env)
         if rc != 0:
             sys.exit(f"{name} exited {rc}: {' '.join(cmd)}")
 
@@ -100,14 +102,14 @@ def main() -> None:
             order.reverse()
         got = {}
         for name in order:
-            wall, peak, _ = _run(commands[name], env)
+            wall, peak, _ = run_process(commands[name], env)
             got[name] = wall
             walls[name].append(wall)
             rss[name].append(peak)
         for name in names:
             ratios[name].append(got[name] / got["import numpy"])
 
-    print(f"machine: {os.cpu_count()} CPUs, {_cpu_model()}; Python {platform.python_version()}")
+    print(f"machine: {os.cpu_count()} CPUs, {cpu_model()}; Python {platform.python_version()}")
     print(f"rounds: {args.rounds}; adapter {adapter.name}, base {base.name} (sharded)")
     print(f"validate: {' '.join(commands['validate'])}")
     print(f"{'command':<16} {'wall s':>8} {'× numpy':>8} {'peak RSS MiB':>13}")
