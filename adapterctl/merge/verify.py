@@ -52,8 +52,9 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
         if n == 0:
             continue
         pick = np.sort(rng.choice(n, size=min(rows, n), replace=False))
+        want = None  # plain LoRA merges: the correctly rounded exact sums, widened
         if _row_local(job):
-            got, ref = _sampled_rows(job, stored[job.name], pick)
+            got, ref, want = _sampled_rows(job, stored[job.name], pick)
         else:
             got, ref = _from_whole_tensors(job, stored[job.name], pick)
         odd = ~np.isfinite(got) | ~np.isfinite(ref)
@@ -67,9 +68,8 @@ def verify_output(plan: MergePlan, out_dir: Path, rows: int = 4) -> int:
                     "with: adapterctl validate SOURCE --base BASE"
                 )
             got, ref = np.where(odd, 0.0, got), np.where(odd, 0.0, ref)
-        if _row_local(job) and _exact(job):
+        if want is not None:
             # A plain LoRA merge: every value is the correctly rounded exact sum, bit for bit.
-            want = _correctly_rounded(job, pick, ref.shape[1])
             if not bool(((got == want) | odd).all()):
                 raise ValidationFailed(
                     f"verification failed: {job.name} is not the correctly rounded exact "
@@ -109,21 +109,15 @@ def _exact(job: Job) -> bool:
     )
 
 
-def _correctly_rounded(job: Job, pick: Any, cols: int) -> Any:
-    """The correctly rounded exact W + Σ cᵢ·BᵢAᵢ of rows ``pick``, widened to float64 (k, cols);
-    NaN where the base holds inf or NaN (those are compared as they are)."""
+def _correctly_rounded(job: Job, upd: math.Update, w: Any, pick: Any) -> Any:
+    """The correctly rounded exact W + Σ cᵢ·BᵢAᵢ of the base rows ``w`` (rows ``pick``,
+    float64 (k, cols)), widened to float64; NaN where the base holds inf or NaN (those are
+    compared as they are)."""
     import numpy as np
 
     from adapterctl.floats import widen
     from adapterctl.merge import rounding
 
-    source = job.replace if job.replace is not None else job.source
-    assert source is not None
-    if isinstance(source, TensorInfo):
-        w = _read_rows(source, pick)
-    else:
-        w = source.array().reshape(_rows(job), -1)[pick].astype(np.float64)
-    upd = math.update(job, _rows(job), cols, "float64")
     want = np.full(w.shape, np.nan)
     r, c = np.nonzero(np.isfinite(w))  # (n,), (n,)
     values = rounding.settle(job, upd.left, upd.right, w[r, c], pick[r], c, job.out_dtype)
@@ -131,22 +125,24 @@ def _correctly_rounded(job: Job, pick: Any, cols: int) -> Any:
     return want
 
 
-def _sampled_rows(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any]:
-    """(written rows, float64 reference rows), both (k, cols): only the picked rows are read
-    and computed."""
+def _sampled_rows(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any, Any]:
+    """(written rows, float64 reference rows, and for a plain LoRA merge the correctly rounded
+    exact rows, else None), each (k, cols): only the picked rows are read and computed."""
     import numpy as np
 
     source = job.replace if job.replace is not None else job.source
     assert source is not None
     if isinstance(source, TensorInfo):
-        ref = _read_rows(source, pick)
+        w = _read_rows(source, pick)
     else:  # a tensor already in memory (legacy .bin adapter)
-        ref = source.array().reshape(_rows(job), -1)[pick].astype(np.float64)
-    upd = math.update(job, _rows(job), ref.shape[1], "float64")
+        w = source.array().reshape(_rows(job), -1)[pick].astype(np.float64)
+    upd = math.update(job, _rows(job), w.shape[1], "float64")
+    ref = w.copy()
     if upd.rank:
         ref += upd.left[pick] @ upd.right  # (k, Σr) @ (Σr, cols)
     math.finish(ref, upd, pick)
-    return _read_rows(out, pick), ref
+    want = _correctly_rounded(job, upd, w, pick) if _exact(job) else None
+    return _read_rows(out, pick), ref, want
 
 
 def _read_rows(info: TensorInfo, pick: Any) -> Any:
