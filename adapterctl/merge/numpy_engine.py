@@ -460,13 +460,11 @@ def _sums(t: _Tensor, w: np.ndarray[Any, Any], r0: int) -> np.ndarray[Any, Any]:
 
     n, cols = w.shape
     x = _BUFFERS.get("x64", n * cols, np.float64).reshape(n, cols)
+    if t.base_dtype == "BF16":  # float16 and float32 widen exactly in the add or copy
+        w = widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols))
     if t.upd.rank:
         np.matmul(t.upd.left[r0 : r0 + n], t.upd.right, out=x)  # (rows, Σr) @ (Σr, cols)
-        if t.base_dtype == "BF16":
-            w = widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols))
         np.add(x, w, out=x)
-    elif t.base_dtype == "BF16":
-        np.copyto(x, widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols)))
     else:
         np.copyto(x, w)
     return x
