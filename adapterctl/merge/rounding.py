@@ -46,6 +46,14 @@ _F16_MIN_NORMAL = 2.0**-14  # below it float16's spacing is fixed (subnormals): 
 _EMAX = {"BF16": 128, "F16": 16, "F32": 128}  # 2^EMAX: the first power of two past the max
 
 
+def exact(job: Job) -> bool:
+    """True when the job's value is W + Σ cᵢ·BᵢAᵢ alone (no ``--method``, DoRA or lora bias)
+    written in bf16, fp16 or fp32: the values this module rounds correctly."""
+    return not (job.combine or job.dora or job.bias_add or job.quantize) and (
+        job.out_dtype in _EMAX
+    )
+
+
 def describe(jobs: list[Job]) -> str:
     """How a merge's values were rounded, for its report: the one correct rounding of every
     plain LoRA value, and what the other kinds of tensor got."""
@@ -55,10 +63,10 @@ def describe(jobs: list[Job]) -> str:
             continue
         if job.quantize is not None:
             quantized = True
-        elif job.dora or job.bias_add or job.combine or job.out_dtype not in _EMAX:
-            other = True
-        else:
+        elif exact(job):
             plain = True
+        else:
+            other = True
     parts = []
     if plain:
         parts.append("correctly rounded exact sums (float64, undecided values settled exactly)")

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from adapterctl.merge import math
+from adapterctl.merge import math, rounding
 from adapterctl.merge.plan import CHUNK_ELEMENTS, RING, Job, LayerError, MergePlan
 from adapterctl.merge.writing import Overflow, copy_tensor_bytes, shrank
 from adapterctl.tensorfile import BYTES_READ, TORCH_DTYPE_NAMES, TensorInfo, header_bytes
@@ -343,7 +343,7 @@ def _write_job(
     if job.quantize is None:
         chunks = (
             _exact_rows(job, w, dev, ws, writer.overflow)
-            if _plain(job)
+            if rounding.exact(job)
             else _merged_rows(job, w, dev, ws)
         )
         for chunk, settled in chunks:
@@ -444,17 +444,6 @@ def _merged_rows(
         yield math.finish(chunk, upd, slice(r0, r1)), None
 
 
-def _plain(job: Job) -> bool:
-    """True when the job's value is exactly W + Σ cᵢ·BᵢAᵢ (no method, DoRA or lora bias), so
-    ``rounding`` can make its one rounding the correct one."""
-    return (
-        job.combine is None
-        and job.dora is None
-        and not job.bias_add
-        and (job.out_dtype in ("BF16", "F16", "F32"))
-    )
-
-
 def _exact_rows(
     job: Job, w: torch.Tensor, dev: torch.device, ws: _Workspace, overflow: Overflow
 ) -> Iterator[tuple[torch.Tensor, Settled]]:
@@ -464,8 +453,6 @@ def _exact_rows(
     the output's storage), which the writer puts in place of its own rounding."""
     import numpy as np
     import torch
-
-    from adapterctl.merge import rounding
 
     rows = w.shape[0] if w.ndim else 1
     flat = w.reshape(rows, -1)  # (out, in), conv kernels (out, in·k), a bias (out, 1)

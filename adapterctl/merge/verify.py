@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapterctl.errors import ValidationFailed
-from adapterctl.merge import math
+from adapterctl.merge import math, rounding
 from adapterctl.merge.plan import Job, MergePlan
 from adapterctl.tensorfile import DTYPE_SIZES, TensorInfo, numpy_dtype, read_header
 
@@ -102,13 +102,6 @@ def _row_local(job: Job) -> bool:
     return not (job.quant_in or job.combine or job.transpose_out or conv1d_dora)
 
 
-def _exact(job: Job) -> bool:
-    """True when the job's value is W + Σ cᵢ·BᵢAᵢ alone (no DoRA, bias, method, 4-bit)."""
-    return not (job.dora or job.bias_add or job.combine or job.quant_in) and (
-        job.out_dtype in ("BF16", "F16", "F32")
-    )
-
-
 def _correctly_rounded(job: Job, upd: math.Update, w: Any, pick: Any) -> Any:
     """The correctly rounded exact W + Σ cᵢ·BᵢAᵢ of the base rows ``w`` (rows ``pick``,
     float64 (k, cols)), widened to float64; NaN where the base holds inf or NaN (those are
@@ -116,7 +109,6 @@ def _correctly_rounded(job: Job, upd: math.Update, w: Any, pick: Any) -> Any:
     import numpy as np
 
     from adapterctl.floats import widen
-    from adapterctl.merge import rounding
 
     want = np.full(w.shape, np.nan)
     r, c = np.nonzero(np.isfinite(w))  # (n,), (n,)
@@ -141,7 +133,7 @@ def _sampled_rows(job: Job, out: TensorInfo, pick: Any) -> tuple[Any, Any, Any]:
     if upd.rank:
         ref += upd.left[pick] @ upd.right  # (k, Σr) @ (Σr, cols)
     math.finish(ref, upd, pick)
-    want = _correctly_rounded(job, upd, w, pick) if _exact(job) else None
+    want = _correctly_rounded(job, upd, w, pick) if rounding.exact(job) else None
     return _read_rows(out, pick), ref, want
 
 
