@@ -394,6 +394,7 @@ def _write_with_kernel(
 
     out = t.job.out_dtype
     right = _right_tiles(t.upd.right, kernel)
+    left32, right32, err, cnorm = float32_inputs(t.upd.left, t.upd.right, right)
     block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, t.cols), numpy_dtype(out))
     row_in = max(1, int(t.cols * DTYPE_SIZES[t.base_dtype]))
     step = max(kernel.module.TILE_ROWS, KERNEL_READ_BYTES // row_in)
@@ -409,7 +410,7 @@ def _write_with_kernel(
         inf, n = kernel.module.addmm_round_into(
             fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
             right.shape[1], _KERNEL_CODES[t.base_dtype], _KERNEL_CODES[out], kernel.isa,
-            thr[r0:r1], noted,
+            thr[r0:r1], noted, left32[r0:r1], right32, err[r0:r1], cnorm,
         )  # fmt: skip
         if n > len(noted):  # more to settle than noted (an adversarial tensor): NumPy redoes it
             used.add("numpy")
@@ -622,6 +623,19 @@ def _right_tiles(right: np.ndarray[Any, Any], kernel: Kernel) -> np.ndarray[Any,
     padded = np.zeros((rank, n * tile), np.float64)
     padded[:, :cols] = right
     return np.ascontiguousarray(padded.reshape(rank, n, tile).transpose(1, 0, 2))
+
+
+def float32_inputs(
+    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any], tiles: np.ndarray[Any, Any]
+) -> tuple[np.ndarray[Any, Any], ...]:
+    """The compiled kernel's float32 sums' inputs for 16-bit outputs: L (rows, r) and R's
+    ``tiles`` (``_right_tiles``) rounded to float32, and the error bounds' factors per row
+    and per column (``rounding.float32_bounds``; the columns padded to the tiles')."""
+    import numpy as np
+
+    err, cnorm = rounding.float32_bounds(left, right)
+    cnorm = np.pad(cnorm, (0, tiles.shape[0] * tiles.shape[2] - right.shape[1]))
+    return left.astype(np.float32), tiles.astype(np.float32), err, cnorm
 
 
 def _round_rows(chunk: np.ndarray[Any, Any], out_dtype: str) -> tuple[np.ndarray[Any, Any], int]:

@@ -1,11 +1,12 @@
 """adapterctl-fused: the NumPy merge engine's compiled kernel, as a plugin.
 
 The kernel (``_fused.c``) merges a block of rows of a 16/32-bit weight in one pass over
-memory: L·R summed in float64 in registers, the base added, rounded into the output dtype
-(bfloat16 to nearest even, float16, float32), noting the rare values whose rounding
-``adapterctl.merge.rounding`` must settle — faster than NumPy's several passes (matmul,
-widening add, roundings, checks). It is compiled for three vector widths (AVX-512, AVX2,
-generic 4-float vectors); the widest the CPU runs is the default.
+memory: L·R summed in registers (float32 for 16-bit outputs, each value proven by an error
+bound and the unproven few summed again in float64; float64 for float32 outputs), the base
+added, rounded into the output dtype (bfloat16 to nearest even, float16, float32), noting the
+rare values whose rounding ``adapterctl.merge.rounding`` must settle — faster than NumPy's
+several passes (matmul, widening add, roundings, checks). It is compiled for three vector
+widths (AVX-512, AVX2, generic 4-float vectors); the widest the CPU runs is the default.
 
 Importing this package is cheap: the compiled module is imported only when a merge asks for
 it (``FusedKernel.load``).
@@ -33,7 +34,8 @@ class FusedKernel:
             from adapterctl_fused import _fused
         except ImportError:
             return None
-        return _fused if getattr(_fused, "FACTORS_FLOAT64", 0) else None
+        current = getattr(_fused, "FACTORS_FLOAT64", 0) and getattr(_fused, "FLOAT32_SUMS", 0)
+        return _fused if current else None
 
     def pays(self, isa: str, rank: int, cols: int) -> bool:
         """Whether the kernel sums W + L·R faster than NumPy's ``sgemm`` here, as

@@ -21,6 +21,15 @@
  * registers. The code is compiled for three vector widths and the
  * widest the CPU runs is used (ISAS; `isa` picks another, for tests and benchmarks).
  *
+ * The float32 fast path (16-bit outputs, when left32, right32, err and cnorm are given: the
+ * engine always gives them): the sum runs in float32 from zero, v = fl32(sum + base), and v
+ * rounds correctly into out wherever its distance to the nearest 16-bit midpoint exceeds
+ * err[i]·cnorm[j] and |v| is not below the row's limit (adapterctl.merge.rounding.
+ * float32_bounds has the proof). A vector of sums with any lane it cannot prove is summed
+ * again in float64 as above, but rounded to float32 to odd (truncated, the last bit set if
+ * inexact): that one rounding then equals rounding the float64 sum itself, so only a float64
+ * sum exactly on a midpoint, or one that cancelled, is left for `suspects`.
+ *
  * Built as an optional extension: where it cannot be compiled, the engine uses NumPy alone.
  * The GIL is released while the kernel runs, so the engine's worker threads run it at once.
  */
@@ -131,6 +140,28 @@ static inline uint16_t f32_to_f16(float f) {
                                               P##_vh32);                                      \
         return __builtin_shufflevector(f0, f1, ALL_##N);                                      \
     }                                                                                         \
+    /* float64 x rounded to float32 to odd: truncated, the last bit set where inexact. A     \
+     * float32 with 13 or more bits to spare then rounds to 16 bits as x itself would (one    \
+     * rounding), and it lies on a 16-bit midpoint only where x does. */                      \
+    TARGET static inline P##_vh32 P##_to_odd(P##_vd x) {                                      \
+        typedef int64_t vl __attribute__((vector_size(4 * (N))));                             \
+        typedef int32_t vi __attribute__((vector_size(2 * (N))));                             \
+        typedef uint32_t vu __attribute__((vector_size(2 * (N))));                            \
+        P##_vh32 t = __builtin_convertvector(x, P##_vh32);                                    \
+        P##_vd back = __builtin_convertvector(t, P##_vd);                                     \
+        const int64_t mag = INT64_MAX; /* |y| as bits: ordered like |y| (not NaN) */          \
+        vi away = __builtin_convertvector(((vl)back & mag) > ((vl)x & mag), vi);              \
+        vi inexact = __builtin_convertvector((vl)(back != x), vi) & (vi)(t - t == 0);         \
+        vu bits = (vu)t + (vu)away; /* one step toward zero: away is 0 or -1 */               \
+        return (P##_vh32)(bits | (vu)(inexact & 1));                                          \
+    }                                                                                         \
+    TARGET static inline P##_vf P##_finish_odd(P##_vd lo, P##_vd hi, P##_vf base) {          \
+        P##_vh32 b0 = __builtin_shufflevector(base, base, LO_##N);                            \
+        P##_vh32 b1 = __builtin_shufflevector(base, base, HI_##N);                            \
+        P##_vh32 f0 = P##_to_odd(lo + __builtin_convertvector(b0, P##_vd));                   \
+        P##_vh32 f1 = P##_to_odd(hi + __builtin_convertvector(b1, P##_vd));                   \
+        return __builtin_shufflevector(f0, f1, ALL_##N);                                      \
+    }                                                                                         \
     TARGET static inline P##_vf P##_load_f32(const float *p) {                               \
         P##_vf v;                                                                             \
         memcpy(&v, p, sizeof v);                                                              \
@@ -155,14 +186,8 @@ static inline uint16_t f32_to_f16(float f) {
         /* a finite sum that rounded to ±inf: counted, as float16's are */                    \
         return (P##_vu32)((rounded & 0x7FFFu) == 0x7F80u) & (P##_vu32)(v - v == 0.0f);       \
     }                                                                                         \
-    /* Whether any lane of m is set (a few 64-bit ORs, not one step per lane). */             \
-    TARGET static inline int P##_any(P##_vu32 m) {                                           \
-        uint64_t w[(N) / 2];                                                                  \
-        memcpy(w, &m, sizeof m);                                                              \
-        uint64_t acc = 0;                                                                     \
-        for (int q = 0; q < (N) / 2; q++) acc |= w[q];                                        \
-        return acc != 0;                                                                      \
-    }                                                                                         \
+    /* Whether any lane of m is set (one test instruction where the ISA has one). */          \
+    TARGET static inline int P##_any(P##_vu32 m) { return ANY_##P(m); }                      \
     /* The lanes of the float32 values v whose rounding into `out` must be settled. */        \
     TARGET static inline P##_vu32 P##_suspects(P##_vf v, float t, int out) {                 \
         P##_vu32 u = (P##_vu32)v;                                                             \
@@ -173,6 +198,31 @@ static inline uint16_t f32_to_f16(float f) {
         P##_vu32 hit = (P##_vu32)((u & low) == mid) | (P##_vu32)(mag < t) |                   \
                        (P##_vu32)(mag < sub);                                                 \
         return hit & (P##_vu32)((u & 0x7F800000u) != 0x7F800000u);                            \
+    }                                                                                         \
+    /* The lanes of the float32 sums v = fl32(W + D), D the float32 sum of L·R, whose       \
+     * rounding into `out` they do not prove (adapterctl.merge.rounding.float32_bounds: the   \
+     * error of D is at most e·c/2): the distance d from v to its nearest 16-bit midpoint is  \
+     * not above e·c (v - m is exact: same binade), |v| is below the row's `lim` (the bound   \
+     * might reach the midpoints beyond m; float16 subnormals), or v is not finite (d NaN). */\
+    TARGET static inline P##_vu32 P##_unsure(P##_vf v, float e, P##_vf c, float lim,         \
+                                             int out) {                                       \
+        P##_vu32 u = (P##_vu32)v;                                                             \
+        P##_vf mag = (P##_vf)(u & 0x7FFFFFFFu);                                               \
+        const uint32_t keep = out == F16 ? ~0x1FFFu : 0xFFFF0000u;                            \
+        const uint32_t mid = out == F16 ? 0x1000u : 0x8000u;                                  \
+        P##_vf d = (P##_vf)((P##_vu32)(v - (P##_vf)((u & keep) | mid)) & 0x7FFFFFFFu);        \
+        return ~(P##_vu32)(d > e * c) | (P##_vu32)(mag < lim);                                \
+    }                                                                                         \
+    /* One vector of N sums in float64 (two halves): row l (rank values) times the N columns  \
+     * of a tile of `right` starting at r (tile stride TILE_COLS), plus base, as finish. */   \
+    TARGET static inline P##_vf P##_exact(const double *l, const double *r, Py_ssize_t rank,  \
+                                          P##_vf base) {                                      \
+        P##_vd lo = -(P##_vd){}, hi = -(P##_vd){};                                            \
+        for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS) {                               \
+            lo += l[k] * P##_load_f64(r);                                                     \
+            hi += l[k] * P##_load_f64(r + (N) / 2);                                           \
+        }                                                                                     \
+        return P##_finish_odd(lo, hi, base);                                                  \
     }                                                                                         \
     F16_VECTOR_OPS(P, N, TARGET)
 
@@ -198,6 +248,25 @@ static inline uint16_t f32_to_f16(float f) {
 #else
 #define F16_VECTOR_OPS(P, N, TARGET)
 #endif
+
+/* The float32 fast path's inputs (16-bit outputs): left (rows, rank) and right (its tiles)
+ * rounded to float32, and per row e and per column c such that e[i]·c[j] bounds the error of
+ * the float32 sum of row i, column j (adapterctl.merge.numpy_engine._fast_inputs). */
+typedef struct {
+    const float *left, *right, *err, *cnorm;
+    float cmax; /* the largest c */
+} fast_t;
+
+/* The |v| below which a float32 sum is flagged, for b the row's largest e·c: there
+ * |v|·2^-10 (2^-13 for float16), the least distance to a midpoint other than the nearest,
+ * may be within the sum's error b/2 + |v|·2^-24; float16 also flags its subnormals. Rounded
+ * up. */
+static inline float fast_limit(float b, int out) {
+    const float k = out == F16 ? 0.5f / (0x1p-13f - 0x1p-24f) : 0.5f / (0x1p-10f - 0x1p-24f);
+    const float lim = b * k;
+    const float up = lim * 1.0001f;
+    return out == F16 && up < 6.103515625e-05f ? 6.103515625e-05f : up;
+}
 
 /* Columns per panel: the panel of `right` (rank x width floats) stays in L2 while every row of
  * the block streams past it. Whole rows when it fits (rank 16 on a 11008-wide weight: 700 KiB);
@@ -237,6 +306,28 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
             seen |= hits[a];                                                                  \
         }                                                                                     \
     }
+/* The float32 fast path of 16-bit outputs: eight float32 sums f0..f7 over `lf` (the tile's
+ * rows of fast->left) and the tiles of fast->right; each vector whose rounding the bound
+ * cannot prove (P_unsure) is summed again in float64 (P_exact) and then checked as above. */
+#define FAST_ZERO(a, VF) VF f##a = -(VF){};
+#define FAST_ADD(a, N, RV) f##a += lf[ACC_ROW(N, a)] * RV[ACC_COL(N, a) / (N)];
+#define FAST_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                        \
+    hits[a] = (P##_vu32){};                                                                   \
+    if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
+        const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
+        const P##_vf b_ = LOAD_V(b[row_] + col_);                                             \
+        P##_vf v_ = f##a + b_;                                                                \
+        if (P##_any(P##_unsure(v_, fast->err[rr[row_]], P##_load_f32(fast->cnorm + col_),     \
+                               lim[row_], OUT_CODE))) {                                       \
+            v_ = P##_exact(left + rr[row_] * rank,                                            \
+                           right + (j / TILE_COLS) * rank * TILE_COLS + ACC_COL(N, a), rank,  \
+                           b_);                                                               \
+            hits[a] = P##_suspects(v_, thr[rr[row_]], OUT_CODE);                              \
+            seen |= hits[a];                                                                  \
+        }                                                                                     \
+        inf_lanes -= STORE_V(o[row_] + col_, v_);                                             \
+    }
+
 /* Record the lanes of sum a that `hits` flags (flat indices; past `cap` only counted). */
 #define SUM_NOTE(a, N)                                                                        \
     for (int q = 0; q < (N); q++)                                                             \
@@ -274,8 +365,11 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
     TARGET static Py_ssize_t P##_##NAME(                                                      \
         const void *base_, const double *left, const double *right, void *out_,               \
         Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank, double *scratch, const float *thr, \
-        int64_t *susp, Py_ssize_t cap, Py_ssize_t *n_susp, Py_ssize_t index0) {               \
+        int64_t *susp, Py_ssize_t cap, Py_ssize_t *n_susp, Py_ssize_t index0,                 \
+        const fast_t *fast) {                                                                  \
         enum { RT = ACC_ROW(N, 7) + 1 }; /* rows per tile */                                   \
+        float *scratch32 = (float *)(scratch + TILE_ROWS * (rank > 0 ? rank : 1));             \
+        if (OUT_CODE == F32) fast = NULL; /* float32 outputs: float64 sums */                  \
         const IN_T *base = base_;                                                              \
         OUT_T *out = out_;                                                                     \
         Py_ssize_t inf = 0;                                                                    \
@@ -294,7 +388,30 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                     for (Py_ssize_t k = 0; k < rank; k++)                                      \
                         scratch[k * RT + t] = left[rr[t] * rank + k];                          \
                 }                                                                              \
+                float lim[RT]; /* |v| below it: flagged (P_unsure) */                          \
+                if (fast != NULL)                                                              \
+                    for (int t = 0; t < RT; t++) {                                             \
+                        for (Py_ssize_t k = 0; k < rank; k++)                                  \
+                            scratch32[k * RT + t] = fast->left[rr[t] * rank + k];              \
+                        lim[t] = fast_limit(fast->err[rr[t]] * fast->cmax, OUT_CODE);          \
+                    }                                                                          \
                 Py_ssize_t j = p;                                                              \
+                for (; fast != NULL && j + TILE_COLS <= p_end; j += TILE_COLS) {               \
+                    FOR_SUMS(FAST_ZERO, P##_vf)                                                \
+                    const float *r32 = fast->right + (j / TILE_COLS) * rank * TILE_COLS;       \
+                    const float *lf = scratch32;                                               \
+                    for (Py_ssize_t k = 0; k < rank; k++, r32 += TILE_COLS, lf += RT) {        \
+                        P##_vf RV[TILE_COLS / N];                                              \
+                        for (int v = 0; v < TILE_COLS / N; v++)                                \
+                            RV[v] = P##_load_f32(r32 + v * N);                                 \
+                        FOR_SUMS(FAST_ADD, N, RV)                                              \
+                    }                                                                          \
+                    P##_vu32 hits[8], seen = {};                                               \
+                    FOR_SUMS(FAST_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                      \
+                    if (P##_any(seen)) {                                                       \
+                        FOR_SUMS(SUM_NOTE, N)                                                  \
+                    }                                                                          \
+                }                                                                              \
                 for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                               \
                     FOR_SUMS(SUM_ZERO, P##_vd)                                                 \
                     const double *r = right + (j / TILE_COLS) * rank * TILE_COLS;              \
@@ -332,10 +449,10 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
         return inf;                                                                            \
     }
 
-/* scratch: TILE_ROWS x rank doubles. */
+/* scratch: TILE_ROWS x rank doubles, then as many floats. */
 typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, void *,
                                 Py_ssize_t, Py_ssize_t, Py_ssize_t, double *, const float *,
-                                int64_t *, Py_ssize_t, Py_ssize_t *, Py_ssize_t);
+                                int64_t *, Py_ssize_t, Py_ssize_t *, Py_ssize_t, const fast_t *);
 
 /* Every (base, output) kernel for one width, and their table P_KERNELS[base][output] (NULL
  * where the compiler has no _Float16). */
@@ -381,11 +498,21 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, vo
  * the OS, which must save the wide registers) supports. */
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
+#include <immintrin.h>
+#define ANY_avx512(m) (_mm512_test_epi32_mask((__m512i)(m), (__m512i)(m)) != 0)
+#define ANY_avx2(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 KERNEL_SET(avx512, 16, TARGET_AVX512)
 KERNEL_SET(avx2, 8, TARGET_AVX2)
 #endif
+/* Whether any of the four lanes is set: two 64-bit ORs. */
+static inline int any_generic(const void *m) {
+    uint64_t w[2];
+    memcpy(w, m, sizeof w);
+    return (w[0] | w[1]) != 0;
+}
+#define ANY_generic(m) any_generic(&(m))
 KERNEL_SET(generic, 4, )
 
 typedef struct {
@@ -487,18 +614,69 @@ static int check_checks(const char *fn, int out_dt, const Py_buffer *thr, const 
     return check_size(fn, thr, "thr", rows * 4);
 }
 
+/* The fast path's optional buffers (all four, or none: float64 sums then), checked against
+ * the shapes; 0 with `fast` filled (or set to NULL), or -1 with an exception set. */
+typedef struct {
+    Py_buffer left, right, err, cnorm;
+} fast_bufs_t;
+
+static int get_fast(const char *fn, PyObject *const objs[4], fast_bufs_t *b, Py_ssize_t rows,
+                    Py_ssize_t cols, Py_ssize_t rank, fast_t *fast, const fast_t **use) {
+    Py_buffer *bufs[4] = {&b->left, &b->right, &b->err, &b->cnorm};
+    int given = 0;
+    *use = NULL;
+    for (int q = 0; q < 4; q++) given += objs[q] != NULL && objs[q] != Py_None;
+    if (given == 0) return 0;
+    if (given != 4) {
+        PyErr_Format(PyExc_ValueError, "%s: left32, right32, err and cnorm come together", fn);
+        return -1;
+    }
+    for (int q = 0; q < 4; q++)
+        if (optional_buffer(objs[q], bufs[q], 0) < 0) return -1;
+    const Py_ssize_t padded = (cols + TILE_COLS - 1) / TILE_COLS * TILE_COLS;
+    if (check_size(fn, &b->left, "left32", rows * rank * 4) ||
+        check_size(fn, &b->right, "right32", rank * padded * 4) ||
+        check_size(fn, &b->err, "err", rows * 4) || check_size(fn, &b->cnorm, "cnorm", padded * 4))
+        return -1;
+    fast->left = b->left.buf;
+    fast->right = b->right.buf;
+    fast->err = b->err.buf;
+    fast->cnorm = b->cnorm.buf;
+    fast->cmax = 0.0f;
+    for (Py_ssize_t j = 0; j < padded; j++) {
+        const float c = fast->cnorm[j];
+        if (!(c >= 0.0f && c <= 3.0e38f)) { /* NaN, inf or negative: no bound */
+            PyErr_Format(PyExc_ValueError, "%s: cnorm holds %g", fn, (double)c);
+            return -1;
+        }
+        if (c > fast->cmax) fast->cmax = c;
+    }
+    *use = fast;
+    return 0;
+}
+
+static void release_fast(fast_bufs_t *b) {
+    Py_buffer *bufs[4] = {&b->left, &b->right, &b->err, &b->cnorm};
+    for (int q = 0; q < 4; q++)
+        if (bufs[q]->obj != NULL) PyBuffer_Release(bufs[q]);
+}
+
 static double *new_scratch(Py_ssize_t rank) {
-    double *scratch = PyMem_RawMalloc(sizeof(double) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
+    double *scratch =
+        PyMem_RawMalloc(2 * sizeof(double) * TILE_ROWS * (size_t)(rank > 0 ? rank : 1));
     if (scratch == NULL) PyErr_NoMemory();
     return scratch;
 }
 
 PyDoc_STRVAR(addmm_round_doc,
              "addmm_round(out, base, left, right, rows, cols, rank, base_dtype, out_dtype,\n"
-             "            isa=None, thr=None, suspects=None) -> (int, int)\n"
+             "            isa=None, thr=None, suspects=None, left32=None, right32=None,\n"
+             "            err=None, cnorm=None) -> (int, int)\n"
              "\n"
              "out = round(float(base + left @ right)), summed in float64 from zero, the base\n"
-             "added last.\n"
+             "added last; with left32, right32 (left and right's tiles in float32), err (rows)\n"
+             "and cnorm (the padded columns) given, 16-bit outputs sum in float32 and sum again\n"
+             "in float64 only what err[i]*cnorm[j] does not prove (rounding.float32_bounds).\n"
              "\n"
              "out: writable C-contiguous buffer of rows*cols values of out_dtype; base: rows*cols\n"
              "values of base_dtype; left: float64 (rows, rank); right: float64 (rank, cols) in\n"
@@ -512,13 +690,17 @@ PyDoc_STRVAR(addmm_round_doc,
 
 static PyObject *addmm_round(PyObject *self, PyObject *args) {
     Py_buffer out, base, left, right, thr = {0}, susp = {0};
+    fast_bufs_t fb = {0};
+    fast_t fast;
+    const fast_t *use = NULL;
     Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     int base_dt, out_dt;
     const char *isa_name = NULL;
-    PyObject *thr_o = NULL, *susp_o = NULL;
+    PyObject *thr_o = NULL, *susp_o = NULL, *f[4] = {NULL, NULL, NULL, NULL};
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|zOO:addmm_round", &out, &base, &left, &right,
-                          &rows, &cols, &rank, &base_dt, &out_dt, &isa_name, &thr_o, &susp_o))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|zOOOOOO:addmm_round", &out, &base, &left,
+                          &right, &rows, &cols, &rank, &base_dt, &out_dt, &isa_name, &thr_o,
+                          &susp_o, &f[0], &f[1], &f[2], &f[3]))
         return NULL;
     PyObject *result = NULL;
     double *scratch = NULL;
@@ -526,15 +708,17 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
     const kernel_fn kernel = find_kernel("addmm_round", &out, &base, &left, &right, rows, cols,
                                          rank, base_dt, out_dt, isa_name);
     if (kernel == NULL || check_checks("addmm_round", out_dt, &thr, &susp, rows) < 0 ||
+        get_fast("addmm_round", f, &fb, rows, cols, rank, &fast, &use) < 0 ||
         (scratch = new_scratch(rank)) == NULL)
         goto done;
     Py_BEGIN_ALLOW_THREADS;
     inf = kernel(base.buf, left.buf, right.buf, out.buf, rows, cols, rank, scratch, thr.buf,
-                 susp.buf, susp.len / 8, &n_susp, 0);
+                 susp.buf, susp.len / 8, &n_susp, 0, use);
     Py_END_ALLOW_THREADS;
     result = Py_BuildValue("(nn)", inf, n_susp);
 done:
     PyMem_RawFree(scratch);
+    release_fast(&fb);
     PyBuffer_Release(&out);
     PyBuffer_Release(&base);
     PyBuffer_Release(&left);
@@ -550,8 +734,8 @@ done:
 
 PyDoc_STRVAR(addmm_round_into_doc,
              "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
-             "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None)\n"
-             "    -> (int, int)\n"
+             "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None,\n"
+             "                 left32=None, right32=None, err=None, cnorm=None) -> (int, int)\n"
              "\n"
              "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
              "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
@@ -577,22 +761,26 @@ static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
 
 static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     Py_buffer buffer, base, left, right, thr = {0}, susp = {0};
+    fast_bufs_t fb = {0};
+    fast_t fast;
+    const fast_t *use = NULL;
     int fd, base_dt, out_dt, err = 0;
     long long offset;
     Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     const char *isa_name = NULL;
-    PyObject *thr_o = NULL, *susp_o = NULL;
+    PyObject *thr_o = NULL, *susp_o = NULL, *f[4] = {NULL, NULL, NULL, NULL};
     (void)self;
-    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|zOO:addmm_round_into", &fd, &offset, &buffer,
-                          &base, &left, &right, &rows, &cols, &rank, &base_dt, &out_dt,
-                          &isa_name, &thr_o, &susp_o))
+    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|zOOOOOO:addmm_round_into", &fd, &offset,
+                          &buffer, &base, &left, &right, &rows, &cols, &rank, &base_dt, &out_dt,
+                          &isa_name, &thr_o, &susp_o, &f[0], &f[1], &f[2], &f[3]))
         return NULL;
     PyObject *result = NULL;
     double *scratch = NULL;
     if (optional_buffer(thr_o, &thr, 0) < 0 || optional_buffer(susp_o, &susp, 1) < 0) goto done;
     const kernel_fn kernel = find_kernel("addmm_round_into", NULL, &base, &left, &right, rows,
                                          cols, rank, base_dt, out_dt, isa_name);
-    if (kernel == NULL || check_checks("addmm_round_into", out_dt, &thr, &susp, rows) < 0)
+    if (kernel == NULL || check_checks("addmm_round_into", out_dt, &thr, &susp, rows) < 0 ||
+        get_fast("addmm_round_into", f, &fb, rows, cols, rank, &fast, &use) < 0)
         goto done;
     const Py_ssize_t row_bytes = cols * itemsize(out_dt);
     if (rows == 0 || row_bytes == 0) { /* an empty tensor: nothing to write */
@@ -611,10 +799,14 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     const char *in = base.buf;
     for (Py_ssize_t r0 = 0; r0 < rows && err == 0; r0 += block) {
         const Py_ssize_t n = rows - r0 < block ? rows - r0 : block;
+        fast_t part; /* the fast path's rows of this block */
+        if (use != NULL)
+            part = (fast_t){use->left + r0 * rank, use->right, use->err + r0, use->cnorm,
+                            use->cmax};
         inf += kernel(in + r0 * cols * itemsize(base_dt), (const double *)left.buf + r0 * rank,
                       right.buf, buffer.buf, n, cols, rank, scratch,
                       thr.buf == NULL ? NULL : (const float *)thr.buf + r0, susp.buf,
-                      susp.len / 8, &n_susp, r0 * cols);
+                      susp.len / 8, &n_susp, r0 * cols, use == NULL ? NULL : &part);
         err = pwrite_all(fd, buffer.buf, (size_t)(n * row_bytes), offset + r0 * row_bytes);
     }
     Py_END_ALLOW_THREADS;
@@ -626,6 +818,7 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     result = Py_BuildValue("(nn)", inf, n_susp);
 done:
     PyMem_RawFree(scratch);
+    release_fast(&fb);
     PyBuffer_Release(&buffer);
     PyBuffer_Release(&base);
     PyBuffer_Release(&left);
@@ -676,7 +869,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
     if (PyModule_AddIntConstant(m, "FLOAT16", HAVE_FLOAT16) < 0 ||
         PyModule_AddIntConstant(m, "TILE_ROWS", TILE_ROWS) < 0 ||
         PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0 ||
-        PyModule_AddIntConstant(m, "FACTORS_FLOAT64", 1) < 0) {
+        PyModule_AddIntConstant(m, "FACTORS_FLOAT64", 1) < 0 ||
+        PyModule_AddIntConstant(m, "FLOAT32_SUMS", 1) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -7,6 +7,8 @@ FLOAT16: int  # 1 where the compiler has _Float16 (float16 in or out), else 0
 ISAS: tuple[str, ...]  # the vector widths this CPU runs, widest first: "avx512", "avx2", "generic"
 TILE_ROWS: int  # rows merged at once: the engine's chunks hold a multiple of them
 TILE_COLS: int  # `right` comes in tiles of this many columns: (ceil(cols / T), rank, T)
+FACTORS_FLOAT64: int  # 1: left and right are float64
+FLOAT32_SUMS: int  # 1: 16-bit outputs take the float32 fast path's inputs (left32 ... cnorm)
 
 def addmm_round(
     out: Buffer,
@@ -19,8 +21,14 @@ def addmm_round(
     base_dtype: int,
     out_dtype: int,
     isa: str | None = None,
+    thr: Buffer | None = None,
+    suspects: Buffer | None = None,
+    left32: Buffer | None = None,
+    right32: Buffer | None = None,
+    err: Buffer | None = None,
+    cnorm: Buffer | None = None,
     /,
-) -> int: ...
+) -> tuple[int, int]: ...
 def addmm_round_into(
     fd: int,
     offset: int,
@@ -34,5 +42,11 @@ def addmm_round_into(
     base_dtype: int,
     out_dtype: int,
     isa: str | None = None,
+    thr: Buffer | None = None,
+    suspects: Buffer | None = None,
+    left32: Buffer | None = None,
+    right32: Buffer | None = None,
+    err: Buffer | None = None,
+    cnorm: Buffer | None = None,
     /,
-) -> int: ...
+) -> tuple[int, int]: ...

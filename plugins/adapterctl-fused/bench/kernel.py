@@ -3,12 +3,13 @@
 For Llama-7B weight shapes (4096 x 4096, 4096 x 11008, 11008 x 4096) in bf16 and ranks 16 to
 256 (several adapters merged at once add their ranks), times one core merging the whole
 weight in the engine's row chunks: the fused kernel (`adapterctl_fused._fused`: L·R summed in
-float64, the base added, rounded, the midpoint test, one pass), in each vector width the CPU
-runs (AVX-512, AVX2, generic: 16, 8 or 4 values), against NumPy's float64 `matmul` + widening
-add + roundings + the same test (`adapterctl.merge.rounding`; bfloat16 held as its bits), all
-into a bf16 output, OpenBLAS on one thread. Reports ns per merged element (best of --repeat)
-and NumPy's time over the widest kernel's; the FMAs alone need rank / 8 cycles per element at
-one 8-lane float64 FMA per cycle.
+float32, the base added, the error-bound test, the few unproven vectors summed again in
+float64, rounded, one pass) in each vector width the CPU runs (AVX-512, AVX2, generic: 16, 8
+or 4 values), the widest with float64 sums throughout, and NumPy's float64 `matmul` +
+widening add + roundings + the midpoint test (`adapterctl.merge.rounding`; bfloat16 held as
+its bits), all into a bf16 output, OpenBLAS on one thread. Reports ns per merged element
+(best of --repeat) and NumPy's time over the widest kernel's; the FMAs alone need rank / 16
+cycles per element at one 16-lane float32 FMA per cycle.
 
     python plugins/adapterctl-fused/bench/kernel.py --repeat 3
 """
@@ -51,9 +52,9 @@ def main() -> None:
     print(
         "| weight | rank | "
         + " | ".join(f"fused {isa} ns/element" for isa in isas)
-        + " | NumPy ns/element | NumPy ÷ fused |"
+        + f" | fused {isas[0]} float64 sums ns/element | NumPy ns/element | NumPy ÷ fused |"
     )
-    print("|---|---:|" + "---:|" * (len(isas) + 2))
+    print("|---|---:|" + "---:|" * (len(isas) + 3))
     for rows, cols in SHAPES:
         w = round_bf16(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)  # bf16 bits
         for rank in RANKS:
@@ -65,14 +66,17 @@ def main() -> None:
             out = np.empty((rows, cols), np.uint16)
             noted = np.empty(1 << 16, np.int64)
 
+            f32 = numpy_engine.float32_inputs(left, right, tiles)  # left32, right32, err, cnorm
+
             def fused(
-                isa: str, w=w, left=left, tiles=tiles, chunks=chunks, thr=thr, out=out,
-                cols=cols, rank=rank, noted=noted,
+                isa: str, float32_sums: bool = True, w=w, left=left, tiles=tiles,
+                chunks=chunks, thr=thr, out=out, cols=cols, rank=rank, noted=noted, f32=f32,
             ) -> None:  # fmt: skip
                 for r0, r1 in chunks:
+                    fast = (f32[0][r0:r1], f32[1], f32[2][r0:r1], f32[3]) if float32_sums else ()
                     kernels[isa].module.addmm_round(
                         out[r0:r1], w[r0:r1], left[r0:r1], tiles, r1 - r0, cols, rank, 0, 0,
-                        isa, thr[r0:r1], noted,
+                        isa, thr[r0:r1], noted, *fast,
                     )  # fmt: skip
 
             def numpy_path(w=w, left=left, right=right, chunks=chunks, thr=thr) -> None:
@@ -88,8 +92,10 @@ def main() -> None:
                 t_fused = [
                     _best(lambda isa=isa: fused(isa), args.repeat) / w.size * 1e9 for isa in isas
                 ]
+                t_f64 = _best(lambda: fused(isas[0], False), args.repeat) / w.size * 1e9
                 t_numpy = _best(numpy_path, args.repeat) / w.size * 1e9
-            cells = " | ".join(f"{t:.2f}" for t in [*t_fused, t_numpy, t_numpy / t_fused[0]])
+            times = [*t_fused, t_f64, t_numpy, t_numpy / t_fused[0]]
+            cells = " | ".join(f"{t:.2f}" for t in times)
             print(f"| {rows} × {cols} | {rank} | {cells} |")
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -61,19 +62,24 @@ def _run(
     out_dtype: str,
     isa: str | None = None,
     noted: list[np.ndarray] | None = None,
+    float32_sums: bool = True,
 ) -> tuple[np.ndarray, int]:
     """out = round(W + L·R) by the kernel; the flat indices it notes for settling go to
-    ``noted`` (none may be lost: the buffer holds every element)."""
+    ``noted`` (none may be lost: the buffer holds every element). 16-bit outputs take the
+    float32 sums as the engine passes them, unless ``float32_sums`` is False (float64)."""
     if "float16" in (base_dtype, out_dtype) and not fused.FLOAT16:
         pytest.skip("built by a compiler without _Float16: float16 merges use NumPy")
     rows, cols = base.shape
     out = np.empty((rows, cols), DTYPES[out_dtype])
     left = np.ascontiguousarray(left, np.float64)
-    thr, _ = rounding.row_bounds(left, np.asarray(right, np.float64))
+    right = np.asarray(right, np.float64)
+    thr, _ = rounding.row_bounds(left, right)
     suspects = np.empty(max(1, rows * cols), np.int64)
+    tiles = _tiles(right)
+    fast = numpy_engine.float32_inputs(left, right, tiles) if float32_sums else ()
     inf, n = fused.addmm_round(
-        _bits(out), _bits(base), left, _tiles(right), rows, cols, right.shape[0],
-        CODES[base_dtype], CODES[out_dtype], isa, thr, suspects,
+        _bits(out), _bits(base), left, tiles, rows, cols, right.shape[0],
+        CODES[base_dtype], CODES[out_dtype], isa, thr, suspects, *fast,
     )  # fmt: skip
     assert n <= suspects.size
     if noted is not None:
@@ -201,6 +207,87 @@ def test_sums_are_float64_math_rounded_once(
         assert np.array_equal(_bits(ours)[keep], near.view(_bits(ours).dtype)[keep])
 
 
+FORMAT = {"bfloat16": "BF16", "float16": "F16"}
+
+
+@ISAS
+@pytest.mark.parametrize("float32_sums", [True, False], ids=["float32-sums", "float64-sums"])
+@pytest.mark.parametrize(
+    ("base_dtype", "out_dtype"),
+    [(b, o) for b in DTYPES for o in ("bfloat16", "float16")],
+)
+def test_sums_on_or_beside_a_midpoint_round_correctly(
+    base_dtype: str, out_dtype: str, float32_sums: bool, isa: str
+) -> None:
+    """W + L·R built to land on a 16-bit midpoint, or 2⁻³⁰ or 2⁻⁶⁰ of it away (beyond float32,
+    and beyond float64, sums), or elsewhere: every value the kernel does not note for
+    settling is the correctly rounded exact sum (computed here in rationals), through the
+    float32 sums (their flagged vectors summed again in float64) and the float64 ones."""
+    rows, cols = 6, 70  # two tiles of columns and a tail
+    fmt = FORMAT[out_dtype]
+    rng = np.random.default_rng(sum(map(ord, base_dtype + out_dtype)))
+    base = _round(rng.standard_normal((rows, cols)) * 0.5, base_dtype)
+    w = _widen(base, base_dtype).astype(np.float64)
+    y = w + rng.standard_normal((rows, cols)) * 0.01 * np.abs(w)
+    r = rounding.nearest(y.reshape(-1), fmt)
+    mid = ((r + rounding.neighbours(r, fmt)[1]) / 2).reshape(rows, cols)  # a midpoint near y
+    away = rng.choice([0.0, 2.0**-30, -(2.0**-30), 2.0**-60, -(2.0**-60), 0.37], (rows, cols))
+    # element (i, j) = L[i, j]·1 + L[i, cols + j]·1: the step to the midpoint, then the offset
+    left = np.concatenate([mid - w, away * np.abs(mid)], axis=1)  # (rows, 2·cols)
+    right = np.concatenate([np.eye(cols), np.eye(cols)])  # (2·cols, cols)
+    noted: list[np.ndarray] = []
+    ours, _ = _run(base, base_dtype, left, right, out_dtype, isa, noted, float32_sums)
+    settle = np.zeros(rows * cols, bool)
+    settle[noted[0]] = True
+    for i, j in zip(*np.nonzero(~settle.reshape(rows, cols)), strict=True):
+        exact = (
+            Fraction(float(w[i, j]))
+            + Fraction(float(left[i, j]))
+            + Fraction(float(left[i, cols + j]))
+        )
+        want = rounding.store(np.array([rounding._round_exact(exact, fmt)]), fmt)
+        assert _bits(ours)[i, j] == want.view(_bits(ours).dtype)[0], (i, j, away[i, j])
+
+
+@ISAS
+@pytest.mark.parametrize(
+    ("out_dtype", "first", "bound"),
+    [
+        ("bfloat16", 1 + 2.0**-7, 0.003),  # d = 2⁻⁸ > 0.003, but 0.003 > |v|·2⁻⁹ (lim)
+        ("float16", 1 + 2.0**-10, 3.5e-4),  # d = 2⁻¹¹ > 3.5e-4 > |v|·2⁻¹² (lim)
+        ("float16", 2.0**-20, 1e-30),  # a float16 subnormal
+    ],
+)
+def test_float32_sums_flag_what_they_cannot_prove(
+    out_dtype: str, first: float, bound: float, isa: str
+) -> None:
+    """A float32 sum just past a power of two, whose error bound e·c is below the distance
+    to its nearest midpoint above but could reach the one below it, is summed again (and so
+    is a float16 subnormal); values the bound proves are not. A threshold of +inf makes every
+    lane of a vector summed again show up among the noted values."""
+    if not fused.FLOAT16 and out_dtype == "float16":
+        pytest.skip("built by a compiler without _Float16")
+    rows, cols = 2, 32
+    base = np.full((rows, cols), 3.0, np.float32)  # 3 ± half a step: far from both bounds
+    base[0, 0] = first
+    left, right = np.zeros((rows, 1)), _tiles(np.zeros((1, cols)))
+    fast = (
+        np.zeros((rows, 1), np.float32), right.astype(np.float32),
+        np.full(rows, bound, np.float32), np.ones(cols, np.float32),
+    )  # fmt: skip
+    out = np.empty((rows, cols), DTYPES[out_dtype])
+    suspects = np.empty(rows * cols, np.int64)
+    thr = np.full(rows, np.inf, np.float32)
+    _, n = fused.addmm_round(
+        _bits(out), base, left, right, rows, cols, 1, CODES["float32"], CODES[out_dtype], isa,
+        thr, suspects, *fast,
+    )  # fmt: skip
+    noted = set(suspects[:n].tolist())
+    assert 0 in noted
+    assert not noted & set(range(cols, rows * cols))  # row 1: proven, never summed again
+    assert np.array_equal(_bits(out), _bits(_round(base, out_dtype)))
+
+
 @ISAS
 @pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
 def test_float16_overflow_is_counted(base_dtype: str, isa: str) -> None:
@@ -249,6 +336,21 @@ def test_malformed_buffers_are_refused() -> None:
         fused.addmm_round(
             bf16, bf16, left, right, 4, 8, 2, 0, 0, None, np.zeros(4, np.float32), bytes(32)
         )
+    checks = (np.zeros(4, np.float32), np.zeros(32, np.int64))
+    fast = [np.zeros((4, 2), np.float32), np.zeros((1, 2, 32), np.float32)]
+    fast += [np.ones(4, np.float32), np.ones(32, np.float32)]
+    with pytest.raises(ValueError, match="left32, right32, err and cnorm come together"):
+        fused.addmm_round(bf16, bf16, left, right, 4, 8, 2, 0, 0, None, *checks, *fast[:3])
+    with pytest.raises(ValueError, match="cnorm holds 16 bytes, expected 128"):
+        fused.addmm_round(bf16, bf16, left, right, 4, 8, 2, 0, 0, None, *checks, *fast[:3],
+                          np.ones(4, np.float32))  # fmt: skip
+    for bad in (np.nan, np.inf, -1.0):  # a column norm that bounds nothing
+        cnorm = np.ones(32, np.float32)
+        cnorm[5] = bad
+        with pytest.raises(ValueError, match="cnorm holds"):
+            fused.addmm_round(bf16, bf16, left, right, 4, 8, 2, 0, 0, None, *checks, *fast[:3],
+                              cnorm)  # fmt: skip
+    assert fused.addmm_round(bf16, bf16, left, right, 4, 8, 2, 0, 0, None, *checks, *fast)[0] == 0
     with pytest.raises(ValueError, match="bad shape or dtype code"):
         fused.addmm_round(out, base, left, right, 4, 8, 2, 2, 7)
     with pytest.raises(ValueError, match="bad shape or dtype code"):
