@@ -249,6 +249,29 @@ def test_two_adapters_with_weights(
     assert bad == 0, f"{bad} of {total} elements are not the correctly rounded exact sum"
 
 
+@pytest.mark.parametrize(("base_dtype", "out_dtype"), [("BF16", "BF16"), ("F32", "F16")])
+def test_the_kernel_above_its_float32_rank(
+    model_dirs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    base_dtype: str,
+    out_dtype: str,
+) -> None:
+    """Past ``numpy_engine.FLOAT32_RANK`` the kernel sums 16-bit outputs in float64 (the
+    float32 sums' bound grows with the rank): still exact, element by element."""
+    if numpy_engine.choose_kernel("auto") is None:
+        pytest.skip("the compiled kernel is not installed")
+    monkeypatch.setattr(numpy_engine, "FLOAT32_RANK", 0)
+    base = _copy(model_dirs[base_dtype], tmp_path / "base")
+    adapter = _copy(model_dirs["root"] / "adapter0", tmp_path / "adapter")
+    craft(base, adapter, out_dtype, seed=7, base_dtype=base_dtype)
+    out = tmp_path / "out"
+    merge(base, [adapter], out, dtype=DTYPE_FLAG[out_dtype], engine="numpy", kernel="auto",
+          device="cpu")  # fmt: skip
+    bad, total = _mismatches(exact_merge(base, [(adapter, 1.0)], out, out_dtype))
+    assert bad == 0, f"{bad} of {total} elements are not the correctly rounded exact sum"
+
+
 def test_a_float32_sum_would_have_been_wrong(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     """The crafted merge is a real test: rounding PEFT's way (a float32 W + ΔW, then bfloat16)
     gets a good share of its elements wrong."""

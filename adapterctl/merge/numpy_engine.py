@@ -380,6 +380,12 @@ class _Tensor:
         return rounding.row_bounds(self.upd.left, self.upd.right)
 
 
+# The highest summed rank whose 16-bit outputs the kernel sums in float32: the error bound
+# grows with the rank, and past it more vectors are summed again in float64 than the float32
+# sums save (plugins/adapterctl-fused/bench/kernel.py: at rank 16 0.9 against 1.2 ns per
+# value, even at 64, 3× slower at 256).
+FLOAT32_RANK = 48
+
 # Bytes of the base a kernel call reads at once (the rows are read first: ``_BaseFiles``).
 KERNEL_READ_BYTES = 4 << 20
 
@@ -394,7 +400,7 @@ def _write_with_kernel(
 
     out = t.job.out_dtype
     right = _right_tiles(t.upd.right, kernel)
-    left32, right32, err, cnorm = float32_inputs(t.upd.left, t.upd.right, right)
+    fast = float32_inputs(t.upd.left, t.upd.right, right) if t.upd.rank <= FLOAT32_RANK else ()
     block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, t.cols), numpy_dtype(out))
     row_in = max(1, int(t.cols * DTYPE_SIZES[t.base_dtype]))
     step = max(kernel.module.TILE_ROWS, KERNEL_READ_BYTES // row_in)
@@ -407,10 +413,11 @@ def _write_with_kernel(
         r1 = min(t.rows, r0 + step)
         w = t.read(r0, r1)
         at = offset + r0 * row_out
+        rows_fast = (fast[0][r0:r1], fast[1], fast[2][r0:r1], fast[3]) if fast else ()
         inf, n = kernel.module.addmm_round_into(
             fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
             right.shape[1], _KERNEL_CODES[t.base_dtype], _KERNEL_CODES[out], kernel.isa,
-            thr[r0:r1], noted, left32[r0:r1], right32, err[r0:r1], cnorm,
+            thr[r0:r1], noted, *rows_fast,
         )  # fmt: skip
         if n > len(noted):  # more to settle than noted (an adversarial tensor): NumPy redoes it
             used.add("numpy")

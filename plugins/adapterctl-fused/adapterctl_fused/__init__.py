@@ -38,19 +38,21 @@ class FusedKernel:
         return _fused if current else None
 
     def pays(self, isa: str, rank: int, cols: int) -> bool:
-        """Whether the kernel sums W + L·R faster than NumPy's ``sgemm`` here, as
-        ``bench/kernel.py`` measured it (its RESULTS.md): the 4-float build only at the lowest
-        ranks (it is 2–3× slower from rank 64); the 8/16-float builds everywhere but ranks
-        around 128 on rows of up to 8192 values, where OpenBLAS was 1.2× faster.
+        """Whether the kernel sums W + L·R faster than NumPy's float64 ``matmul`` path here,
+        as ``bench/kernel.py`` measured it (adapterctl's bench/RESULTS.md, "kernel"): the
+        16-float build at every rank (1.1–5.8×), the 8-float build up to rank 64 (1.1–5×;
+        from 128 its float64 sums are 1.2–1.9× slower), the 4-float build at the lowest ranks
+        (2.2× at 16, 1.4× slower at 64).
 
         Args:
             isa: the vector width that runs (one of the module's ``ISAS``).
             rank: the summed rank of the tensor's deltas (Σ rᵢ).
             cols: values per row of the stored weight.
         """
+        del cols  # measured on rows of 4096 and 11008 values alike
         if isa == "generic":
             return rank <= 16
-        return not (96 < rank <= 192 and cols <= 8192)
+        return isa != "avx2" or rank <= 64
 
 
 @hookimpl
