@@ -138,13 +138,61 @@ def test_base_truncated_after_planning_is_refused_cleanly(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
 
 
+# Run in a child process: if the kernel's guard failed, SIGBUS would end it, not pytest.
+_TRUNCATE_MAPPED = """
+import sys
+from adapterctl.cli import main
+from adapterctl.merge import numpy_engine
+shard = sys.argv[1]
+real = numpy_engine._BaseFiles.mapped
+def mapped_then_truncate(*args, **kwargs):
+    view = real(*args, **kwargs)  # mapped and paged in: the kernel reads it next
+    with open(shard, "r+b") as fh:
+        fh.truncate(4096)
+    return view
+numpy_engine._BaseFiles.mapped = mapped_then_truncate
+sys.argv = ["adapterctl", "merge", *sys.argv[2:]]
+main()
+"""
+
+
+def test_base_truncated_while_the_kernel_reads_its_map(
+    tiny: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """The compiled kernel reads the base through a memory map; the file is truncated right
+    after it is mapped, so the kernel's reads fault (SIGBUS): the kernel's guard turns that
+    into the same one-line error, exit 1, nothing left behind."""
+    import shutil
+    import subprocess
+    import sys
+
+    if numpy_engine.choose_kernel("auto") is None:
+        pytest.skip("no compiled merge kernel")
+    base, plain, _ = tiny
+    copy_of_base = tmp_path / "base"
+    shutil.copytree(base, copy_of_base)
+    shard = copy_of_base / "model.safetensors"
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-c", _TRUNCATE_MAPPED, str(shard), str(copy_of_base), str(plain),
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "ADAPTERCTL_FUSED": "1"},
+    )  # fmt: skip
+    assert res.returncode == 1, (res.returncode, res.stdout, res.stderr)
+    assert "shrank while the merge read" in res.stderr and str(shard) in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # nothing left behind
+
+
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 def test_base_truncated_while_the_merge_reads_it(
     engine: str, tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Another process truncates the base mid-merge: the read that comes after it fails
     cleanly (exit 1 naming the file; no SIGBUS, no traceback, nothing left behind). The
-    truncation happens at a known point: right after the merge's first read of the base."""
+    truncation happens at a known point: right after the merge's first read of the base
+    (NumPy alone: positioned reads; the kernel's memory maps are the test above)."""
     import shutil
 
     from click.testing import CliRunner
@@ -174,7 +222,8 @@ def test_base_truncated_while_the_merge_reads_it(
 
     monkeypatch.setattr(module, name, read_then_truncate)
     out = tmp_path / "out"
-    if engine == "numpy":  # what the command line runs for this merge
+    if engine == "numpy":  # what the command line runs for this merge, without the kernel
+        monkeypatch.setenv("ADAPTERCTL_FUSED", "0")
         res = CliRunner().invoke(cli, ["merge", str(copy_of_base), str(plain), "-o", str(out)])
         assert res.exit_code == 1, res.output
         assert "shrank while the merge read" in res.output and str(shard) in res.output

@@ -29,8 +29,11 @@ sum (``adapterctl.merge.rounding``: float64 sums, the rare undecided values sett
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import mmap
 import os
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -119,6 +122,8 @@ def choose_kernel(wanted: str | None = None) -> Kernel | None:
 # in bf16) stays in L2 beside the factor it reads (up to 1 MiB); larger blocks measured slower.
 KERNEL_BLOCK_ELEMENTS = 1 << 16
 ENGINE_DTYPES = frozenset({"F32", "F16", "BF16"})
+# Linux ≥ 5.14 (Python names it from 3.12 on); elsewhere pages fault in as they are read.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)
 
 
 def supports(plan: MergePlan) -> bool:
@@ -252,6 +257,7 @@ class _BaseFiles:
 
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, Any] = {}  # mmap.mmap per file, for the compiled kernel
         self._lock = threading.Lock()
 
     def read_rows(self, info: TensorInfo, cols: int, r0: int, r1: int) -> np.ndarray[Any, Any]:
@@ -263,12 +269,7 @@ class _BaseFiles:
         """
         import numpy as np
 
-        with self._lock:
-            path = info.local_path
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = os.open(path, os.O_RDONLY)
-                self._fds[path] = fd
+        fd = self._fd(info.local_path)
         dtype = numpy_dtype(info.dtype)
         rows = _BUFFERS.get("base_rows", (r1 - r0) * cols, dtype).reshape(r1 - r0, cols)
         view = memoryview(rows.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
@@ -282,10 +283,74 @@ class _BaseFiles:
         BYTES_READ.add(got)
         return rows
 
+    def mapped(self, info: TensorInfo, cols: int) -> np.ndarray[Any, Any] | None:
+        """The tensor flattened to (rows, cols), as stored, over a read-only memory map of its
+        file (no copy), its pages mapped in now; None where the file cannot be mapped.
+
+        Only for the compiled kernel, which guards its reads: a page past the end of a file
+        that shrank after this raises SIGBUS, which the kernel turns into BufferError (an
+        access from Python or NumPy would kill the process).
+
+        Raises:
+            OperationalError: the file already ends before the tensor.
+        """
+        import numpy as np
+
+        path = info.local_path
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                try:
+                    with open(path, "rb") as fh:
+                        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):
+                    return None
+                self._maps[path] = mm
+        if len(mm) < info.end:
+            shrank(info)
+        if info.nbytes and _MADV_POPULATE_READ is not None:
+            # Map every page in one call instead of one fault per page; older kernels refuse.
+            page = info.start - info.start % mmap.PAGESIZE
+            with contextlib.suppress(OSError, ValueError):
+                mm.madvise(_MADV_POPULATE_READ, page, info.end - page)
+        BYTES_READ.add(info.nbytes)
+        dtype = numpy_dtype(info.dtype)
+        return np.frombuffer(mm, dtype, count=info.numel, offset=info.start).reshape(-1, cols)
+
+    def read_values(self, info: TensorInfo, flat: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The tensor's values at the flat indices ``flat``, as stored, by positioned reads.
+
+        Raises:
+            OperationalError: the file ended before one of them.
+        """
+        import numpy as np
+
+        dtype = numpy_dtype(info.dtype)
+        fd = self._fd(info.local_path)
+        out = np.empty(len(flat), dtype)
+        for n, i in enumerate(flat.tolist()):
+            raw = os.pread(fd, dtype.itemsize, info.start + i * dtype.itemsize)
+            if len(raw) < dtype.itemsize:
+                shrank(info)
+            out[n] = np.frombuffer(raw, dtype)[0]
+        return out
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for mm in self._maps.values():
+            with contextlib.suppress(BufferError):  # a view still alive (a traceback): GC closes it
+                mm.close()
+        self._maps.clear()
 
 
 class _Buffers(threading.local):
@@ -408,25 +473,35 @@ def _write_with_kernel(
     row_out = t.cols * numpy_dtype(out).itemsize
     noted = _BUFFERS.get("suspects", 1 << 14, np.int64)
     thr = t.bounds[0]
+    # The base over a memory map (the kernel guards its reads), else read into a buffer.
+    mapped = t.files.mapped(t.source, t.cols) if t.held is None else None
     flagged: list[tuple[Any, Any]] = []  # (flat indices in the tensor, W there) per block
     for r0 in range(0, t.rows, step):
         r1 = min(t.rows, r0 + step)
-        w = t.read(r0, r1)
+        w = t.read(r0, r1) if mapped is None else mapped[r0:r1]
         at = offset + r0 * row_out
         rows_fast = (fast[0][r0:r1], fast[1], fast[2][r0:r1], fast[3]) if fast else ()
-        inf, n = kernel.module.addmm_round_into(
-            fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
-            right.shape[1], _KERNEL_CODES[t.base_dtype], _KERNEL_CODES[out], kernel.isa,
-            thr[r0:r1], noted, *rows_fast,
-        )  # fmt: skip
+        try:
+            inf, n = kernel.module.addmm_round_into(
+                fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
+                right.shape[1], _KERNEL_CODES[t.base_dtype], _KERNEL_CODES[out], kernel.isa,
+                thr[r0:r1], noted, *rows_fast,
+            )  # fmt: skip
+        except BufferError:  # a mapped page past the end of a file that shrank
+            shrank(t.source)
         if n > len(noted):  # more to settle than noted (an adversarial tensor): NumPy redoes it
             used.add("numpy")
             _write_with_numpy(t, r0, r1, fd, at, overflow, kernel)
             continue
         overflow.add(t.job.name, int(inf))
         if n:
-            rows, cols = np.divmod(noted[:n], t.cols)
-            flagged.append((noted[:n] + r0 * t.cols, widen(w[rows, cols], t.base_dtype)))
+            idx = noted[:n] + r0 * t.cols  # flat in the tensor
+            if mapped is None:
+                rows, cols = np.divmod(noted[:n], t.cols)
+                at_w = w[rows, cols]
+            else:  # never touch the map outside the kernel: read the few values
+                at_w = t.files.read_values(t.source, idx)
+            flagged.append((idx, widen(at_w, t.base_dtype)))
     if flagged:  # settled all at once, each written over its place
         idx = np.concatenate([i for i, _ in flagged])
         base = np.concatenate([b for _, b in flagged]).astype(np.float64)

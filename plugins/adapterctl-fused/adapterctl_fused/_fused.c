@@ -730,18 +730,49 @@ done:
 
 #ifndef _WIN32
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <unistd.h>
 
-PyDoc_STRVAR(addmm_round_into_doc,
-             "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
-             "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None,\n"
-             "                 left32=None, right32=None, err=None, cnorm=None) -> (int, int)\n"
-             "\n"
-             "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
-             "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
-             "each block written with pwrite into the file `fd` at `offset` onwards. One call\n"
-             "per tensor, the GIL released throughout. Raises OSError when a write fails.\n"
-             "Returns what addmm_round returns; suspects are flat indices in the whole tensor.");
+/* The base may be a memory map of its file (no copy through a read buffer). A file that
+ * shrinks while it is read makes the mapped pages past its new end raise SIGBUS: the handler
+ * below, installed the first time addmm_round_into runs (and kept: SIGBUS handlers are
+ * process-wide), jumps back out of the kernel of the thread that faulted there, and the call
+ * raises BufferError instead of the process dying. A SIGBUS anywhere else goes to the
+ * handler that was there before (Python's faulthandler, or the default: the process dies). */
+static _Thread_local sigjmp_buf *bus_guard; /* set while this thread reads a base */
+static struct sigaction bus_previous;
+static int bus_installed; /* under the GIL */
+
+static void on_sigbus(int sig, siginfo_t *info, void *context) {
+    sigjmp_buf *guard = bus_guard;
+    if (guard != NULL) {
+        bus_guard = NULL;
+        siglongjmp(*guard, 1);
+    }
+    if (bus_previous.sa_flags & SA_SIGINFO) {
+        if (bus_previous.sa_sigaction != NULL) bus_previous.sa_sigaction(sig, info, context);
+    } else if (bus_previous.sa_handler == SIG_DFL || bus_previous.sa_handler == SIG_IGN) {
+        signal(sig, SIG_DFL); /* the faulting access runs again and ends the process */
+    } else {
+        bus_previous.sa_handler(sig);
+    }
+}
+
+static int install_bus_guard(void) {
+    if (bus_installed) return 0;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_sigbus;
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &bus_previous) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    bus_installed = 1;
+    return 0;
+}
 
 /* Writes n bytes at offset; returns 0, or the errno of a failed write. */
 static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
@@ -759,12 +790,67 @@ static int pwrite_all(int fd, const char *data, size_t n, long long offset) {
     return 0;
 }
 
+/* One addmm_round_into call's work, block by block (see there). */
+typedef struct {
+    kernel_fn kernel;
+    const char *in;
+    const double *left;
+    const void *right;
+    void *buffer;
+    const float *thr;
+    int64_t *susp;
+    const fast_t *fast;
+    double *scratch;
+    Py_ssize_t rows, cols, rank, block, cap, in_size, row_bytes;
+    long long offset;
+    int fd;
+    Py_ssize_t inf, n_susp; /* out */
+    int err;                /* out: errno of a failed write */
+} blocks_t;
+
+static void run_blocks(blocks_t *a) {
+    for (Py_ssize_t r0 = 0; r0 < a->rows && a->err == 0; r0 += a->block) {
+        const Py_ssize_t n = a->rows - r0 < a->block ? a->rows - r0 : a->block;
+        fast_t part; /* the fast path's rows of this block */
+        if (a->fast != NULL)
+            part = (fast_t){a->fast->left + r0 * a->rank, a->fast->right, a->fast->err + r0,
+                            a->fast->cnorm, a->fast->cmax};
+        a->inf += a->kernel(a->in + r0 * a->cols * a->in_size, a->left + r0 * a->rank, a->right,
+                            a->buffer, n, a->cols, a->rank, a->scratch,
+                            a->thr == NULL ? NULL : a->thr + r0, a->susp, a->cap, &a->n_susp,
+                            r0 * a->cols, a->fast == NULL ? NULL : &part);
+        a->err = pwrite_all(a->fd, a->buffer, (size_t)(n * a->row_bytes),
+                            a->offset + r0 * a->row_bytes);
+    }
+}
+
+/* run_blocks with the SIGBUS guard up; 0, or -1 where reading the base faulted. */
+static int guarded_blocks(blocks_t *a) {
+    sigjmp_buf jump;
+    if (sigsetjmp(jump, 1) != 0) return -1; /* back from on_sigbus */
+    bus_guard = &jump;
+    run_blocks(a);
+    bus_guard = NULL;
+    return 0;
+}
+
+PyDoc_STRVAR(addmm_round_into_doc,
+             "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
+             "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None,\n"
+             "                 left32=None, right32=None, err=None, cnorm=None) -> (int, int)\n"
+             "\n"
+             "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
+             "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
+             "each block written with pwrite into the file `fd` at `offset` onwards. One call\n"
+             "per tensor, the GIL released throughout. Raises OSError when a write fails.\n"
+             "Returns what addmm_round returns; suspects are flat indices in the whole tensor.");
+
 static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     Py_buffer buffer, base, left, right, thr = {0}, susp = {0};
     fast_bufs_t fb = {0};
     fast_t fast;
     const fast_t *use = NULL;
-    int fd, base_dt, out_dt, err = 0;
+    int fd, base_dt, out_dt;
     long long offset;
     Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     const char *isa_name = NULL;
@@ -794,27 +880,30 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
                         "addmm_round_into: buffer holds less than a row, or offset < 0");
         goto done;
     }
-    if ((scratch = new_scratch(rank)) == NULL) goto done;
+    if ((scratch = new_scratch(rank)) == NULL || install_bus_guard() < 0) goto done;
+    blocks_t job = {
+        .kernel = kernel, .in = base.buf, .left = left.buf, .right = right.buf,
+        .buffer = buffer.buf, .thr = thr.buf, .susp = susp.buf, .fast = use,
+        .scratch = scratch, .rows = rows, .cols = cols, .rank = rank, .block = block,
+        .cap = susp.len / 8, .in_size = itemsize(base_dt), .row_bytes = row_bytes,
+        .offset = offset, .fd = fd,
+    };
+    int faulted;
     Py_BEGIN_ALLOW_THREADS;
-    const char *in = base.buf;
-    for (Py_ssize_t r0 = 0; r0 < rows && err == 0; r0 += block) {
-        const Py_ssize_t n = rows - r0 < block ? rows - r0 : block;
-        fast_t part; /* the fast path's rows of this block */
-        if (use != NULL)
-            part = (fast_t){use->left + r0 * rank, use->right, use->err + r0, use->cnorm,
-                            use->cmax};
-        inf += kernel(in + r0 * cols * itemsize(base_dt), (const double *)left.buf + r0 * rank,
-                      right.buf, buffer.buf, n, cols, rank, scratch,
-                      thr.buf == NULL ? NULL : (const float *)thr.buf + r0, susp.buf,
-                      susp.len / 8, &n_susp, r0 * cols, use == NULL ? NULL : &part);
-        err = pwrite_all(fd, buffer.buf, (size_t)(n * row_bytes), offset + r0 * row_bytes);
-    }
+    faulted = guarded_blocks(&job);
     Py_END_ALLOW_THREADS;
-    if (err != 0) {
-        errno = err;
+    if (faulted) {
+        PyErr_SetString(PyExc_BufferError,
+                        "addmm_round_into: reading the base faulted (its file shrank?)");
+        goto done;
+    }
+    if (job.err != 0) {
+        errno = job.err;
         PyErr_SetFromErrno(PyExc_OSError);
         goto done;
     }
+    inf = job.inf;
+    n_susp = job.n_susp;
     result = Py_BuildValue("(nn)", inf, n_susp);
 done:
     PyMem_RawFree(scratch);
