@@ -248,11 +248,11 @@ class _BaseFiles:
     """The base's shard files, opened once and shared by the workers, read with positioned
     reads into each worker's buffers.
 
-    Checked reads, not memory maps: a base file that shrinks while the merge runs (another
-    process rewriting it) gives a short read and a one-line error (exit 1) here, where a
-    mapped page past the new end would kill the process with SIGBUS and leave the output's
-    temporary folder behind. The cost is one copy of the base's bytes from the page cache
-    into a buffer that stays in cache (bench/RESULTS.md measures it against the maps).
+    NumPy reads with checked positioned reads: a base file that shrinks while the merge runs
+    (another process rewriting it) gives a short read and a one-line error (exit 1), where a
+    mapped page past the new end would kill the process with SIGBUS. The compiled kernel
+    reads memory maps (``mapped``: no copy) because it guards its reads: SIGBUS there becomes
+    BufferError, and the same error.
     """
 
     def __init__(self) -> None:
