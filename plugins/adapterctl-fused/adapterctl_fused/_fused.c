@@ -125,6 +125,7 @@ static inline uint16_t f32_to_f16(float f) {
     /* float64 sums at the native width: a float vector's N values as two halves of N/2 */     \
     typedef double P##_vd __attribute__((vector_size(4 * (N))));                              \
     typedef float P##_vh32 __attribute__((vector_size(2 * (N))));                             \
+    F16_VECTOR_OPS(P, N, TARGET)                                                              \
     TARGET static inline P##_vd P##_load_f64(const double *p) {                              \
         P##_vd v;                                                                             \
         memcpy(&v, p, sizeof v);                                                              \
@@ -201,32 +202,51 @@ static inline uint16_t f32_to_f16(float f) {
     }                                                                                         \
     /* The lanes of the float32 sums v = fl32(W + D), D the float32 sum of L·R, whose       \
      * rounding into `out` they do not prove (adapterctl.merge.rounding.float32_bounds: the   \
-     * error of D is at most e·c/2): the distance d from v to its nearest 16-bit midpoint is  \
-     * not above e·c (v - m is exact: same binade), |v| is below the row's `lim` (the bound   \
-     * might reach the midpoints beyond m; float16 subnormals), or v is not finite (d NaN). */\
-    TARGET static inline P##_vu32 P##_unsure(P##_vf v, float e, P##_vf c, float lim,         \
-                                             int out) {                                       \
+     * error of D is at most e·c, and the rounding of W + D at most |v|·2^-24, taken twice    \
+     * here so that the test's own roundings stay on the safe side): the distance d from v to \
+     * its nearest 16-bit midpoint is not above that (v - m is exact: same binade), or |v| is \
+     * outside [lo, lo + span] as bits (fast_range: below the row's limit, where the bound    \
+     * might reach the midpoints beyond m, float16 subnormals; or rounding to ±inf), or v is  \
+     * not finite (d NaN). Vectors with none of these store through store_proven. */          \
+    TARGET static inline P##_vu32 P##_unsure(P##_vf v, float e, P##_vf c, uint32_t lo,       \
+                                             uint32_t span, int out) {                        \
         P##_vu32 u = (P##_vu32)v;                                                             \
-        P##_vf mag = (P##_vf)(u & 0x7FFFFFFFu);                                               \
+        P##_vu32 mag = u & 0x7FFFFFFFu;                                                       \
         const uint32_t keep = out == F16 ? ~0x1FFFu : 0xFFFF0000u;                            \
         const uint32_t mid = out == F16 ? 0x1000u : 0x8000u;                                  \
         P##_vf d = (P##_vf)((P##_vu32)(v - (P##_vf)((u & keep) | mid)) & 0x7FFFFFFFu);        \
-        return ~(P##_vu32)(d > e * c) | (P##_vu32)(mag < lim);                                \
+        return ~(P##_vu32)(d > e * c + (P##_vf)mag * 0x1p-23f) | (P##_vu32)(mag - lo > span); \
+    }                                                                                         \
+    /* Store finite values that round to finite 16-bit values (P_unsure proved them). */      \
+    TARGET static inline void P##_store_proven(void *p, P##_vf v, int out) {                 \
+        if (out == BF16) {                                                                    \
+            P##_vu32 u = (P##_vu32)v;                                                         \
+            P##_vu16 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16,      \
+                                                 P##_vu16);                                   \
+            memcpy(p, &h, sizeof h);                                                          \
+        } else                                                                                \
+            STORE_F16_PROVEN(P, p, v);                                                        \
     }                                                                                         \
     /* One vector of N sums in float64 (two halves): row l (rank values) times the N columns  \
-     * of a tile of `right` starting at r (tile stride TILE_COLS), plus base, as finish. */   \
-    TARGET static inline P##_vf P##_exact(const double *l, const double *r, Py_ssize_t rank,  \
-                                          P##_vf base) {                                      \
+     * of a tile of `right` starting at r (tile stride TILE_COLS), plus base, as finish_odd.  \
+     * Rarely taken (the fast path's unproven vectors): kept out of line, so the hot loop     \
+     * keeps its registers. */                                                                \
+    TARGET __attribute__((noinline, cold)) static P##_vf P##_exact(                          \
+        const double *l, const double *r, Py_ssize_t rank, P##_vf base) {                     \
         P##_vd lo = -(P##_vd){}, hi = -(P##_vd){};                                            \
         for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS) {                               \
             lo += l[k] * P##_load_f64(r);                                                     \
             hi += l[k] * P##_load_f64(r + (N) / 2);                                           \
         }                                                                                     \
         return P##_finish_odd(lo, hi, base);                                                  \
-    }                                                                                         \
-    F16_VECTOR_OPS(P, N, TARGET)
+    }
 
 #if HAVE_FLOAT16
+#define STORE_F16_PROVEN(P, p, v)                                                             \
+    do {                                                                                      \
+        P##_vh h_ = __builtin_convertvector(v, P##_vh);                                       \
+        memcpy(p, &h_, sizeof h_);                                                            \
+    } while (0)
 /* Stores return the lanes where a finite sum overflowed to ±inf. */
 #define F16_VECTOR_OPS(P, N, TARGET)                                                          \
     typedef _Float16 P##_vh __attribute__((vector_size(2 * (N))));                            \
@@ -247,6 +267,7 @@ static inline uint16_t f32_to_f16(float f) {
     }
 #else
 #define F16_VECTOR_OPS(P, N, TARGET)
+#define STORE_F16_PROVEN(P, p, v) ((void)0)
 #endif
 
 /* The float32 fast path's inputs (16-bit outputs): left (rows, rank) and right (its tiles)
@@ -257,15 +278,27 @@ typedef struct {
     float cmax; /* the largest c */
 } fast_t;
 
-/* The |v| below which a float32 sum is flagged, for b the row's largest e·c: there
- * |v|·2^-10 (2^-13 for float16), the least distance to a midpoint other than the nearest,
- * may be within the sum's error b/2 + |v|·2^-24; float16 also flags its subnormals. Rounded
- * up. */
-static inline float fast_limit(float b, int out) {
-    const float k = out == F16 ? 0.5f / (0x1p-13f - 0x1p-24f) : 0.5f / (0x1p-10f - 0x1p-24f);
-    const float lim = b * k;
-    const float up = lim * 1.0001f;
-    return out == F16 && up < 6.103515625e-05f ? 6.103515625e-05f : up;
+/* The range [lo, lo + span] of |v|, as float32 bits, where a float32 sum can be proven by
+ * the distance test alone, for b the row's largest e·c. Below the limit |v|·2^-10 (2^-13
+ * for float16), the least distance to a midpoint other than the nearest, may be within the
+ * sum's error b + |v|·2^-24 (taken twice, as P_unsure does); float16 also flags its
+ * subnormals. Above the top, v rounds to ±inf (counted by the full store). The limit is
+ * rounded up; one past the top flags everything. */
+static inline void fast_range(float b, int out, uint32_t *lo, uint32_t *span) {
+    const float k = out == F16 ? 1.0f / (0x1p-13f - 0x1p-23f) : 1.0f / (0x1p-10f - 0x1p-23f);
+    float lim = b * k * 1.0001f;
+    if (out == F16 && lim < 6.103515625e-05f) lim = 6.103515625e-05f;
+    /* the largest float32 that rounds to a finite value: below 65520, below 0x7F7F8000 */
+    const uint32_t top = out == F16 ? 0x477FEFFFu : 0x7F7F7FFFu;
+    uint32_t bits;
+    memcpy(&bits, &lim, sizeof bits);
+    if (!(lim <= 3.0e38f) || bits > top) { /* NaN, or nothing provable */
+        *lo = UINT32_MAX;
+        *span = 0;
+    } else {
+        *lo = bits;
+        *span = top - bits;
+    }
 }
 
 /* Columns per panel: the panel of `right` (rank x width floats) stays in L2 while every row of
@@ -317,15 +350,16 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
         const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
         const P##_vf b_ = LOAD_V(b[row_] + col_);                                             \
         P##_vf v_ = f##a + b_;                                                                \
-        if (P##_any(P##_unsure(v_, fast->err[rr[row_]], P##_load_f32(fast->cnorm + col_),     \
-                               lim[row_], OUT_CODE))) {                                       \
+        if (P##_any(P##_unsure(v_, e_row[row_], P##_load_f32(cnorm + col_), lo[row_],         \
+                               span[row_], OUT_CODE))) {                                      \
             v_ = P##_exact(left + rr[row_] * rank,                                            \
                            right + (j / TILE_COLS) * rank * TILE_COLS + ACC_COL(N, a), rank,  \
                            b_);                                                               \
             hits[a] = P##_suspects(v_, thr[rr[row_]], OUT_CODE);                              \
             seen |= hits[a];                                                                  \
-        }                                                                                     \
-        inf_lanes -= STORE_V(o[row_] + col_, v_);                                             \
+            inf_lanes -= STORE_V(o[row_] + col_, v_);                                         \
+        } else                                                                                \
+            P##_store_proven(o[row_] + col_, v_, OUT_CODE);                                   \
     }
 
 /* Record the lanes of sum a that `hits` flags (flat indices; past `cap` only counted). */
@@ -388,13 +422,16 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                     for (Py_ssize_t k = 0; k < rank; k++)                                      \
                         scratch[k * RT + t] = left[rr[t] * rank + k];                          \
                 }                                                                              \
-                float lim[RT]; /* |v| below it: flagged (P_unsure) */                          \
+                float e_row[RT];          /* the rows' e (P_unsure) */                         \
+                uint32_t lo[RT], span[RT]; /* and their range of |v| (fast_range) */          \
                 if (fast != NULL)                                                              \
                     for (int t = 0; t < RT; t++) {                                             \
                         for (Py_ssize_t k = 0; k < rank; k++)                                  \
                             scratch32[k * RT + t] = fast->left[rr[t] * rank + k];              \
-                        lim[t] = fast_limit(fast->err[rr[t]] * fast->cmax, OUT_CODE);          \
+                        e_row[t] = fast->err[rr[t]];                                           \
+                        fast_range(e_row[t] * fast->cmax, OUT_CODE, &lo[t], &span[t]);         \
                     }                                                                          \
+                const float *cnorm = fast != NULL ? fast->cnorm : NULL;                        \
                 Py_ssize_t j = p;                                                              \
                 for (; fast != NULL && j + TILE_COLS <= p_end; j += TILE_COLS) {               \
                     FOR_SUMS(FAST_ZERO, P##_vf)                                                \

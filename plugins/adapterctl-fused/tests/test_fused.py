@@ -253,9 +253,12 @@ def test_sums_on_or_beside_a_midpoint_round_correctly(
 @pytest.mark.parametrize(
     ("out_dtype", "first", "bound"),
     [
-        ("bfloat16", 1 + 2.0**-7, 0.003),  # d = 2⁻⁸ > 0.003, but 0.003 > |v|·2⁻⁹ (lim)
-        ("float16", 1 + 2.0**-10, 3.5e-4),  # d = 2⁻¹¹ > 3.5e-4 > |v|·2⁻¹² (lim)
+        ("bfloat16", 1 + 2.0**-7, 0.0015),  # d = 2⁻⁸ > 0.0015 + |v|·2⁻²³ > |v|·2⁻¹⁰ (lim)
+        ("float16", 1 + 2.0**-10, 3.5e-4),  # d = 2⁻¹¹ > 3.5e-4 + |v|·2⁻²³ > |v|·2⁻¹³ (lim)
         ("float16", 2.0**-20, 1e-30),  # a float16 subnormal
+        # one float32 step past a midpoint: d = 2⁻²³ > e·c, but not > e·c + |v|·2⁻²³
+        ("bfloat16", 1 + 2.0**-8 + 2.0**-23, 6e-8),
+        ("float16", 1 + 2.0**-11 + 2.0**-23, 6e-8),
     ],
 )
 def test_float32_sums_flag_what_they_cannot_prove(
@@ -463,6 +466,23 @@ def test_plugins_lists_the_kernel() -> None:
     )
     (kernel,) = json.loads(out.stdout)["kernels"]
     assert kernel["name"] == "fused" and kernel["built"] and kernel["widths"] == list(fused.ISAS)
+
+
+@ISAS
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float16"])
+def test_overflow_is_counted_among_finite_values(out_dtype: str, isa: str) -> None:
+    """Vectors of finite sums where a few lanes round to ±inf: counted, and stored as ±inf
+    (the float32 sums' proof leaves overflows to the full store); the largest float32 that
+    rounds to a finite value stays finite."""
+    big = np.float32(3.4e38 if out_dtype == "bfloat16" else 7e4)  # rounds to inf, no tie
+    top = 0x7F7F7FFF if out_dtype == "bfloat16" else 0x477FEFFF  # float16: below 65520, a tie
+    near = np.uint32(top).view(np.float32)
+    base = np.full((4, 64), 1.5, np.float32)
+    base[0, 3], base[1, 40], base[3, 17] = big, -big, near
+    out, inf = _run(base, "float32", np.zeros((4, 1)), np.zeros((1, 64)), out_dtype, isa)
+    wide = out.astype(np.float32) if out_dtype == "float16" else floats.widen_bf16(out)
+    assert inf == 2
+    assert np.array_equal(np.isinf(wide), np.isin(np.arange(base.size), [3, 104]).reshape(4, 64))
 
 
 @ISAS
