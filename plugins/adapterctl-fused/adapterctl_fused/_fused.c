@@ -117,6 +117,22 @@ static inline uint16_t f32_to_f16(float f) {
 #define HI_4 2, 3
 #define ALL_4 LO_4, HI_4
 
+/* Per-ISA helpers of the vector code (the x86 ones use intrinsics where GCC's vector
+ * extensions would go through extra instructions): whether the test of P_unsure fails in any
+ * lane, 16-bit words widened to 32-bit lanes, and the low 16 bits of each lane stored. */
+#define UNSURE_VEC(P, d, t, r, span) P##_any(~(P##_vu32)((d) > (t)) | (P##_vu32)((r) > (span)))
+#define LOAD_U16_VEC(P, p)                                                                    \
+    ({                                                                                        \
+        P##_vu16 h_;                                                                          \
+        memcpy(&h_, (p), sizeof h_);                                                          \
+        __builtin_convertvector(h_, P##_vu32);                                                \
+    })
+#define STORE_U16_VEC(P, p, u)                                                                \
+    do {                                                                                      \
+        P##_vu16 h_ = __builtin_convertvector((u), P##_vu16);                                 \
+        memcpy((p), &h_, sizeof h_);                                                          \
+    } while (0)
+
 /* Vector types and loads/stores of N values for the target TARGET, prefixed P. */
 #define VECTOR_OPS(P, N, TARGET)                                                              \
     typedef float P##_vf __attribute__((vector_size(4 * (N))));                               \
@@ -169,9 +185,7 @@ static inline uint16_t f32_to_f16(float f) {
         return v;                                                                             \
     }                                                                                         \
     TARGET static inline P##_vf P##_load_bf16(const uint16_t *p) {                           \
-        P##_vu16 h;                                                                           \
-        memcpy(&h, p, sizeof h);                                                              \
-        return (P##_vf)(__builtin_convertvector(h, P##_vu32) << 16);                          \
+        return (P##_vf)(LOAD_U16_##P(p) << 16);                                               \
     }                                                                                         \
     TARGET static inline P##_vu32 P##_store_f32(float *p, P##_vf v) {                        \
         memcpy(p, &v, sizeof v);                                                              \
@@ -182,8 +196,7 @@ static inline uint16_t f32_to_f16(float f) {
         P##_vu32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;                            \
         P##_vu32 quiet = (u >> 16) | 0x40u;                                                   \
         P##_vu32 nan = (P##_vu32)(v != v);                                                    \
-        P##_vu16 h = __builtin_convertvector((quiet & nan) | (rounded & ~nan), P##_vu16);     \
-        memcpy(p, &h, sizeof h);                                                              \
+        STORE_U16_##P(p, (quiet & nan) | (rounded & ~nan));                                   \
         /* a finite sum that rounded to ±inf: counted, as float16's are */                    \
         return (P##_vu32)((rounded & 0x7FFFu) == 0x7F80u) & (P##_vu32)(v - v == 0.0f);       \
     }                                                                                         \
@@ -208,22 +221,20 @@ static inline uint16_t f32_to_f16(float f) {
      * outside [lo, lo + span] as bits (fast_range: below the row's limit, where the bound    \
      * might reach the midpoints beyond m, float16 subnormals; or rounding to ±inf), or v is  \
      * not finite (d NaN). Vectors with none of these store through store_proven. */          \
-    TARGET static inline P##_vu32 P##_unsure(P##_vf v, float e, P##_vf c, uint32_t lo,       \
-                                             uint32_t span, int out) {                        \
+    TARGET static inline int P##_unsure(P##_vf v, float e, P##_vf c, uint32_t lo,            \
+                                        uint32_t span, int out) {                             \
         P##_vu32 u = (P##_vu32)v;                                                             \
         P##_vu32 mag = u & 0x7FFFFFFFu;                                                       \
         const uint32_t keep = out == F16 ? ~0x1FFFu : 0xFFFF0000u;                            \
         const uint32_t mid = out == F16 ? 0x1000u : 0x8000u;                                  \
         P##_vf d = (P##_vf)((P##_vu32)(v - (P##_vf)((u & keep) | mid)) & 0x7FFFFFFFu);        \
-        return ~(P##_vu32)(d > e * c + (P##_vf)mag * 0x1p-23f) | (P##_vu32)(mag - lo > span); \
+        return UNSURE_##P(d, e * c + (P##_vf)mag * 0x1p-23f, mag - lo, span);                 \
     }                                                                                         \
     /* Store finite values that round to finite 16-bit values (P_unsure proved them). */      \
     TARGET static inline void P##_store_proven(void *p, P##_vf v, int out) {                 \
         if (out == BF16) {                                                                    \
             P##_vu32 u = (P##_vu32)v;                                                         \
-            P##_vu16 h = __builtin_convertvector((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16,      \
-                                                 P##_vu16);                                   \
-            memcpy(p, &h, sizeof h);                                                          \
+            STORE_U16_##P(p, (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);                        \
         } else                                                                                \
             STORE_F16_PROVEN(P, p, v);                                                        \
     }                                                                                         \
@@ -327,17 +338,23 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
 #define SUM_ADD(a, N, RL, RH)                    \
     s##a##l += lk[ACC_ROW(N, a)] * RL[ACC_COL(N, a) / (N)]; \
     s##a##h += lk[ACC_ROW(N, a)] * RH[ACC_COL(N, a) / (N)];
+/* The lanes of v (N sums from row row_, column col_) that must be settled, recorded. */
+#define NOTE_SUSPECTS(P, N, v, OUT_CODE)                                                      \
+    do {                                                                                      \
+        const P##_vu32 h_ = P##_suspects((v), thr[rr[row_]], (OUT_CODE));                     \
+        if (P##_any(h_)) {                                                                    \
+            uint32_t lanes_[N];                                                               \
+            memcpy(lanes_, &h_, sizeof h_);                                                   \
+            note_lanes(lanes_, (N), index0 + rr[row_] * cols + col_, susp, cap, n_susp);      \
+        }                                                                                     \
+    } while (0)
 /* x = sum + base in float64, rounded to float32, stored (rounded into out), and checked. */
 #define SUM_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                         \
-    hits[a] = (P##_vu32){};                                                                   \
     if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
         const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
         P##_vf v_ = P##_finish(s##a##l, s##a##h, LOAD_V(b[row_] + col_));                     \
         inf_lanes -= STORE_V(o[row_] + col_, v_);                                             \
-        if (OUT_CODE != F32) {                                                                \
-            hits[a] = P##_suspects(v_, thr[rr[row_]], OUT_CODE);                              \
-            seen |= hits[a];                                                                  \
-        }                                                                                     \
+        if (OUT_CODE != F32) NOTE_SUSPECTS(P, N, v_, OUT_CODE);                               \
     }
 /* The float32 fast path of 16-bit outputs: eight float32 sums f0..f7 over `lf` (the tile's
  * rows of fast->left) and the tiles of fast->right; each vector whose rounding the bound
@@ -345,31 +362,30 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
 #define FAST_ZERO(a, VF) VF f##a = -(VF){};
 #define FAST_ADD(a, N, RV) f##a += lf[ACC_ROW(N, a)] * RV[ACC_COL(N, a) / (N)];
 #define FAST_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                        \
-    hits[a] = (P##_vu32){};                                                                   \
     if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
         const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
         const P##_vf b_ = LOAD_V(b[row_] + col_);                                             \
         P##_vf v_ = f##a + b_;                                                                \
-        if (P##_any(P##_unsure(v_, e_row[row_], P##_load_f32(cnorm + col_), lo[row_],         \
-                               span[row_], OUT_CODE))) {                                      \
+        if (P##_unsure(v_, e_row[row_], P##_load_f32(cnorm + col_), lo[row_], span[row_],     \
+                       OUT_CODE)) {                                                           \
             v_ = P##_exact(left + rr[row_] * rank,                                            \
                            right + (j / TILE_COLS) * rank * TILE_COLS + ACC_COL(N, a), rank,  \
                            b_);                                                               \
-            hits[a] = P##_suspects(v_, thr[rr[row_]], OUT_CODE);                              \
-            seen |= hits[a];                                                                  \
+            NOTE_SUSPECTS(P, N, v_, OUT_CODE);                                                \
             inf_lanes -= STORE_V(o[row_] + col_, v_);                                         \
         } else                                                                                \
             P##_store_proven(o[row_] + col_, v_, OUT_CODE);                                   \
     }
 
-/* Record the lanes of sum a that `hits` flags (flat indices; past `cap` only counted). */
-#define SUM_NOTE(a, N)                                                                        \
-    for (int q = 0; q < (N); q++)                                                             \
-        if (hits[a][q]) {                                                                     \
-            const Py_ssize_t at = index0 + rr[ACC_ROW(N, a)] * cols + j + ACC_COL(N, a) + q;  \
-            if (*n_susp < cap) susp[*n_susp] = (int64_t)at;                                   \
-            (*n_susp)++;                                                                      \
+/* Record the flat indices at + q of the n lanes q that `hit` flags (past `cap` only counted). */
+static void note_lanes(const uint32_t *hit, int n, Py_ssize_t at, int64_t *susp, Py_ssize_t cap,
+                       Py_ssize_t *n_susp) {
+    for (int q = 0; q < n; q++)
+        if (hit[q]) {
+            if (*n_susp < cap) susp[*n_susp] = (int64_t)(at + q);
+            (*n_susp)++;
         }
+}
 
 /* Record the flat index `at` of a float32 value v whose rounding into `out` must be settled:
  * exactly on a 16-bit midpoint, |v| below the row's threshold t, or (float16) subnormal there.
@@ -443,11 +459,7 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                             RV[v] = P##_load_f32(r32 + v * N);                                 \
                         FOR_SUMS(FAST_ADD, N, RV)                                              \
                     }                                                                          \
-                    P##_vu32 hits[8], seen = {};                                               \
                     FOR_SUMS(FAST_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                      \
-                    if (P##_any(seen)) {                                                       \
-                        FOR_SUMS(SUM_NOTE, N)                                                  \
-                    }                                                                          \
                 }                                                                              \
                 for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                               \
                     FOR_SUMS(SUM_ZERO, P##_vd)                                                 \
@@ -461,11 +473,7 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                         }                                                                      \
                         FOR_SUMS(SUM_ADD, N, RL, RH)                                           \
                     }                                                                          \
-                    P##_vu32 hits[8], seen = {};                                               \
                     FOR_SUMS(SUM_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                       \
-                    if (OUT_CODE != F32 && P##_any(seen)) {                                    \
-                        FOR_SUMS(SUM_NOTE, N)                                                  \
-                    }                                                                          \
                 }                                                                              \
                 for (Py_ssize_t row = i; row < i + RT && row < rows; row++) {                  \
                     for (Py_ssize_t col = j; col < p_end; col++) {                             \
@@ -538,6 +546,18 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, vo
 #include <immintrin.h>
 #define ANY_avx512(m) (_mm512_test_epi32_mask((__m512i)(m), (__m512i)(m)) != 0)
 #define ANY_avx2(m) (!_mm256_testz_si256((__m256i)(m), (__m256i)(m)))
+/* 16 lanes: the tests as mask registers, the 16-bit loads and stores one instruction each */
+#define UNSURE_avx512(d, t, r, span)                                                          \
+    ((_mm512_cmp_ps_mask((__m512)(d), (__m512)(t), _CMP_NGT_UQ) |                              \
+      _mm512_cmpgt_epu32_mask((__m512i)(r), _mm512_set1_epi32((int)(span)))) != 0)
+#define LOAD_U16_avx512(p) ((avx512_vu32)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(p))))
+#define STORE_U16_avx512(p, u) _mm256_storeu_si256((void *)(p), _mm512_cvtepi32_epi16((__m512i)(u)))
+#define UNSURE_avx2(d, t, r, span) UNSURE_VEC(avx2, d, t, r, span)
+#define LOAD_U16_avx2(p) ((avx2_vu32)_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)(p))))
+/* lanes below 2^16: unsigned saturation keeps them */
+#define STORE_U16_avx2(p, u)                                                                  \
+    _mm_storeu_si128((void *)(p), _mm_packus_epi32(_mm256_castsi256_si128((__m256i)(u)),       \
+                                                   _mm256_extracti128_si256((__m256i)(u), 1)))
 #define TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 KERNEL_SET(avx512, 16, TARGET_AVX512)
@@ -550,6 +570,9 @@ static inline int any_generic(const void *m) {
     return (w[0] | w[1]) != 0;
 }
 #define ANY_generic(m) any_generic(&(m))
+#define UNSURE_generic(d, t, r, span) UNSURE_VEC(generic, d, t, r, span)
+#define LOAD_U16_generic(p) LOAD_U16_VEC(generic, p)
+#define STORE_U16_generic(p, u) STORE_U16_VEC(generic, p, u)
 KERNEL_SET(generic, 4, )
 
 typedef struct {
