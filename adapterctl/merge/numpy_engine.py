@@ -480,7 +480,7 @@ def _write_with_kernel(
         r1 = min(t.rows, r0 + step)
         w = t.read(r0, r1) if mapped is None else mapped[r0:r1]
         at = offset + r0 * row_out
-        rows_fast = (fast[0][r0:r1], fast[1], fast[2][r0:r1], fast[3]) if fast else ()
+        rows_fast = (fast[0][r0:r1], fast[1], fast[2][r0:r1], *fast[3:]) if fast else ()
         try:
             inf, n = kernel.module.addmm_round_into(
                 fd, at, _raw(block), _raw(w), t.upd.left[r0:r1], right, r1 - r0, t.cols,
@@ -711,13 +711,17 @@ def float32_inputs(
     left: np.ndarray[Any, Any], right: np.ndarray[Any, Any], tiles: np.ndarray[Any, Any]
 ) -> tuple[np.ndarray[Any, Any], ...]:
     """The compiled kernel's float32 sums' inputs for 16-bit outputs: L (rows, r) and R's
-    ``tiles`` (``_right_tiles``) rounded to float32, and the error bounds' factors per row
-    and per column (``rounding.float32_bounds``; the columns padded to the tiles')."""
+    ``tiles`` (``_right_tiles``) rounded to float32, the error bounds' factors per row and
+    per column (``rounding.float32_bounds``; the columns padded to the tiles'), and whether
+    the float32 tiles hold R exactly (R = A, stored in 32 bits or fewer, as a rule: the
+    kernel's float64 recomputations then read them, hot in cache)."""
     import numpy as np
 
     err, cnorm = rounding.float32_bounds(left, right)
     cnorm = np.pad(cnorm, (0, tiles.shape[0] * tiles.shape[2] - right.shape[1]))
-    return left.astype(np.float32), tiles.astype(np.float32), err, cnorm
+    tiles32 = tiles.astype(np.float32)
+    exact = bool(np.array_equal(tiles32, tiles))
+    return left.astype(np.float32), tiles32, err, cnorm, exact
 
 
 def _round_rows(chunk: np.ndarray[Any, Any], out_dtype: str) -> tuple[np.ndarray[Any, Any], int]:

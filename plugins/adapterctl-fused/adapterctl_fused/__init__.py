@@ -34,7 +34,7 @@ class FusedKernel:
             from adapterctl_fused import _fused
         except ImportError:
             return None
-        current = getattr(_fused, "FACTORS_FLOAT64", 0) and getattr(_fused, "FLOAT32_SUMS", 0)
+        current = getattr(_fused, "FACTORS_FLOAT64", 0) and getattr(_fused, "FLOAT32_SUMS", 0) >= 2
         return _fused if current else None
 
     def pays(self, isa: str, rank: int, cols: int) -> bool:

@@ -127,11 +127,40 @@ static inline uint16_t f32_to_f16(float f) {
         memcpy(&h_, (p), sizeof h_);                                                          \
         __builtin_convertvector(h_, P##_vu32);                                                \
     })
+#define LOAD_F32_F64_VEC(P, p)                                                                \
+    ({                                                                                        \
+        P##_vh32 h_;                                                                          \
+        memcpy(&h_, (p), sizeof h_);                                                          \
+        __builtin_convertvector(h_, P##_vd);                                                  \
+    })
+#define WIDEN_LO_VEC(P, N, v) __builtin_convertvector(__builtin_shufflevector(v, v, LO_##N), P##_vd)
+#define WIDEN_HI_VEC(P, N, v) __builtin_convertvector(__builtin_shufflevector(v, v, HI_##N), P##_vd)
 #define STORE_U16_VEC(P, p, u)                                                                \
     do {                                                                                      \
         P##_vu16 h_ = __builtin_convertvector((u), P##_vu16);                                 \
         memcpy((p), &h_, sizeof h_);                                                          \
     } while (0)
+
+/* P_exact (R float64) and P_exact32 (R float32): see there. */
+#define EXACT_FN(P, N, TARGET, NAME, R_T, R_LO, R_HI)                                         \
+    TARGET __attribute__((noinline, cold)) static P##_vf P##_##NAME(                          \
+        const double *l, const R_T *r, Py_ssize_t rank, P##_vf base) {                        \
+        P##_vd lo0 = -(P##_vd){}, hi0 = -(P##_vd){}, lo1 = -(P##_vd){}, hi1 = -(P##_vd){};    \
+        Py_ssize_t k = 0;                                                                     \
+        for (; k + 1 < rank; k += 2, r += 2 * TILE_COLS) {                                    \
+            lo0 += l[k] * (R_LO);                                                             \
+            hi0 += l[k] * (R_HI);                                                             \
+            r += TILE_COLS;                                                                   \
+            lo1 += l[k + 1] * (R_LO);                                                         \
+            hi1 += l[k + 1] * (R_HI);                                                         \
+            r -= TILE_COLS;                                                                   \
+        }                                                                                     \
+        if (k < rank) {                                                                       \
+            lo0 += l[k] * (R_LO);                                                             \
+            hi0 += l[k] * (R_HI);                                                             \
+        }                                                                                     \
+        return P##_finish_odd(lo0 + lo1, hi0 + hi1, base);                                    \
+    }
 
 /* Vector types and loads/stores of N values for the target TARGET, prefixed P. */
 #define VECTOR_OPS(P, N, TARGET)                                                              \
@@ -160,7 +189,7 @@ static inline uint16_t f32_to_f16(float f) {
     /* float64 x rounded to float32 to odd: truncated, the last bit set where inexact. A     \
      * float32 with 13 or more bits to spare then rounds to 16 bits as x itself would (one    \
      * rounding), and it lies on a 16-bit midpoint only where x does. */                      \
-    TARGET static inline P##_vh32 P##_to_odd(P##_vd x) {                                      \
+    TARGET static inline P##_vh32 P##_to_odd_vec(P##_vd x) {                                  \
         typedef int64_t vl __attribute__((vector_size(4 * (N))));                             \
         typedef int32_t vi __attribute__((vector_size(2 * (N))));                             \
         typedef uint32_t vu __attribute__((vector_size(2 * (N))));                            \
@@ -172,17 +201,20 @@ static inline uint16_t f32_to_f16(float f) {
         vu bits = (vu)t + (vu)away; /* one step toward zero: away is 0 or -1 */               \
         return (P##_vh32)(bits | (vu)(inexact & 1));                                          \
     }                                                                                         \
-    TARGET static inline P##_vf P##_finish_odd(P##_vd lo, P##_vd hi, P##_vf base) {          \
-        P##_vh32 b0 = __builtin_shufflevector(base, base, LO_##N);                            \
-        P##_vh32 b1 = __builtin_shufflevector(base, base, HI_##N);                            \
-        P##_vh32 f0 = P##_to_odd(lo + __builtin_convertvector(b0, P##_vd));                   \
-        P##_vh32 f1 = P##_to_odd(hi + __builtin_convertvector(b1, P##_vd));                   \
+    TARGET static inline __attribute__((always_inline)) P##_vf P##_finish_odd(               \
+        P##_vd lo, P##_vd hi, P##_vf base) {                                                  \
+        P##_vh32 f0 = (P##_vh32)TO_ODD_##P(lo + (P##_vd)WIDEN_LO_##P(base));                  \
+        P##_vh32 f1 = (P##_vh32)TO_ODD_##P(hi + (P##_vd)WIDEN_HI_##P(base));                  \
         return __builtin_shufflevector(f0, f1, ALL_##N);                                      \
     }                                                                                         \
     TARGET static inline P##_vf P##_load_f32(const float *p) {                               \
         P##_vf v;                                                                             \
         memcpy(&v, p, sizeof v);                                                              \
         return v;                                                                             \
+    }                                                                                         \
+    /* N/2 floats widened to float64 (exact) */                                               \
+    TARGET static inline P##_vd P##_load_f32_f64(const float *p) {                           \
+        return (P##_vd)LOAD_F32_F64_##P(p);                                                   \
     }                                                                                         \
     TARGET static inline P##_vf P##_load_bf16(const uint16_t *p) {                           \
         return (P##_vf)(LOAD_U16_##P(p) << 16);                                               \
@@ -238,19 +270,15 @@ static inline uint16_t f32_to_f16(float f) {
         } else                                                                                \
             STORE_F16_PROVEN(P, p, v);                                                        \
     }                                                                                         \
-    /* One vector of N sums in float64 (two halves): row l (rank values) times the N columns  \
-     * of a tile of `right` starting at r (tile stride TILE_COLS), plus base, as finish_odd.  \
-     * Rarely taken (the fast path's unproven vectors): kept out of line, so the hot loop     \
-     * keeps its registers. */                                                                \
-    TARGET __attribute__((noinline, cold)) static P##_vf P##_exact(                          \
-        const double *l, const double *r, Py_ssize_t rank, P##_vf base) {                     \
-        P##_vd lo = -(P##_vd){}, hi = -(P##_vd){};                                            \
-        for (Py_ssize_t k = 0; k < rank; k++, r += TILE_COLS) {                               \
-            lo += l[k] * P##_load_f64(r);                                                     \
-            hi += l[k] * P##_load_f64(r + (N) / 2);                                           \
-        }                                                                                     \
-        return P##_finish_odd(lo, hi, base);                                                  \
-    }
+    /* One vector of N sums in float64 (two halves, each in two running sums, k even and odd, \
+     * to halve the dependency chain): row l (rank values) times the N columns of a tile of   \
+     * `right` starting at r (tile stride TILE_COLS), plus base, as finish_odd. Rarely taken  \
+     * (the fast path's unproven vectors): kept out of line, so the hot loop keeps its        \
+     * registers. R: the tile's values as float64, or (EXACT32) the float32 tile the fast     \
+     * path just read, where it holds `right` exactly. */                                     \
+    EXACT_FN(P, N, TARGET, exact, double, P##_load_f64(r), P##_load_f64(r + (N) / 2))        \
+    EXACT_FN(P, N, TARGET, exact32, float, P##_load_f32_f64(r),                              \
+             P##_load_f32_f64(r + (N) / 2))                                                   \
 
 #if HAVE_FLOAT16
 #define STORE_F16_PROVEN(P, p, v)                                                             \
@@ -286,7 +314,8 @@ static inline uint16_t f32_to_f16(float f) {
  * the float32 sum of row i, column j (adapterctl.merge.numpy_engine._fast_inputs). */
 typedef struct {
     const float *left, *right, *err, *cnorm;
-    float cmax; /* the largest c */
+    float cmax;      /* the largest c */
+    int right_exact; /* right32 holds right exactly: the float64 sums read it */
 } fast_t;
 
 /* The range [lo, lo + span] of |v|, as float32 bits, where a float32 sum can be proven by
@@ -361,20 +390,31 @@ static Py_ssize_t panel_width(Py_ssize_t rank, Py_ssize_t cols) {
  * cannot prove (P_unsure) is summed again in float64 (P_exact) and then checked as above. */
 #define FAST_ZERO(a, VF) VF f##a = -(VF){};
 #define FAST_ADD(a, N, RV) f##a += lf[ACC_ROW(N, a)] * RV[ACC_COL(N, a) / (N)];
-#define FAST_STORE(a, P, N, LOAD_V, STORE_V, OUT_CODE)                                        \
+#define FAST_STORE(a, P, N, LOAD_V, OUT_CODE)                                                 \
     if (ACC_ROW(N, a) == 0 || rr[ACC_ROW(N, a)] != i) {                                       \
         const Py_ssize_t row_ = ACC_ROW(N, a), col_ = j + ACC_COL(N, a);                      \
-        const P##_vf b_ = LOAD_V(b[row_] + col_);                                             \
-        P##_vf v_ = f##a + b_;                                                                \
+        const P##_vf v_ = f##a + LOAD_V(b[row_] + col_);                                      \
         if (P##_unsure(v_, e_row[row_], P##_load_f32(cnorm + col_), lo[row_], span[row_],     \
-                       OUT_CODE)) {                                                           \
-            v_ = P##_exact(left + rr[row_] * rank,                                            \
-                           right + (j / TILE_COLS) * rank * TILE_COLS + ACC_COL(N, a), rank,  \
-                           b_);                                                               \
-            NOTE_SUSPECTS(P, N, v_, OUT_CODE);                                                \
-            inf_lanes -= STORE_V(o[row_] + col_, v_);                                         \
-        } else                                                                                \
+                       OUT_CODE))                                                             \
+            redo |= 1u << (a);                                                                \
+        else                                                                                  \
             P##_store_proven(o[row_] + col_, v_, OUT_CODE);                                   \
+    }
+/* The sums in `redo`, summed again in float64 after the tile's proven ones are stored (no
+ * call among those: the running sums and constants keep their registers), noted, stored. */
+#define FAST_REDO(P, N, LOAD_V, STORE_V, OUT_CODE)                                            \
+    for (; redo != 0; redo &= redo - 1) {                                                     \
+        const int a_ = __builtin_ctz(redo);                                                   \
+        const Py_ssize_t row_ = ACC_ROW(N, a_), col_ = j + ACC_COL(N, a_);                    \
+        const P##_vf b_ = LOAD_V(b[row_] + col_);                                             \
+        const double *l_ = left + rr[row_] * rank;                                            \
+        const P##_vf v_ =                                                                     \
+            right_exact                                                                       \
+                ? P##_exact32(l_, t32 + ACC_COL(N, a_), rank, b_)                             \
+                : P##_exact(l_, right + (j / TILE_COLS) * rank * TILE_COLS + ACC_COL(N, a_),  \
+                            rank, b_);                                                        \
+        NOTE_SUSPECTS(P, N, v_, OUT_CODE);                                                    \
+        inf_lanes -= STORE_V(o[row_] + col_, v_);                                             \
     }
 
 /* Record the flat indices at + q of the n lanes q that `hit` flags (past `cap` only counted). */
@@ -448,18 +488,21 @@ static inline void note_one(float v, float t, int out, Py_ssize_t at, int64_t *s
                         fast_range(e_row[t] * fast->cmax, OUT_CODE, &lo[t], &span[t]);         \
                     }                                                                          \
                 const float *cnorm = fast != NULL ? fast->cnorm : NULL;                        \
+                const int right_exact = fast != NULL && fast->right_exact;                     \
                 Py_ssize_t j = p;                                                              \
                 for (; fast != NULL && j + TILE_COLS <= p_end; j += TILE_COLS) {               \
                     FOR_SUMS(FAST_ZERO, P##_vf)                                                \
-                    const float *r32 = fast->right + (j / TILE_COLS) * rank * TILE_COLS;       \
-                    const float *lf = scratch32;                                               \
+                    const float *t32 = fast->right + (j / TILE_COLS) * rank * TILE_COLS;       \
+                    const float *r32 = t32, *lf = scratch32;                                   \
                     for (Py_ssize_t k = 0; k < rank; k++, r32 += TILE_COLS, lf += RT) {        \
                         P##_vf RV[TILE_COLS / N];                                              \
                         for (int v = 0; v < TILE_COLS / N; v++)                                \
                             RV[v] = P##_load_f32(r32 + v * N);                                 \
                         FOR_SUMS(FAST_ADD, N, RV)                                              \
                     }                                                                          \
-                    FOR_SUMS(FAST_STORE, P, N, LOAD_V, STORE_V, OUT_CODE)                      \
+                    unsigned redo = 0; /* the sums P_unsure flags */                           \
+                    FOR_SUMS(FAST_STORE, P, N, LOAD_V, OUT_CODE)                               \
+                    FAST_REDO(P, N, LOAD_V, STORE_V, OUT_CODE)                                 \
                 }                                                                              \
                 for (; j + TILE_COLS <= p_end; j += TILE_COLS) {                               \
                     FOR_SUMS(SUM_ZERO, P##_vd)                                                 \
@@ -552,7 +595,22 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, vo
       _mm512_cmpgt_epu32_mask((__m512i)(r), _mm512_set1_epi32((int)(span)))) != 0)
 #define LOAD_U16_avx512(p) ((avx512_vu32)_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(p))))
 #define STORE_U16_avx512(p, u) _mm256_storeu_si256((void *)(p), _mm512_cvtepi32_epi16((__m512i)(u)))
+#define LOAD_F32_F64_avx512(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define WIDEN_LO_avx512(v) _mm512_cvtps_pd(_mm512_castps512_ps256((__m512)(v)))
+#define WIDEN_HI_avx512(v) _mm512_cvtps_pd(_mm512_extractf32x8_ps((__m512)(v), 1))
+/* rounded to float32 to odd: truncated (embedded rounding), the last bit set where inexact */
+#define TO_ODD_avx512(x)                                                                      \
+    ({                                                                                        \
+        const __m256 t_ = _mm512_cvt_roundpd_ps((__m512d)(x), _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); \
+        const __mmask8 inexact_ = _mm512_cmp_pd_mask(_mm512_cvtps_pd(t_), (__m512d)(x), _CMP_NEQ_UQ); \
+        _mm256_castsi256_ps(_mm256_mask_or_epi32(_mm256_castps_si256(t_), inexact_,         \
+                                                 _mm256_castps_si256(t_), _mm256_set1_epi32(1))); \
+    })
 #define UNSURE_avx2(d, t, r, span) UNSURE_VEC(avx2, d, t, r, span)
+#define LOAD_F32_F64_avx2(p) LOAD_F32_F64_VEC(avx2, p)
+#define WIDEN_LO_avx2(v) WIDEN_LO_VEC(avx2, 8, v)
+#define WIDEN_HI_avx2(v) WIDEN_HI_VEC(avx2, 8, v)
+#define TO_ODD_avx2(x) avx2_to_odd_vec(x)
 #define LOAD_U16_avx2(p) ((avx2_vu32)_mm256_cvtepu16_epi32(_mm_loadu_si128((const void *)(p))))
 /* lanes below 2^16: unsigned saturation keeps them */
 #define STORE_U16_avx2(p, u)                                                                  \
@@ -572,6 +630,10 @@ static inline int any_generic(const void *m) {
 #define ANY_generic(m) any_generic(&(m))
 #define UNSURE_generic(d, t, r, span) UNSURE_VEC(generic, d, t, r, span)
 #define LOAD_U16_generic(p) LOAD_U16_VEC(generic, p)
+#define LOAD_F32_F64_generic(p) LOAD_F32_F64_VEC(generic, p)
+#define WIDEN_LO_generic(v) WIDEN_LO_VEC(generic, 4, v)
+#define WIDEN_HI_generic(v) WIDEN_HI_VEC(generic, 4, v)
+#define TO_ODD_generic(x) generic_to_odd_vec(x)
 #define STORE_U16_generic(p, u) STORE_U16_VEC(generic, p, u)
 KERNEL_SET(generic, 4, )
 
@@ -680,8 +742,9 @@ typedef struct {
     Py_buffer left, right, err, cnorm;
 } fast_bufs_t;
 
-static int get_fast(const char *fn, PyObject *const objs[4], fast_bufs_t *b, Py_ssize_t rows,
-                    Py_ssize_t cols, Py_ssize_t rank, fast_t *fast, const fast_t **use) {
+static int get_fast(const char *fn, PyObject *const objs[4], int right_exact, fast_bufs_t *b,
+                    Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t rank, fast_t *fast,
+                    const fast_t **use) {
     Py_buffer *bufs[4] = {&b->left, &b->right, &b->err, &b->cnorm};
     int given = 0;
     *use = NULL;
@@ -703,6 +766,7 @@ static int get_fast(const char *fn, PyObject *const objs[4], fast_bufs_t *b, Py_
     fast->err = b->err.buf;
     fast->cnorm = b->cnorm.buf;
     fast->cmax = 0.0f;
+    fast->right_exact = right_exact;
     for (Py_ssize_t j = 0; j < padded; j++) {
         const float c = fast->cnorm[j];
         if (!(c >= 0.0f && c <= 3.0e38f)) { /* NaN, inf or negative: no bound */
@@ -731,12 +795,15 @@ static double *new_scratch(Py_ssize_t rank) {
 PyDoc_STRVAR(addmm_round_doc,
              "addmm_round(out, base, left, right, rows, cols, rank, base_dtype, out_dtype,\n"
              "            isa=None, thr=None, suspects=None, left32=None, right32=None,\n"
-             "            err=None, cnorm=None) -> (int, int)\n"
+             "            err=None, cnorm=None, right_exact=False) -> (int, int)\n"
              "\n"
              "out = round(float(base + left @ right)), summed in float64 from zero, the base\n"
              "added last; with left32, right32 (left and right's tiles in float32), err (rows)\n"
              "and cnorm (the padded columns) given, 16-bit outputs sum in float32 and sum again\n"
-             "in float64 only what err[i]*cnorm[j] does not prove (rounding.float32_bounds).\n"
+             "in float64 only what err[i]*cnorm[j] does not prove (rounding.float32_bounds);\n"
+             "right_exact: right32 holds right exactly (R = A of float32 or 16-bit factors), so\n"
+             "those float64 sums read right32, which is in cache (a false claim gives wrong\n"
+             "values: the caller checks it).\n"
              "\n"
              "out: writable C-contiguous buffer of rows*cols values of out_dtype; base: rows*cols\n"
              "values of base_dtype; left: float64 (rows, rank); right: float64 (rank, cols) in\n"
@@ -757,10 +824,11 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
     int base_dt, out_dt;
     const char *isa_name = NULL;
     PyObject *thr_o = NULL, *susp_o = NULL, *f[4] = {NULL, NULL, NULL, NULL};
+    int right_exact = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|zOOOOOO:addmm_round", &out, &base, &left,
+    if (!PyArg_ParseTuple(args, "w*y*y*y*nnnii|zOOOOOOp:addmm_round", &out, &base, &left,
                           &right, &rows, &cols, &rank, &base_dt, &out_dt, &isa_name, &thr_o,
-                          &susp_o, &f[0], &f[1], &f[2], &f[3]))
+                          &susp_o, &f[0], &f[1], &f[2], &f[3], &right_exact))
         return NULL;
     PyObject *result = NULL;
     double *scratch = NULL;
@@ -768,7 +836,7 @@ static PyObject *addmm_round(PyObject *self, PyObject *args) {
     const kernel_fn kernel = find_kernel("addmm_round", &out, &base, &left, &right, rows, cols,
                                          rank, base_dt, out_dt, isa_name);
     if (kernel == NULL || check_checks("addmm_round", out_dt, &thr, &susp, rows) < 0 ||
-        get_fast("addmm_round", f, &fb, rows, cols, rank, &fast, &use) < 0 ||
+        get_fast("addmm_round", f, right_exact, &fb, rows, cols, rank, &fast, &use) < 0 ||
         (scratch = new_scratch(rank)) == NULL)
         goto done;
     Py_BEGIN_ALLOW_THREADS;
@@ -874,7 +942,7 @@ static void run_blocks(blocks_t *a) {
         fast_t part; /* the fast path's rows of this block */
         if (a->fast != NULL)
             part = (fast_t){a->fast->left + r0 * a->rank, a->fast->right, a->fast->err + r0,
-                            a->fast->cnorm, a->fast->cmax};
+                            a->fast->cnorm, a->fast->cmax, a->fast->right_exact};
         a->inf += a->kernel(a->in + r0 * a->cols * a->in_size, a->left + r0 * a->rank, a->right,
                             a->buffer, n, a->cols, a->rank, a->scratch,
                             a->thr == NULL ? NULL : a->thr + r0, a->susp, a->cap, &a->n_susp,
@@ -897,12 +965,14 @@ static int guarded_blocks(blocks_t *a) {
 PyDoc_STRVAR(addmm_round_into_doc,
              "addmm_round_into(fd, offset, buffer, base, left, right, rows, cols, rank,\n"
              "                 base_dtype, out_dtype, isa=None, thr=None, suspects=None,\n"
-             "                 left32=None, right32=None, err=None, cnorm=None) -> (int, int)\n"
+             "                 left32=None, right32=None, err=None, cnorm=None,\n"
+             "                 right_exact=False) -> (int, int)\n"
              "\n"
              "addmm_round, block of rows by block of rows through `buffer` (writable; its size\n"
              "sets the block: a multiple of TILE_ROWS rows where it holds more than one tile),\n"
              "each block written with pwrite into the file `fd` at `offset` onwards. One call\n"
-             "per tensor, the GIL released throughout. Raises OSError when a write fails.\n"
+             "per tensor, the GIL released throughout. Raises OSError when a write fails, and\n"
+             "BufferError when reading `base` faults (a memory map of a file that shrank).\n"
              "Returns what addmm_round returns; suspects are flat indices in the whole tensor.");
 
 static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
@@ -915,10 +985,12 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     Py_ssize_t rows, cols, rank, inf = 0, n_susp = 0;
     const char *isa_name = NULL;
     PyObject *thr_o = NULL, *susp_o = NULL, *f[4] = {NULL, NULL, NULL, NULL};
+    int right_exact = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|zOOOOOO:addmm_round_into", &fd, &offset,
+    if (!PyArg_ParseTuple(args, "iLw*y*y*y*nnnii|zOOOOOOp:addmm_round_into", &fd, &offset,
                           &buffer, &base, &left, &right, &rows, &cols, &rank, &base_dt, &out_dt,
-                          &isa_name, &thr_o, &susp_o, &f[0], &f[1], &f[2], &f[3]))
+                          &isa_name, &thr_o, &susp_o, &f[0], &f[1], &f[2], &f[3],
+                          &right_exact))
         return NULL;
     PyObject *result = NULL;
     double *scratch = NULL;
@@ -926,7 +998,7 @@ static PyObject *addmm_round_into(PyObject *self, PyObject *args) {
     const kernel_fn kernel = find_kernel("addmm_round_into", NULL, &base, &left, &right, rows,
                                          cols, rank, base_dt, out_dt, isa_name);
     if (kernel == NULL || check_checks("addmm_round_into", out_dt, &thr, &susp, rows) < 0 ||
-        get_fast("addmm_round_into", f, &fb, rows, cols, rank, &fast, &use) < 0)
+        get_fast("addmm_round_into", f, right_exact, &fb, rows, cols, rank, &fast, &use) < 0)
         goto done;
     const Py_ssize_t row_bytes = cols * itemsize(out_dt);
     if (rows == 0 || row_bytes == 0) { /* an empty tensor: nothing to write */
@@ -1019,7 +1091,7 @@ PyMODINIT_FUNC PyInit__fused(void) {
         PyModule_AddIntConstant(m, "TILE_ROWS", TILE_ROWS) < 0 ||
         PyModule_AddIntConstant(m, "TILE_COLS", TILE_COLS) < 0 ||
         PyModule_AddIntConstant(m, "FACTORS_FLOAT64", 1) < 0 ||
-        PyModule_AddIntConstant(m, "FLOAT32_SUMS", 1) < 0) {
+        PyModule_AddIntConstant(m, "FLOAT32_SUMS", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

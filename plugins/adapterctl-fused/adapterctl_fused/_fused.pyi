@@ -8,7 +8,7 @@ ISAS: tuple[str, ...]  # the vector widths this CPU runs, widest first: "avx512"
 TILE_ROWS: int  # rows merged at once: the engine's chunks hold a multiple of them
 TILE_COLS: int  # `right` comes in tiles of this many columns: (ceil(cols / T), rank, T)
 FACTORS_FLOAT64: int  # 1: left and right are float64
-FLOAT32_SUMS: int  # 1: 16-bit outputs take the float32 fast path's inputs (left32 ... cnorm)
+FLOAT32_SUMS: int  # 2: 16-bit outputs take the float32 fast path's inputs (left32 ... right_exact)
 
 def addmm_round(
     out: Buffer,
@@ -27,6 +27,7 @@ def addmm_round(
     right32: Buffer | None = None,
     err: Buffer | None = None,
     cnorm: Buffer | None = None,
+    right_exact: bool = False,
     /,
 ) -> tuple[int, int]: ...
 def addmm_round_into(
@@ -48,5 +49,6 @@ def addmm_round_into(
     right32: Buffer | None = None,
     err: Buffer | None = None,
     cnorm: Buffer | None = None,
+    right_exact: bool = False,
     /,
 ) -> tuple[int, int]: ...

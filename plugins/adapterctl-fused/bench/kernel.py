@@ -67,14 +67,14 @@ def main() -> None:
             out = np.empty((rows, cols), np.uint16)
             noted = np.empty(1 << 16, np.int64)
 
-            f32 = numpy_engine.float32_inputs(left, right, tiles)  # left32, right32, err, cnorm
+            f32 = numpy_engine.float32_inputs(left, right, tiles)  # left32 ... right_exact
 
             def fused(
                 isa: str, float32_sums: bool = True, w=w, left=left, tiles=tiles,
                 chunks=chunks, thr=thr, out=out, cols=cols, rank=rank, noted=noted, f32=f32,
             ) -> None:  # fmt: skip
                 for r0, r1 in chunks:
-                    fast = (f32[0][r0:r1], f32[1], f32[2][r0:r1], f32[3]) if float32_sums else ()
+                    fast = (f32[0][r0:r1], f32[1], f32[2][r0:r1], *f32[3:]) if float32_sums else ()
                     kernels[isa].module.addmm_round(
                         out[r0:r1], w[r0:r1], left[r0:r1], tiles, r1 - r0, cols, rank, 0, 0,
                         isa, thr[r0:r1], noted, *fast,

@@ -239,6 +239,10 @@ def test_sums_on_or_beside_a_midpoint_round_correctly(
     ours, _ = _run(base, base_dtype, left, right, out_dtype, isa, noted, float32_sums)
     settle = np.zeros(rows * cols, bool)
     settle[noted[0]] = True
+    if float32_sums:  # summed again in float64, rounded to odd: off the midpoint, not noted
+        tiles = np.arange(cols) < cols // 32 * 32  # (the tail's float64 sums round to nearest)
+        off = (np.abs(away) == 2.0**-30) & tiles
+        assert not (settle.reshape(rows, cols) & off).any()
     for i, j in zip(*np.nonzero(~settle.reshape(rows, cols)), strict=True):
         exact = (
             Fraction(float(w[i, j]))
