@@ -92,8 +92,8 @@ def choose_kernel(wanted: str | None = None) -> Kernel | None:
     Args:
         wanted: ``none`` (or ``0``): NumPy alone; ``auto`` (or ``1``): the first registered
             kernel that loads, at the widest vector width this CPU runs (NumPy alone where
-            none is installed or built); a width (``avx512``, ``avx2``, ``generic``): that
-            width of it. Default: ``ADAPTERCTL_FUSED``, else ``auto``.
+            none is installed or built); a width (``avx512bf16``, ``avx512``, ``avx2``,
+            ``generic``): that width of it. Default: ``ADAPTERCTL_FUSED``, else ``auto``.
 
     Raises:
         UsageError: a width this CPU or build lacks, or no kernel installed to run it.

@@ -135,6 +135,12 @@ static inline uint16_t f32_to_f16(float f) {
     })
 #define WIDEN_LO_VEC(P, N, v) __builtin_convertvector(__builtin_shufflevector(v, v, LO_##N), P##_vd)
 #define WIDEN_HI_VEC(P, N, v) __builtin_convertvector(__builtin_shufflevector(v, v, HI_##N), P##_vd)
+/* bfloat16 by integer rounding to nearest even (normal values: P_store_proven) */
+#define STORE_BF16_VEC(P, p, v)                                                               \
+    do {                                                                                      \
+        const P##_vu32 u_ = (P##_vu32)(v);                                                    \
+        STORE_U16_##P(p, (u_ + 0x7FFFu + ((u_ >> 16) & 1u)) >> 16);                           \
+    } while (0)
 #define STORE_U16_VEC(P, p, u)                                                                \
     do {                                                                                      \
         P##_vu16 h_ = __builtin_convertvector((u), P##_vu16);                                 \
@@ -262,12 +268,11 @@ static inline uint16_t f32_to_f16(float f) {
         P##_vf d = (P##_vf)((P##_vu32)(v - (P##_vf)((u & keep) | mid)) & 0x7FFFFFFFu);        \
         return UNSURE_##P(d, e * c + (P##_vf)mag * 0x1p-23f, mag - lo, span);                 \
     }                                                                                         \
-    /* Store finite values that round to finite 16-bit values (P_unsure proved them). */      \
+    /* Store normal values that round to finite 16-bit values (P_unsure proved them). */      \
     TARGET static inline void P##_store_proven(void *p, P##_vf v, int out) {                 \
-        if (out == BF16) {                                                                    \
-            P##_vu32 u = (P##_vu32)v;                                                         \
-            STORE_U16_##P(p, (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);                        \
-        } else                                                                                \
+        if (out == BF16)                                                                      \
+            STORE_BF16_##P(p, v);                                                             \
+        else                                                                                  \
             STORE_F16_PROVEN(P, p, v);                                                        \
     }                                                                                         \
     /* One vector of N sums in float64 (two halves, each in two running sums, k even and odd, \
@@ -606,7 +611,9 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, vo
         _mm256_castsi256_ps(_mm256_mask_or_epi32(_mm256_castps_si256(t_), inexact_,         \
                                                  _mm256_castps_si256(t_), _mm256_set1_epi32(1))); \
     })
+#define STORE_BF16_avx512(p, v) STORE_BF16_VEC(avx512, p, v)
 #define UNSURE_avx2(d, t, r, span) UNSURE_VEC(avx2, d, t, r, span)
+#define STORE_BF16_avx2(p, v) STORE_BF16_VEC(avx2, p, v)
 #define LOAD_F32_F64_avx2(p) LOAD_F32_F64_VEC(avx2, p)
 #define WIDEN_LO_avx2(v) WIDEN_LO_VEC(avx2, 8, v)
 #define WIDEN_HI_avx2(v) WIDEN_HI_VEC(avx2, 8, v)
@@ -620,6 +627,24 @@ typedef Py_ssize_t (*kernel_fn)(const void *, const double *, const double *, vo
 #define TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 KERNEL_SET(avx512, 16, TARGET_AVX512)
 KERNEL_SET(avx2, 8, TARGET_AVX2)
+#if (defined(__clang__) && __clang_major__ >= 11) || (!defined(__clang__) && __GNUC__ >= 10)
+/* AVX-512 with BF16 (Zen 4, Cooper Lake, Sapphire Rapids and later): the same code, proven
+ * bfloat16 values stored by the hardware's rounding to nearest even (one instruction). */
+#define HAVE_AVX512BF16 1
+#define TARGET_AVX512BF16                                                                     \
+    __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,avx2,fma,f16c")))
+#define ANY_avx512bf16 ANY_avx512
+#define UNSURE_avx512bf16 UNSURE_avx512
+#define LOAD_U16_avx512bf16 LOAD_U16_avx512
+#define STORE_U16_avx512bf16 STORE_U16_avx512
+#define LOAD_F32_F64_avx512bf16 LOAD_F32_F64_avx512
+#define WIDEN_LO_avx512bf16 WIDEN_LO_avx512
+#define WIDEN_HI_avx512bf16 WIDEN_HI_avx512
+#define TO_ODD_avx512bf16 TO_ODD_avx512
+#define STORE_BF16_avx512bf16(p, v)                                                           \
+    _mm256_storeu_si256((void *)(p), (__m256i)_mm512_cvtneps_pbh((__m512)(v)))
+KERNEL_SET(avx512bf16, 16, TARGET_AVX512BF16)
+#endif
 #endif
 /* Whether any of the four lanes is set: two 64-bit ORs. */
 static inline int any_generic(const void *m) {
@@ -628,6 +653,7 @@ static inline int any_generic(const void *m) {
     return (w[0] | w[1]) != 0;
 }
 #define ANY_generic(m) any_generic(&(m))
+#define STORE_BF16_generic(p, v) STORE_BF16_VEC(generic, p, v)
 #define UNSURE_generic(d, t, r, span) UNSURE_VEC(generic, d, t, r, span)
 #define LOAD_U16_generic(p) LOAD_U16_VEC(generic, p)
 #define LOAD_F32_F64_generic(p) LOAD_F32_F64_VEC(generic, p)
@@ -644,6 +670,9 @@ typedef struct {
 
 static const isa_t ALL_ISAS[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
+#if HAVE_AVX512BF16
+    {"avx512bf16", avx512bf16_KERNELS},
+#endif
     {"avx512", avx512_KERNELS},
     {"avx2", avx2_KERNELS},
 #endif
@@ -657,9 +686,13 @@ static int isa_supported(const char *name) {
     unsigned eax, ebx, ecx = 0, edx;
     int f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
     int avx2 = f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (strcmp(name, "avx512") == 0)
-        return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    int avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                 __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("avx512vl");
+    if (strcmp(name, "avx512") == 0) return avx512;
+#if HAVE_AVX512BF16
+    if (strcmp(name, "avx512bf16") == 0) return avx512 && __builtin_cpu_supports("avx512bf16");
+#endif
     if (strcmp(name, "avx2") == 0) return avx2;
 #endif
     return strcmp(name, "generic") == 0;
