@@ -439,10 +439,15 @@ class _Tensor:
         return self.files.read_rows(self.source, self.cols, r0, r1)
 
     @functools.cached_property
+    def norms(self) -> rounding.Norms:
+        """‖L[i]‖ per row and ‖R[:, j]‖ per column of the update (``rounding.norms``)."""
+        return rounding.norms(self.upd.left, self.upd.right)
+
+    @functools.cached_property
     def bounds(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Per row: the float32 magnitude below which a 16-bit rounding is settled, and the
         float64 error bound that flags float32 roundings (``rounding.row_bounds``)."""
-        return rounding.row_bounds(self.upd.left, self.upd.right)
+        return rounding.row_bounds(self.upd.left, self.upd.right, self.norms)
 
 
 # The highest summed rank whose 16-bit outputs the kernel sums in float32: the error bound
@@ -465,7 +470,8 @@ def _write_with_kernel(
 
     out = t.job.out_dtype
     right = _right_tiles(t.upd.right, kernel)
-    fast = float32_inputs(t.upd.left, t.upd.right, right) if t.upd.rank <= FLOAT32_RANK else ()
+    upd = t.upd
+    fast = float32_inputs(upd.left, upd.right, right, t.norms) if upd.rank <= FLOAT32_RANK else ()
     block = _BUFFERS.get("out", max(KERNEL_BLOCK_ELEMENTS, t.cols), numpy_dtype(out))
     row_in = max(1, int(t.cols * DTYPE_SIZES[t.base_dtype]))
     step = max(kernel.module.TILE_ROWS, KERNEL_READ_BYTES // row_in)
@@ -708,16 +714,20 @@ def _right_tiles(right: np.ndarray[Any, Any], kernel: Kernel) -> np.ndarray[Any,
 
 
 def float32_inputs(
-    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any], tiles: np.ndarray[Any, Any]
-) -> tuple[np.ndarray[Any, Any], ...]:
+    left: np.ndarray[Any, Any],
+    right: np.ndarray[Any, Any],
+    tiles: np.ndarray[Any, Any],
+    norms: rounding.Norms | None = None,
+) -> tuple[Any, ...]:
     """The compiled kernel's float32 sums' inputs for 16-bit outputs: L (rows, r) and R's
     ``tiles`` (``_right_tiles``) rounded to float32, the error bounds' factors per row and
     per column (``rounding.float32_bounds``; the columns padded to the tiles'), and whether
     the float32 tiles hold R exactly (R = A, stored in 32 bits or fewer, as a rule: the
-    kernel's float64 recomputations then read them, hot in cache)."""
+    kernel's float64 recomputations then read them, hot in cache). ``norms``:
+    ``rounding.norms`` of the update, where already computed."""
     import numpy as np
 
-    err, cnorm = rounding.float32_bounds(left, right)
+    err, cnorm = rounding.float32_bounds(left, right, norms)
     cnorm = np.pad(cnorm, (0, tiles.shape[0] * tiles.shape[2] - right.shape[1]))
     tiles32 = tiles.astype(np.float32)
     exact = bool(np.array_equal(tiles32, tiles))

@@ -82,20 +82,35 @@ def describe(jobs: list[Job]) -> str:
     return "; ".join(parts) or "nothing merged"
 
 
+Norms = tuple["np.ndarray[Any, Any]", "np.ndarray[Any, Any]"]
+
+
+def norms(left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]) -> Norms:
+    """‖L[i]‖ per row of L (rows, K) and ‖R[:, j]‖ per column of R (K, cols), float64: the
+    Cauchy–Schwarz factors of every bound here (computed once per tensor, passed to both)."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.sqrt(np.einsum("ik,ik->i", left, left)), np.sqrt(
+            np.einsum("kj,kj->j", right, right)
+        )
+
+
 def row_bounds(
-    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]
+    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any], given: Norms | None = None
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Per row of L (rows, K) float64, with max_j ‖R[:, j]‖ of R (K, cols): the float32 |s|
     below which a 16-bit rounding is flagged (case (b) above; rounded up), and E's bound for
-    the row (float64), used to flag float32 roundings."""
+    the row (float64), used to flag float32 roundings. ``given``: ``norms(left, right)``."""
     import numpy as np
 
     k = right.shape[0]
     if k == 0:
         zeros = np.zeros(left.shape[0])
         return zeros.astype(np.float32), zeros
-    rmax = float(np.sqrt((right * right).sum(0)).max())  # max_j ‖R[:, j]‖
-    row = rmax * np.sqrt((left * left).sum(1))  # (rows,) ≥ S on the row, by Cauchy–Schwarz
+    lrow, rcol = norms(left, right) if given is None else given
+    rmax = float(rcol.max())  # max_j ‖R[:, j]‖
+    row = rmax * lrow  # (rows,) ≥ S on the row, by Cauchy–Schwarz
     thr = ((k + 3) * _THRESHOLD * 1.01 * row).astype(np.float32)
     return np.nextafter(thr, np.float32(np.inf)), (k + 3) * 1.01 * U64 * row
 
@@ -105,7 +120,7 @@ _F32_MAX = 3.0e38  # a bound past it is "no bound": everything it covers is flag
 
 
 def float32_bounds(
-    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any]
+    left: np.ndarray[Any, Any], right: np.ndarray[Any, Any], given: Norms | None = None
 ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """The float32 sums' error bound as a product e[i]·c[j] (float32, rounded up): for L
     (rows, K) and R (K, cols) float64 rounded to float32 and summed in float32 (any order,
@@ -117,14 +132,14 @@ def float32_bounds(
     step term, which covers the test's own float32 roundings; e·c carries 1% room): then
     |x − v| < d, so x stays on v's side of that midpoint (and |v| is checked against the
     row's limit for the midpoints beyond). Others are summed again in float64. Non-finite
-    or huge norms give the largest bound."""
+    or huge norms give the largest bound. ``given``: ``norms(left, right)``."""
     import numpy as np
 
     k = right.shape[0]
     g = (k + 3) * U32 / (1 - (k + 3) * U32) * 1.01  # γ, with room for the roundings here
+    lrow, c = norms(left, right) if given is None else given
     with np.errstate(over="ignore", invalid="ignore"):
-        e = g * np.sqrt((left * left).sum(1))
-        c = np.sqrt((right * right).sum(0))
+        e = g * lrow
     floor = 2.0**-60  # e·c stays a normal float32 (underflowed products err by < 2⁻¹⁴⁹)
     e = np.nan_to_num(np.clip(e, floor, _F32_MAX), nan=_F32_MAX)
     c = np.nan_to_num(np.clip(c, floor, _F32_MAX), nan=_F32_MAX)
