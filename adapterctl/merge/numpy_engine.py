@@ -452,9 +452,9 @@ class _Tensor:
 
 # The highest summed rank whose 16-bit outputs the kernel sums in float32: the error bound
 # grows with the rank, and past it more vectors are summed again in float64 than the float32
-# sums save (plugins/adapterctl-fused/bench/kernel.py: at rank 16 0.9 against 1.2 ns per
-# value, even at 64, 3× slower at 256).
-FLOAT32_RANK = 48
+# sums save (plugins/adapterctl-fused/bench/kernel.py, AVX-512: float32 0.6 against 1.2 ns
+# per value at rank 16 and 2.0-2.3 against 2.9-3.2 at 64; 1.1-1.6x slower at 128).
+FLOAT32_RANK = 64
 
 # Bytes of the base a kernel call reads at once (the rows are read first: ``_BaseFiles``).
 KERNEL_READ_BYTES = 4 << 20
