@@ -1,6 +1,8 @@
 """Plugin hook definitions (and nothing else). Built-in features register through these too.
 
-A hook receives a ``register`` callback; call it once per thing you provide::
+A ``register_<things>`` hook receives a ``register`` callback; call it once per thing you
+provide (``plugins/README.md`` is the author's guide, held against these signatures by a
+test)::
 
     @hookimpl
     def register_formats(register):
@@ -47,3 +49,19 @@ def register_remotes(register: Callable[[Any], None]) -> None:
     needs_weights)`` returning a ``Checkpoint`` read from headers only (see
     ``adapterctl.checkpoint.open_base``). The built-in Hugging Face Hub remote
     (``adapterctl.hub.plugin``) is one."""
+
+
+@hookspec
+def register_writers(register: Callable[[Any], None]) -> None:
+    """Register adapter writers, the formats ``adapterctl convert --to NAME`` writes: objects
+    with ``name``, ``description`` and ``write(adapter, out, *, force)`` returning the path
+    written (see ``adapterctl.formats.AdapterWriter``). The built-in PEFT-folder writer
+    (``adapterctl.formats.peft``) is one."""
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add commands to the ``adapterctl`` command line: ``cli`` is its click group (use
+    ``@cli.command(...)`` or ``cli.add_command``). A command should stay a skin over a
+    library call (parse, one call, render) and raise ``adapterctl.errors`` exceptions for
+    bad input, which the command line turns into one-line errors and exit codes."""

@@ -24,6 +24,7 @@ from adapterctl.errors import AdapterctlError
 COMMAND_MODULES = {
     "add": "registry_cmd",
     "compose": "compose_cmd",
+    "convert": "convert_cmd",
     "demo": "demo_cmd",
     "diff": "diff_cmd",
     "export": "registry_cmd",
@@ -48,14 +49,30 @@ class AdapterctlGroup(click.Group):
     """A click group that turns every error into a one-line message and an exit code, and
     imports a command's module when the command is looked up."""
 
+    plugins_added = False
+
     def list_commands(self, ctx: click.Context) -> list[str]:
+        try:
+            self.add_plugin_commands()
+        except AdapterctlError as exc:  # --help still lists the built-in commands
+            warn_plugins([str(exc)])
         return sorted(set(COMMAND_MODULES) | set(self.commands))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         module = COMMAND_MODULES.get(cmd_name)
         if module is not None and cmd_name not in self.commands:
             importlib.import_module(f"adapterctl.cli.{module}")
+        elif module is None:  # not built in: a plugin's, perhaps (loaded only then)
+            self.add_plugin_commands()
         return super().get_command(ctx, cmd_name)
+
+    def add_plugin_commands(self) -> None:
+        """Let plugins add their commands (``register_commands``), once."""
+        if not self.plugins_added:
+            self.plugins_added = True
+            from adapterctl.plugins import add_commands
+
+            add_commands(self, set(COMMAND_MODULES))
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -88,9 +105,23 @@ class AdapterctlGroup(click.Group):
                 "set ADAPTERCTL_DEBUG=1 for a traceback and report it",
                 70,
             )
+        finally:
+            warn_plugins()  # plugins that failed to load, once (_die has printed them already)
+
+
+def warn_plugins(extra: list[str] | None = None) -> None:
+    """Print, once, a warning line for each plugin that failed to load (and ``extra``)."""
+    plugins = sys.modules.get("adapterctl.plugins")  # loaded only by commands that use plugins
+    lines = (extra or []) + (plugins.take_warnings() if plugins is not None else [])
+    if lines:
+        from adapterctl.cli.render import printable
+
+        for line in lines:
+            click.echo(f"warning: {printable(line)}", err=True)
 
 
 def _die(message: str, code: int) -> None:
+    warn_plugins()
     if os.environ.get("ADAPTERCTL_DEBUG") and code != 130 and sys.exc_info()[0] is not None:
         traceback.print_exc()
     from adapterctl.cli.render import printable  # messages name files, tensors, keys

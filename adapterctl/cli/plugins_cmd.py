@@ -13,13 +13,28 @@ from adapterctl.cli.options import json_option
 @cli.command("plugins")
 @json_option
 def plugins_command(as_json: bool) -> None:
-    """List loaded plugins, the adapter formats, remotes and merge kernels they register."""
-    from adapterctl.formats import formats
-    from adapterctl.merge.numpy_engine import available_kernels
-    from adapterctl.plugins import collect, plugin_names
+    """List plugins (built-in, installed, from ADAPTERCTL_PLUGINS_DIR) with their versions,
+    what each registers (formats, writers, methods, merge kernels, remotes, commands), and
+    any that failed to load, with why.
 
-    names = plugin_names()
+    \b
+    Examples:
+      adapterctl plugins
+      ADAPTERCTL_LOAD_PLUGINS= adapterctl plugins    # built-ins only
+    """
+    from dataclasses import asdict
+
+    from adapterctl.cli.render import json_text, printable
+    from adapterctl.formats import formats, writers
+    from adapterctl.merge.numpy_engine import available_kernels
+    from adapterctl.plugins import collect, describe
+
+    group = click.get_current_context().find_root().command
+    if isinstance(group, click.Group) and hasattr(group, "add_plugin_commands"):
+        group.add_plugin_commands()
+    infos = describe(group)
     fmts = [{"name": f.name, "description": f.description} for f in formats()]
+    outs = [{"name": w.name, "description": w.description} for w in writers()]
     remotes = [
         {"scheme": r.scheme, "name": r.name, "description": r.description}
         for r in collect("register_remotes")
@@ -34,14 +49,25 @@ def plugins_command(as_json: bool) -> None:
         for k, module in available_kernels()
     ]
     if as_json:
-        data = {"plugins": names, "formats": fmts, "remotes": remotes, "kernels": kernels}
-        click.echo(json.dumps(data, indent=2))
+        data = {
+            "plugins": [asdict(i) for i in infos],
+            "formats": fmts,
+            "writers": outs,
+            "remotes": remotes,
+            "kernels": kernels,
+        }
+        click.echo(json_text(json.dumps(data, indent=2)))
         return
-    click.echo("plugins: " + ", ".join(names))
+    for i in infos:
+        what = "; ".join(f"{kind} {', '.join(names)}" for kind, names in i.registers.items())
+        state = f"NOT LOADED: {i.error}" if i.error else what or "registers nothing"
+        click.echo(printable(f"plugin {i.name} ({i.source}, {i.version}): {state}"))
     for f in fmts:
-        click.echo(f"format {f['name']}: {f['description']}")
+        click.echo(printable(f"format {f['name']}: {f['description']}"))
+    for w in outs:
+        click.echo(printable(f"writer {w['name']}: {w['description']}"))
     for r in remotes:
-        click.echo(f"remote {r['scheme']}://: {r['description']}")
+        click.echo(printable(f"remote {r['scheme']}://: {r['description']}"))
     for k in kernels:
         runs = ", ".join(k["widths"]) if k["built"] else "not built (no C compiler at install)"
-        click.echo(f"merge kernel {k['name']}: {k['description']} [{runs}]")
+        click.echo(printable(f"merge kernel {k['name']}: {k['description']} [{runs}]"))

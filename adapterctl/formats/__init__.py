@@ -1,7 +1,9 @@
-"""Adapter formats: readers that turn files on disk into an ``Adapter``.
+"""Adapter formats: readers that turn files on disk into an ``Adapter``, and writers that
+turn an ``Adapter`` back into files (``adapterctl.convert``).
 
-Formats are registered through the ``register_formats`` plugin hook; the built-in ones (PEFT
-folder, bare ``.safetensors``) use the same hook as third-party plugins.
+Readers are registered through the ``register_formats`` plugin hook, writers through
+``register_writers``; the built-in ones (PEFT folder, bare ``.safetensors``; the PEFT-folder
+writer) use the same hooks as third-party plugins.
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ class AdapterFormat(Protocol):
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         """Read the adapter at ``path`` lazily (tensors stay on disk)."""
         ...
+
+
+class AdapterWriter(Protocol):
+    """What a writer plugin provides: ``adapterctl convert --to <name>``."""
+
+    name: str
+    description: str
+
+    def write(self, adapter: Adapter, out: Path, *, force: bool) -> Path:
+        """Write ``adapter`` at ``out`` (a folder or a file, as the format has it), atomically,
+        and return what was written; ``force`` replaces an existing ``out``."""
+        ...
+
+
+def writers() -> list[AdapterWriter]:
+    """Every registered writer, built-ins first."""
+    from adapterctl.plugins import collect
+
+    return collect("register_writers")
 
 
 def formats() -> list[AdapterFormat]:

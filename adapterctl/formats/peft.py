@@ -265,6 +265,22 @@ def register_formats(register: Any) -> None:
     register(PeftFolder())
 
 
+class PeftWriter:
+    """Writes a standard PEFT folder (``write_peft``): the built-in ``convert --to peft``."""
+
+    name = "peft"
+    description = "PEFT adapter folder (adapter_config.json + adapter_model.safetensors)"
+
+    def write(self, adapter: Adapter, out: Path, *, force: bool) -> Path:
+        """``write_peft(adapter, out, force=force)``: every module's scale folded into B."""
+        return write_peft(adapter, out, force=force)
+
+
+@hookimpl
+def register_writers(register: Any) -> None:
+    register(PeftWriter())
+
+
 def unit_scale_config(adapter: Adapter) -> AdapterConfig:
     """A config under which every module of ``adapter`` loads with scale exactly 1.
 

@@ -25,8 +25,8 @@ rationals.
 
 The compiled kernel (``adapterctl-fused``) sums 16-bit outputs in float32 instead, which is
 twice as fast, and proves each value with ``float32_bounds``; the vectors of values it cannot
-prove (one to three in a hundred at rank 16) it sums again as above, rounding x̂ to float32 to odd, so
-that s lies on a midpoint only where x̂ does and case (a) is an exact tie.
+prove (one to three in a hundred at rank 16) it sums again as above, rounding x̂ to float32 to
+odd, so that s lies on a midpoint only where x̂ does and case (a) is an exact tie.
 
 DoRA rescaling, lora biases and ``--method`` combinations are computed in float32 and rounded
 once (their norms and divisions have no exact value to round to).
