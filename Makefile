@@ -11,6 +11,7 @@ install:
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	@$(PYTHON) -m pip install -q -e ".[test]"
 	@$(PYTHON) -m pip install -q -e plugins/adapterctl-fused
+	@$(PYTHON) -m pip install -q -e plugins/adapterctl-gguf
 
 demo: install
 	adapterctl demo

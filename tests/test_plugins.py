@@ -147,7 +147,7 @@ def test_a_plugin_adds_a_format_a_writer_a_method_and_a_command(
     assert failed.stderr.splitlines() == ["Error: --fail: asked to fail"]
     assert "toy-hello" in _adapterctl("--help", plugins_dir=toy_dir).stdout
     # without the plugin: the writer is unknown (exit 2, naming the ones there are)
-    gone = _adapterctl("convert", str(src), "--to", "toy", "-o", str(tmp_path / "y.toy"))
+    gone = _adapterctl("convert", str(src), "--to", "toy", "-o", str(tmp_path / "y.toy"), load="")
     assert gone.returncode == 2
     assert "--to 'toy': no such writer (there are: peft)" in gone.stderr
 

@@ -44,12 +44,14 @@ main()
 # Loads every plugin and calls every registration hook, then reports the same way.
 PLUGINS_SCRIPT = f"""
 import json, sys
+import click
 from adapterctl import hookspecs
-from adapterctl.plugins import collect, plugin_names
+from adapterctl.plugins import REGISTER_HOOKS, add_commands, collect, plugin_names
 hooks = [n for n in vars(hookspecs) if n.startswith("register_")]
-assert hooks and plugin_names()
-for hook in hooks:
+assert set(hooks) == {{*REGISTER_HOOKS, "register_commands"}} and plugin_names()
+for hook in REGISTER_HOOKS:
     collect(hook)
+add_commands(click.Group(), set())
 with open(sys.argv[1], "w") as fh:
     json.dump([m for m in {HEAVY!r} if m in sys.modules], fh)
 """

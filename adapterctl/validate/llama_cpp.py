@@ -1,6 +1,12 @@
 """AC31x: what llama.cpp's ``convert_lora_to_gguf.py`` refuses or gets wrong
 (``--target llama.cpp``).
 
+Scales the upstream converter gets wrong (rsLoRA, alpha_pattern, which also covers per-module
+ranks written with alpha = rank) are info findings: ``adapterctl export-gguf`` (the
+first-party plugin ``adapterctl-gguf``) folds each module's scale into its lora_B and writes
+them exactly. What a GGUF adapter cannot carry at all (DoRA, full tensors, lora biases) stays
+an error.
+
 Each rule cites the llama.cpp source file (and the upstream commit it was read at) of the check
 it encodes; llama.cpp changes, so re-check them on upgrade.
 """
@@ -31,12 +37,15 @@ _GGUF_SCALE = (
 )
 
 
+_EXPORT = "adapterctl export-gguf (plugin adapterctl-gguf) writes it exactly"
+
+
 @rule(
     "AC311",
     "gguf-rslora",
-    "error",
+    "info",
     "llama.cpp",
-    "no rsLoRA: llama.cpp scales by alpha/r, not alpha/sqrt(r)",
+    "no rsLoRA for the upstream converter: llama.cpp scales by alpha/r, not alpha/sqrt(r)",
     source=_GGUF_SCALE,
 )
 def _gguf_rslora(ctx: Context) -> Iterator[tuple[str | None, str]]:
@@ -44,9 +53,9 @@ def _gguf_rslora(ctx: Context) -> Iterator[tuple[str | None, str]]:
     if cfg.use_rslora:
         r = cfg.r
         msg = (
-            f"rsLoRA (use_rslora): the GGUF stores only lora_alpha and llama.cpp applies "
-            f"alpha/r, so the update would be {math.sqrt(r):.3g}× too small at r={r}; set "
-            f"lora_alpha to alpha·sqrt(r) = {cfg.lora_alpha * math.sqrt(r):g} before converting"
+            f"rsLoRA (use_rslora): convert_lora_to_gguf.py stores only lora_alpha and llama.cpp "
+            f"applies alpha/r, so its update would be {math.sqrt(r):.3g}× too small at r={r}; "
+            f"{_EXPORT}"
         )
         yield None, msg
 
@@ -54,10 +63,10 @@ def _gguf_rslora(ctx: Context) -> Iterator[tuple[str | None, str]]:
 @rule(
     "AC312",
     "gguf-alpha-pattern",
-    "error",
+    "info",
     "llama.cpp",
-    "every module's alpha equals lora_alpha (alpha_pattern is lost; rank_pattern is kept "
-    "because llama.cpp reads each tensor's rank)",
+    "every module's alpha equals lora_alpha for the upstream converter (alpha_pattern is "
+    "lost; rank_pattern is kept because llama.cpp reads each tensor's rank)",
     source=_GGUF_SCALE,
 )
 def _gguf_alpha_pattern(ctx: Context) -> Iterator[tuple[str | None, str]]:
@@ -68,8 +77,8 @@ def _gguf_alpha_pattern(ctx: Context) -> Iterator[tuple[str | None, str]]:
     if lost:
         msg = (
             f"alpha_pattern gives {len(lost)} module(s) ({list_names(lost)}) an alpha other than "
-            f"lora_alpha={cfg.lora_alpha:g}; the GGUF keeps one alpha, so they would be scaled "
-            "wrongly (fold each alpha into its lora_B first)"
+            f"lora_alpha={cfg.lora_alpha:g}; convert_lora_to_gguf.py keeps one alpha and would "
+            f"scale them wrongly; {_EXPORT}"
         )
         yield None, msg
 
