@@ -31,7 +31,11 @@ from adapterctl.errors import Conflict
 
 # hook -> the built-in modules implementing it, in the order their items come first
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
-    "register_formats": ("adapterctl.formats.peft", "adapterctl.formats.bare"),
+    "register_formats": (
+        "adapterctl.formats.peft",
+        "adapterctl.formats.mlx",
+        "adapterctl.formats.bare",
+    ),
     "register_writers": ("adapterctl.formats.peft",),
     "register_methods": ("adapterctl.methods.builtin",),
     "register_remotes": ("adapterctl.hub.plugin",),

@@ -55,7 +55,7 @@ def test_builtins_come_first_then_plugins(extra_plugin: list[object]) -> None:
     plugins.manager().register(plugin, name="test-kohya")
     extra_plugin.append(plugin)
     names = [f.name for f in plugins.collect("register_formats")]
-    assert names == ["peft", "safetensors", "kohya"]
+    assert names == ["peft", "mlx", "safetensors", "kohya"]
     data = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).stdout)
     listed = {p["name"]: p for p in data["plugins"]}
     assert listed["test-kohya"]["registers"] == {"formats": ["kohya"]}

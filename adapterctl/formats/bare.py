@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from adapterctl.adapter import Adapter, TensorSource
 from adapterctl.config import AdapterConfig
-from adapterctl.errors import BrokenFile, UsageError
+from adapterctl.errors import BrokenFile, NotFound, UsageError
 from adapterctl.formats import ReadOptions
 from adapterctl.formats.peft import _LORA_KEY, parse_tensors
 from adapterctl.hookspecs import hookimpl
@@ -39,6 +40,7 @@ class BareSafetensors:
             return PeftFolder().read(path.parent, options)
         header = read_header(path)
         tensors: dict[str, TensorSource] = dict(header.tensors)
+        _refuse_foreign(path, list(tensors))
         ranks = sorted(
             {
                 t.shape[0]
@@ -79,9 +81,37 @@ class BareSafetensors:
         return parse_tensors(tensors, config, path, self.name, [path])
 
 
-def _escape(module: str) -> str:
-    import re
+# Key patterns of LoRA files in other tools' naming -> what to call them.
+_FOREIGN = (
+    (re.compile(r"\.(hada_w1_a|hada_w2_a|lokr_w1|lokr_w1_a)$"), "a LyCORIS LoHa/LoKr file"),
+    (re.compile(r"^lora_(unet|te\d?)_|\.lora_(down|up)\.weight$"), "a kohya-style LoRA"),
+    (re.compile(r"(_lora\.(down|up)|\.lora\.(down|up))\.weight$"), "a diffusers-style LoRA"),
+    (
+        re.compile(r"\.lora_[ab]$"),
+        "MLX-LM adapter weights (put its adapter_config.json next to it)",
+    ),
+)
 
+
+def _refuse_foreign(path: Path, keys: list[str]) -> None:
+    """A file of LoRA tensors in another tool's naming, with no PEFT key at all: say what it
+    is (exit 4) instead of reading an adapter of zero modules.
+
+    Raises:
+        NotFound: no installed format reads that naming.
+    """
+    if not keys or any(_LORA_KEY.match(k) for k in keys):
+        return
+    for pattern, what in _FOREIGN:
+        hit = next((k for k in keys if pattern.search(k)), None)
+        if hit is not None:
+            raise NotFound(
+                f"{path}: {what} (keys like {hit!r}), not PEFT-named; no installed format reads "
+                "it (adapterctl plugins lists them; a format plugin can add it)"
+            )
+
+
+def _escape(module: str) -> str:
     return re.escape(module)
 
 

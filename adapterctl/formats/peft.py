@@ -228,7 +228,9 @@ class PeftFolder:
     description = "PEFT folder: adapter_config.json + adapter_model.safetensors (or legacy .bin)"
 
     def detect(self, path: Path) -> bool:
-        return path.is_dir() and (path / CONFIG_NAME).exists()
+        from adapterctl.formats.mlx import is_mlx_folder
+
+        return path.is_dir() and (path / CONFIG_NAME).exists() and not is_mlx_folder(path)
 
     def read(self, path: Path, options: ReadOptions) -> Adapter:
         config = read_config(path / CONFIG_NAME)

@@ -1,0 +1,111 @@
+"""MLX-LM adapters (both config generations, written by hand from mlx_lm's source: mlx does
+not install here) read with the same ΔW as the PEFT adapter they were made from, and convert
+to a PEFT folder that PEFT loads; other tools' namings are named, never read as 0 modules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+from adapterctl.cli import cli
+from adapterctl.formats import read
+
+NEW_CONFIG = {  # mlx_lm >= 0.19: num_layers, fine_tune_type; scale applied as is
+    "fine_tune_type": "lora",
+    "num_layers": 2,
+    "lora_parameters": {"rank": 4, "scale": 2.0, "dropout": 0.0, "keys": ["self_attn.q_proj"]},
+    "model": "tiny-llama",
+}
+OLD_CONFIG = {  # the versions whose lora_parameters carry alpha: scale · alpha / rank
+    "lora_layers": 2,
+    "lora_parameters": {"rank": 4, "alpha": 16, "scale": 0.5, "dropout": 0.0},
+}
+
+
+def _mlx_from_peft(peft_dir: Path, out: Path, config: dict[str, Any]) -> Path:
+    """The PEFT adapter's factors in MLX's layout: lora_a = Aᵀ (in, r), lora_b = Bᵀ (r, out)."""
+    out.mkdir()
+    tensors = load_file(peft_dir / "adapter_model.safetensors")
+    mlx = {}
+    for key, t in tensors.items():
+        module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+        part = "lora_a" if ".lora_A." in key else "lora_b"
+        mlx[f"{module}.{part}"] = np.ascontiguousarray(t.T)
+    save_file(mlx, str(out / "adapters.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("config", [NEW_CONFIG, OLD_CONFIG], ids=["num_layers", "lora_layers"])
+def test_mlx_reads_with_the_peft_delta(
+    peft_cases: Any, tmp_path: Path, config: dict[str, Any]
+) -> None:
+    case = peft_cases("llama_plain")  # r=4, alpha=8: PEFT's scale is 2, as both configs give
+    mlx = _mlx_from_peft(case.path, tmp_path / "mlx", config)
+    adapter = read(mlx)
+    assert adapter.format == "mlx"
+    oracle = case.oracle()
+    assert set(adapter.modules) == set(oracle)
+    for name, m in adapter.modules.items():
+        assert m.scale == 2.0 and m.rank == 4
+        delta = m.scale * (m.b.array().astype(np.float64) @ m.a.array().astype(np.float64))
+        np.testing.assert_allclose(delta, oracle[name]["delta"].numpy(), rtol=1e-6, atol=1e-9)
+    shown = json.loads(CliRunner().invoke(cli, ["inspect", str(mlx), "--json"]).stdout)
+    assert shown["format"] == "mlx"
+    same = CliRunner().invoke(cli, ["diff", str(case.path), str(mlx), "--json"])
+    assert json.loads(same.stdout)["verdict"] == "identical", same.output
+
+
+def test_mlx_converts_to_a_peft_folder_peft_loads(peft_cases: Any, tmp_path: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    from tests import builders
+
+    case = peft_cases("llama_plain")
+    mlx = _mlx_from_peft(case.path, tmp_path / "mlx", NEW_CONFIG)
+    out = tmp_path / "peft"
+    run = CliRunner().invoke(cli, ["convert", str(mlx), "--to", "peft", "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "mlx -> peft" in run.output
+    model = PeftModel.from_pretrained(builders.llama_model(), out).double()
+    for name, layer in model.base_model.model.named_modules():
+        if hasattr(layer, "get_delta_weight") and "default" in getattr(layer, "r", {}):
+            with torch.no_grad():
+                got = layer.get_delta_weight("default").double().numpy()
+            want = case.oracle()[name]["delta"].numpy()
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_mlx_refusals(peft_cases: Any, tmp_path: Path) -> None:
+    case = peft_cases("llama_plain")
+    dora = _mlx_from_peft(case.path, tmp_path / "dora", {**NEW_CONFIG, "fine_tune_type": "dora"})
+    run = CliRunner().invoke(cli, ["inspect", str(dora)])
+    assert run.exit_code == 3 and "an MLX dora adapter" in run.output
+    bad = _mlx_from_peft(case.path, tmp_path / "bad", {"lora_parameters": {"scale": 1.0}})
+    run = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert run.exit_code == 3 and "needs a numeric rank and scale" in run.output
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "a kohya-style LoRA"),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a", "a LyCORIS LoHa/LoKr file"),
+        ("unet.down_blocks.0.attentions.0.processor.to_q_lora.down.weight", "diffusers-style"),
+        ("model.layers.0.self_attn.q_proj.lora_a", "MLX-LM adapter weights"),
+    ],
+)
+def test_other_namings_are_named_not_read_as_empty(tmp_path: Path, key: str, what: str) -> None:
+    """A LoRA file in another tool's naming: exit 4 saying what it is, never "0 modules"."""
+    path = tmp_path / "lora.safetensors"
+    save_file({key: np.zeros((4, 8), np.float32)}, str(path))
+    run = CliRunner().invoke(cli, ["inspect", str(path), "--alpha", "8"])
+    assert run.exit_code == 4, run.output
+    assert what in run.output and "no installed format reads it" in run.output
