@@ -27,7 +27,7 @@ from typing import Any
 import pluggy
 
 from adapterctl import hookspecs
-from adapterctl.errors import Conflict
+from adapterctl.errors import AdapterctlError, Conflict
 
 # hook -> the built-in modules implementing it, in the order their items come first
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
@@ -65,7 +65,7 @@ class PluginInfo:
 
 _manager: pluggy.PluginManager | None = None
 _infos: dict[str, PluginInfo] = {}  # external plugins, loaded or broken, in load order
-_warned = False
+_warned: set[str] = set()  # broken plugins already warned about
 
 
 def manager() -> pluggy.PluginManager:
@@ -99,13 +99,17 @@ def _add(pm: pluggy.PluginManager, name: str, source: str, load: Any) -> PluginI
     try:
         plugin = load()
         pm.register(plugin, name=name)
-    except Exception as exc:  # a broken third-party plugin must not look like our bug
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        info.error = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+    except (Exception, SystemExit) as exc:  # a broken plugin must not look like our bug
+        info.error = _one_line(exc)
         return info
     version = getattr(plugin, "__version__", None)
     info.version = version if isinstance(version, str) else "-"
     return info
+
+
+def _one_line(exc: BaseException) -> str:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _load_entry_points(pm: pluggy.PluginManager, selected: set[str] | None) -> None:
@@ -196,8 +200,26 @@ def _collect(hook_name: str) -> list[tuple[str, Any]]:
                 owners[name] = plugin
             items.append((plugin, item))
 
-        _call(pm, hook_name, plugin, register=register)
+        try:
+            _call(pm, hook_name, plugin, register=register)
+        except AdapterctlError:
+            raise
+        except Exception as exc:
+            if plugin in _BUILTIN_NAMES:
+                raise
+            _disable(pm, plugin, f"its {hook_name} raised {_one_line(exc)}")
+            items[:] = [(p, item) for p, item in items if p != plugin]
+            for name in [n for n, p in owners.items() if p == plugin]:
+                del owners[name]
     return items
+
+
+def _disable(pm: pluggy.PluginManager, plugin: str, why: str) -> None:
+    """Unregister a plugin whose hook failed, and record why (warned like a failed load)."""
+    pm.unregister(name=plugin)
+    info = _infos.get(plugin) or PluginInfo(plugin, "registered in-process", "-")
+    info.error = why
+    _infos[plugin] = info
 
 
 def add_commands(cli: Any, reserved: set[str]) -> list[str]:
@@ -242,16 +264,18 @@ def broken() -> dict[str, str]:
 
 
 def take_warnings() -> list[str]:
-    """One line per broken plugin, the first time it is asked (the command line prints them)."""
-    global _warned
-    if _warned or _manager is None:
+    """One line per broken plugin not warned about yet (the command line prints them)."""
+    if _manager is None:
         return []
-    _warned = True
-    return [
-        f"plugin {name} not loaded ({why}); fix or uninstall it, or leave it out with "
-        "ADAPTERCTL_LOAD_PLUGINS"
-        for name, why in broken().items()
-    ]
+    lines = []
+    for name, why in broken().items():
+        if name not in _warned:
+            _warned.add(name)
+            lines.append(
+                f"plugin {name} not loaded ({why}); fix or uninstall it, or leave it out with "
+                "ADAPTERCTL_LOAD_PLUGINS"
+            )
+    return lines
 
 
 def describe(cli: Any = None) -> list[PluginInfo]:

@@ -183,12 +183,22 @@ def test_a_broken_plugin_is_named_and_other_commands_run(toy_dir: Path) -> None:
         "from adapterctl.hookspecs import hookimpl\n\n"
         "@hookimpl\ndef register_formats(register, extra):\n    pass\n"
     )
+    (toy_dir / "exiter.py").write_text("import sys\nsys.exit(3)\n")
+    (toy_dir / "raiser.py").write_text(
+        "from adapterctl.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_methods(register):\n    raise RuntimeError('boom')\n"
+    )
     run = _adapterctl("methods", plugins_dir=toy_dir)
     assert run.returncode == 0 and "first" in run.stdout  # toyplug still loads
     warnings = run.stderr.splitlines()
-    assert len(warnings) == 2 and all(w.startswith("warning: plugin ") for w in warnings)
-    assert "plugin crash not loaded (ImportError: no module named torchvision)" in warnings[0]
-    assert "plugin wrongsig not loaded (PluginValidationError" in warnings[1]
+    assert len(warnings) == 4 and all(w.startswith("warning: plugin ") for w in warnings)
+    for why in (
+        "plugin crash not loaded (ImportError: no module named torchvision)",
+        "plugin exiter not loaded (SystemExit: 3)",
+        "plugin wrongsig not loaded (PluginValidationError",
+        "plugin raiser not loaded (its register_methods raised RuntimeError: boom)",
+    ):
+        assert sum(why in w for w in warnings) == 1, (why, warnings)
     listed = json.loads(_adapterctl("plugins", "--json", plugins_dir=toy_dir).stdout)
     errors = {p["name"]: p["error"] for p in listed["plugins"]}
     assert errors["crash"] == "ImportError: no module named torchvision"

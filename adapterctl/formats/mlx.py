@@ -147,8 +147,8 @@ class MlxAdapter:
                 )
             if len(info.shape) != 2:
                 raise UnsupportedAdapter(
-                    f"{folder / WEIGHTS}: {key} has shape {list(info.shape)}: mixture-of-experts "
-                    "factors are not read yet"
+                    f"{folder / WEIGHTS}: {key} has shape {list(info.shape)}: only 2-D factors "
+                    "are read (mixture-of-experts factors, 3-D, are not yet)"
                 )
             parts.setdefault(m["module"], {})[m["part"]] = info
         modules = _modules(folder, parts, scale, rank)

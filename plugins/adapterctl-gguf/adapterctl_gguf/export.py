@@ -160,9 +160,18 @@ def export_gguf(
         )
     arch_name, permutes = ARCHITECTURES[model_type]
     arch = gguf.MODEL_ARCH[arch_name]
-    layers = int(hparams["num_hidden_layers"])
-    heads = int(hparams.get("num_attention_heads", 1))
-    kv_heads = int(hparams.get("num_key_value_heads") or heads)
+    try:
+        layers = int(hparams["num_hidden_layers"])
+        heads = int(hparams.get("num_attention_heads", 1))
+        kv_heads = int(hparams.get("num_key_value_heads") or heads)
+        if min(layers, heads, kv_heads) < 1:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise UnsupportedBase(
+            f"the base's config.json needs positive integers num_hidden_layers and "
+            f"num_attention_heads (got {hparams.get('num_hidden_layers')!r}, "
+            f"{hparams.get('num_attention_heads')!r}); fix the base config"
+        ) from None
     names = gguf.get_tensor_name_map(arch, layers)
 
     ranks = [m.rank for m in adapter.modules.values()]
@@ -184,10 +193,15 @@ def export_gguf(
         if factor != 1.0:
             b = b * factor
             folded.append(name)
-        if permutes and name.endswith("self_attn.q_proj"):
-            b = _permute(b, heads)
-        elif permutes and name.endswith("self_attn.k_proj"):
-            b = _permute(b, kv_heads)
+        rotary = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}
+        group = next((h for k, h in rotary.items() if name.endswith(k)), None)
+        if permutes and group is not None:
+            if b.shape[0] % (2 * group):
+                raise UnsupportedAdapter(
+                    f"{adapter.path}: {name} has {b.shape[0]} rows, which {group} heads do not "
+                    "split into rotary halves: is --base the model it was trained on?"
+                )
+            b = _permute(b, group)
         for suffix, arr in ((".lora_a", a), (".lora_b", b)):
             data, qtype, fell_back = _encode(arr, outtype)
             tensors.append((target + suffix, data, qtype))

@@ -174,6 +174,13 @@ def test_refusals_and_convert(base: tuple[Any, Path], tmp_path: Path) -> None:
         (other / f.name).write_bytes(f.read_bytes())
     run = CliRunner().invoke(cli, ["export-gguf", str(plain), "--base", str(other), "-o", str(out)])
     assert run.exit_code == 3 and "architecture 'gpt2' is not one export-gguf writes" in run.output
+    no_layers = {k: v for k, v in cfg.items() if k != "num_hidden_layers"}
+    (other / "config.json").write_text(json.dumps(no_layers))
+    run = CliRunner().invoke(cli, ["export-gguf", str(plain), "--base", str(other), "-o", str(out)])
+    assert run.exit_code == 3 and "needs positive integers num_hidden_layers" in run.output
+    (other / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 3}))
+    run = CliRunner().invoke(cli, ["export-gguf", str(plain), "--base", str(other), "-o", str(out)])
+    assert run.exit_code == 3 and "do not split into rotary halves" in run.output
     config = json.loads((plain / "adapter_config.json").read_text())
     (plain / "adapter_config.json").write_text(
         json.dumps({**config, "base_model_name_or_path": ""})
