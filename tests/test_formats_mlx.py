@@ -1,6 +1,7 @@
-"""MLX-LM adapters (both config generations, written by hand from mlx_lm's source: mlx does
-not install here) read with the same ΔW as the PEFT adapter they were made from, and convert
-to a PEFT folder that PEFT loads; other tools' namings are named, never read as 0 modules."""
+"""MLX-LM adapters read with the ΔW mlx-lm applies: written by mlx-lm itself (pinned in the
+test extra) and fused by it as the oracle; both config generations written by hand from its
+source (the current mlx-lm writes only the newer); converted to a PEFT folder that PEFT loads.
+Other tools' namings are named, never read as 0 modules."""
 
 from __future__ import annotations
 
@@ -109,3 +110,64 @@ def test_other_namings_are_named_not_read_as_empty(tmp_path: Path, key: str, wha
     run = CliRunner().invoke(cli, ["inspect", str(path), "--alpha", "8"])
     assert run.exit_code == 4, run.output
     assert what in run.output and "no installed format reads it" in run.output
+
+
+def test_an_adapter_mlx_lm_writes_reads_as_mlx_lm_fuses_it(tmp_path: Path) -> None:
+    """mlx-lm itself: LoRA layers on a tiny MLX Llama (its own ``linear_to_lora_layers``),
+    saved as its trainer and ``mlx_lm.lora`` save them; each module's ΔW as adapterctl reads
+    it equals what mlx-lm's ``LoRALinear.fuse`` adds to the weight, and the PEFT folder
+    ``convert`` writes carries the same ΔW."""
+    mx = pytest.importorskip("mlx.core")
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+    from mlx_lm.utils import save_config
+
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=64,
+    )  # fmt: skip
+    mx.random.seed(0)
+    model = llama.Model(args)
+    base = dict(tree_flatten(model.parameters()))
+    model.freeze()
+    params = {
+        "rank": 4,
+        "scale": 3.0,
+        "dropout": 0.0,
+        "keys": ["self_attn.q_proj", "mlp.down_proj"],
+    }
+    linear_to_lora_layers(model, 2, params)
+    # lora_b starts at zero: give it values, as training would
+    trained = {
+        k: mx.random.normal(v.shape) * 0.1 for k, v in tree_flatten(model.trainable_parameters())
+    }
+    model.update(tree_unflatten(list(trained.items())))
+    out = tmp_path / "mlx"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
+    save_config(
+        {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": params, "model": "tiny"},
+        out / "adapter_config.json",
+    )
+    fresh = llama.Model(args)
+    fresh.update(tree_unflatten(list(base.items())))
+    load_adapters(fresh, str(out))
+    want = {}
+    for name, layer in fresh.named_modules():
+        if isinstance(layer, LoRALinear):
+            fused = layer.fuse()
+            want[name] = np.array(fused.weight - layer.linear.weight, dtype=np.float64)
+    adapter = read(out)
+    assert set(adapter.modules) == set(want) and len(want) == 4
+    for name, m in adapter.modules.items():
+        delta = m.scale * (m.b.array().astype(np.float64) @ m.a.array().astype(np.float64))
+        np.testing.assert_allclose(delta, want[name], rtol=1e-5, atol=1e-6)
+    peft = tmp_path / "peft"
+    assert (
+        CliRunner().invoke(cli, ["convert", str(out), "--to", "peft", "-o", str(peft)]).exit_code
+        == 0
+    )
+    same = CliRunner().invoke(cli, ["diff", str(out), str(peft), "--json"])
+    assert json.loads(same.stdout)["verdict"] == "identical"
