@@ -12,6 +12,7 @@ install:
 	@$(PYTHON) -m pip install -q -e ".[test]"
 	@$(PYTHON) -m pip install -q -e plugins/adapterctl-fused
 	@$(PYTHON) -m pip install -q -e plugins/adapterctl-gguf
+	@$(PYTHON) -m pip install -q -e plugins/adapterctl-diffusers
 
 demo: install
 	adapterctl demo

@@ -155,15 +155,22 @@ def _register_builtins(pm: pluggy.PluginManager, modules: tuple[str, ...]) -> No
             pm.register(importlib.import_module(mod), name=mod)
 
 
+# Built-ins that take whatever the others do not (the bare-safetensors reader detects any
+# ``.safetensors``): called after the external plugins, so a plugin's format is tried first.
+FALLBACKS = frozenset({"adapterctl.formats.bare"})
+
+
 def _ordered(pm: pluggy.PluginManager, hook_name: str) -> list[str]:
-    """The plugins implementing ``hook_name``, built-ins first (in ``BUILTIN_PLUGINS`` order),
-    then the others in the order they were loaded."""
+    """The plugins implementing ``hook_name``: built-ins first (in ``BUILTIN_PLUGINS`` order),
+    then the others in the order they were loaded, then the built-in ``FALLBACKS``."""
     _register_builtins(pm, BUILTIN_PLUGINS.get(hook_name, ()))
     hook: Any = getattr(pm.hook, hook_name)
     have = {impl.plugin_name for impl in hook.get_hookimpls()}
     builtins = [m for m in BUILTIN_PLUGINS.get(hook_name, ()) if m in have]
     loaded = [name for name, _ in pm.list_name_plugin() if name in have]
-    return builtins + [n for n in loaded if n not in builtins]
+    first = [m for m in builtins if m not in FALLBACKS]
+    last = [m for m in builtins if m in FALLBACKS]
+    return first + [n for n in loaded if n not in builtins] + last
 
 
 def _call(pm: pluggy.PluginManager, hook_name: str, plugin: str, **kwargs: Any) -> None:

@@ -104,12 +104,21 @@ def test_mlx_refusals(peft_cases: Any, tmp_path: Path) -> None:
     ],
 )
 def test_other_namings_are_named_not_read_as_empty(tmp_path: Path, key: str, what: str) -> None:
-    """A LoRA file in another tool's naming: exit 4 saying what it is, never "0 modules"."""
+    """A LoRA file in another tool's naming, with no plugin that reads it (built-ins only):
+    exit 4 saying what it is, never "0 modules"."""
+    import os
+    import subprocess
+    import sys
+
     path = tmp_path / "lora.safetensors"
     save_file({key: np.zeros((4, 8), np.float32)}, str(path))
-    run = CliRunner().invoke(cli, ["inspect", str(path), "--alpha", "8"])
-    assert run.exit_code == 4, run.output
-    assert what in run.output and "no installed format reads it" in run.output
+    env = {**os.environ, "ADAPTERCTL_LOAD_PLUGINS": ""}
+    run = subprocess.run(
+        [sys.executable, "-m", "adapterctl", "inspect", str(path), "--alpha", "8"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 4, run.stderr
+    assert what in run.stderr and "no installed format reads it" in run.stderr
 
 
 def test_an_adapter_mlx_lm_writes_reads_as_mlx_lm_fuses_it(tmp_path: Path) -> None:

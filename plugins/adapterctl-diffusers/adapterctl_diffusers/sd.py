@@ -1,0 +1,217 @@
+"""Stable Diffusion LoRA files: kohya naming (``lora_unet_…``/``lora_te…_``,
+``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) and diffusers naming (the newer
+``unet.….lora.down.weight`` and the legacy attention-processor ``…processor.to_q_lora.down
+.weight``), read into adapterctl's ``LoraModule``s and written in kohya naming.
+
+Scales as the tools apply them: each module's ``alpha`` tensor over its rank (kohya's
+``alpha / dim``); a module without an alpha tensor has alpha = rank (scale 1). ``lora_down``
+is A, (r, in) or (r, in, kh, kw) for convolutions (3×3 included); ``lora_up`` is B, (out, r)
+or (out, r, 1, 1): ΔW = scale · up · down, a convolution's reshaped to (out, in, kh, kw).
+LyCORIS LoHa/LoKr files (Hadamard and Kronecker products) are not low-rank factor pairs and
+are not read here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.config import AdapterConfig
+from adapterctl.errors import BrokenFile, UsageError
+from adapterctl.tensorfile import read_header
+
+_KOHYA = re.compile(
+    r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?:(?P<part>lora_down|lora_up)\.weight|alpha)$"
+)
+_DIFFUSERS = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
+_LEGACY = re.compile(
+    r"^(?P<pre>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
+)
+_KNOWN_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
+
+
+def _keys(path: Path) -> dict[str, Any]:
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return {}
+    return dict(read_header(path).tensors)
+
+
+def kohya_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """kohya keys grouped per module: ``down``, ``up`` and ``alpha``."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, info in tensors.items():
+        m = _KOHYA.match(key)
+        if m is not None:
+            part = {"lora_down": "down", "lora_up": "up", None: "alpha"}[m["part"]]
+            parts.setdefault(m["module"], {})[part] = info
+    return parts
+
+
+def diffusers_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """diffusers keys (both namings) grouped per module; legacy UNet-only files get ``unet.``."""
+    parts: dict[str, dict[str, Any]] = {}
+    for key, info in tensors.items():
+        if (m := _LEGACY.match(key)) is not None:
+            proj = "to_out.0" if m["proj"] == "to_out" else m["proj"]
+            module = f"{m['pre']}.{proj}"
+            if not module.startswith(_KNOWN_PREFIXES):
+                module = "unet." + module
+            parts.setdefault(module, {})[m["part"]] = info
+        elif (m := _DIFFUSERS.match(key)) is not None:
+            parts.setdefault(m["module"], {})[m["part"]] = info
+        elif key.endswith(".alpha"):
+            parts.setdefault(key.removesuffix(".alpha"), {})["alpha"] = info
+    return {k: v for k, v in parts.items() if "down" in v or "up" in v}
+
+
+def build_adapter(path: Path, fmt: str, parts: dict[str, dict[str, Any]]) -> Adapter:
+    """``LoraModule``s from grouped parts (scale = alpha / rank), and a config that says the
+    same in PEFT's terms (the most common rank and alpha, patterns for the others)."""
+    import numpy as np
+
+    modules: dict[str, LoraModule] = {}
+    for name, p in sorted(parts.items()):
+        if "down" not in p or "up" not in p:
+            have = ", ".join(sorted(p))
+            raise BrokenFile(f"{path}: {name} has only {have}; a LoRA module needs down and up")
+        down, up = p["down"], p["up"]
+        if len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape):
+            raise BrokenFile(
+                f"{path}: {name}: down {list(down.shape)} and up {list(up.shape)} are not a "
+                "linear or convolution LoRA pair; re-save the file"
+            )
+        rank = int(down.shape[0])
+        if rank < 1 or up.shape[1] != rank or (len(up.shape) == 4 and up.shape[2:] != (1, 1)):
+            raise BrokenFile(
+                f"{path}: {name}: down {list(down.shape)} and up {list(up.shape)} disagree on "
+                "the rank; re-save the file"
+            )
+        alpha = float(rank)
+        if "alpha" in p:
+            value = np.asarray(p["alpha"].array(), dtype=np.float64).reshape(-1)
+            if value.size != 1 or not np.isfinite(value[0]):
+                raise BrokenFile(f"{path}: {name}.alpha is not one finite number; fix the file")
+            alpha = float(value[0])
+        modules[name] = LoraModule(
+            name=name, a=down, b=up, alpha=alpha, scale=alpha / rank, config_rank=rank,
+            layout="conv" if len(down.shape) == 4 else "linear",
+        )  # fmt: skip
+    if not modules:
+        raise BrokenFile(f"{path}: no LoRA modules in it; is it a LoRA file?")
+    ranks = Counter(m.rank for m in modules.values())
+    r = min(ranks, key=lambda k: (-ranks[k], k))
+    alphas = Counter(m.alpha for m in modules.values() if m.rank == r)
+    a = min(alphas, key=lambda k: (-alphas[k], k)) if alphas else float(r)
+    config = AdapterConfig.model_validate(
+        {
+            "peft_type": "LORA",
+            "r": r,
+            "lora_alpha": a,
+            "target_modules": sorted(modules),
+            "rank_pattern": {
+                "^" + re.escape(n): m.rank for n, m in sorted(modules.items()) if m.rank != r
+            },
+            "alpha_pattern": {
+                "^" + re.escape(n): m.alpha
+                for n, m in sorted(modules.items())
+                if m.alpha != a or m.rank != r
+            },
+        }
+    )
+    return Adapter(path=path, format=fmt, config=config, modules=modules, files=[path])
+
+
+class KohyaFile:
+    """A Stable Diffusion LoRA in kohya's naming (sd-scripts, most shared SD LoRAs)."""
+
+    name = "kohya"
+    description = "Stable Diffusion LoRA .safetensors in kohya naming (lora_unet_…, lora_te_…)"
+
+    def detect(self, path: Path) -> bool:
+        return bool(kohya_parts(_keys(path)))
+
+    def read(self, path: Path, options: Any) -> Adapter:
+        return build_adapter(path, self.name, kohya_parts(_keys(path)))
+
+
+class DiffusersFile:
+    """A Stable Diffusion LoRA in diffusers' naming (``….lora.down.weight``, or the legacy
+    attention processors' ``…processor.to_q_lora.down.weight``)."""
+
+    name = "diffusers"
+    description = "Stable Diffusion LoRA .safetensors in diffusers naming (….lora.down.weight)"
+
+    def detect(self, path: Path) -> bool:
+        return bool(diffusers_parts(_keys(path)))
+
+    def read(self, path: Path, options: Any) -> Adapter:
+        return build_adapter(path, self.name, diffusers_parts(_keys(path)))
+
+
+def kohya_name(module: str) -> str:
+    """The kohya name of a module: kohya names as they are; diffusers' dotted names of the
+    UNet and the text encoders with their prefix and dots as underscores.
+
+    Raises:
+        UsageError: a module of neither (kohya naming is for Stable Diffusion models).
+    """
+    if _KOHYA.match(module + ".alpha"):
+        return module
+    for prefix, kohya in (("unet.", "lora_unet_"), ("text_encoder.", "lora_te_"),
+                          ("text_encoder_2.", "lora_te2_")):  # fmt: skip
+        if module.startswith(prefix):
+            return kohya + module.removeprefix(prefix).replace(".", "_")
+    raise UsageError(
+        f"{module}: kohya naming is for Stable Diffusion modules (unet.…, text_encoder.…); "
+        "write this adapter in another format"
+    )
+
+
+class KohyaWriter:
+    """Writes kohya naming: ``lora_down`` = A, ``lora_up`` = B, ``alpha`` = scale · rank
+    (float32; where that alpha would not give the scale exactly, the scale is folded into
+    ``lora_up`` and alpha = rank)."""
+
+    name = "kohya"
+    description = "Stable Diffusion LoRA .safetensors in kohya naming"
+
+    def write(self, adapter: Adapter, out: Path, *, force: bool) -> Path:
+        """Write ``adapter`` at ``out`` (one .safetensors, atomically)."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        from adapterctl.errors import UnsupportedAdapter
+        from adapterctl.files import refuse_existing
+
+        refuse_existing(out, force=force)
+        tensors: dict[str, np.ndarray[Any, Any]] = {}
+        for name, m in sorted(adapter.modules.items()):
+            if m.is_dora or m.bias is not None or m.layout not in ("linear", "conv"):
+                what = "DoRA" if m.is_dora else "a lora bias" if m.bias is not None else m.layout
+                raise UnsupportedAdapter(
+                    f"{adapter.path}: {name} is {what}, which kohya files do not carry"
+                )
+            key = kohya_name(name)
+            up = m.b.array().astype(np.float32)
+            alpha = np.float32(m.scale * m.rank)
+            if float(alpha) / m.rank != m.scale:  # not exact in float32: fold the scale
+                up = (m.b.array().astype(np.float64) * m.scale).astype(np.float32)
+                alpha = np.float32(m.rank)
+            tensors[f"{key}.lora_down.weight"] = np.ascontiguousarray(m.a.array(), np.float32)
+            tensors[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
+            tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+        parent = out.parent if str(out.parent) else Path(".")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"ss_network_module": "networks.lora"})
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return out

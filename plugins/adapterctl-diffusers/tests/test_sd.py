@@ -1,0 +1,160 @@
+"""Stable Diffusion LoRA files: kohya and both diffusers namings read with their tools' scales
+(ΔW checked in float64, a 3×3 convolution included), round-tripped through kohya naming to an
+identical ΔW, and used by the commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import save_file
+
+from adapterctl.cli import cli
+from adapterctl.formats import read
+
+Q = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+OUT = "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
+CONV = "down_blocks_0_resnets_0_conv1"
+FC1 = "text_model_encoder_layers_0_mlp_fc1"
+
+
+def _rand(rng: np.random.Generator, *shape: int, dtype: type = np.float32) -> np.ndarray:
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _kohya(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """A kohya file: a linear module (alpha 2, r=4), a 3×3 convolution in float16 (alpha 1,
+    r=4), a text-encoder module without alpha (r=2: alpha = rank). Returns name -> (down, up,
+    scale)."""
+    rng = np.random.default_rng(0)
+    mods = {
+        f"lora_unet_{Q}": (_rand(rng, 4, 32), _rand(rng, 32, 4), 2.0),
+        f"lora_unet_{CONV}": (
+            _rand(rng, 4, 16, 3, 3, dtype=np.float16), _rand(rng, 8, 4, 1, 1, dtype=np.float16), 1.0
+        ),
+        f"lora_te_{FC1}": (_rand(rng, 2, 32), _rand(rng, 64, 2), None),
+    }  # fmt: skip
+    tensors = {}
+    out = {}
+    for name, (down, up, alpha) in mods.items():
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = np.asarray(alpha, np.float16)
+        out[name] = (down, up, (alpha if alpha is not None else down.shape[0]) / down.shape[0])
+    save_file(tensors, str(path))
+    return out
+
+
+def _delta(down: np.ndarray, up: np.ndarray, scale: float) -> np.ndarray:
+    """ΔW = scale · up · down in float64, a convolution's as (out, in, kh, kw)."""
+    d, u = down.astype(np.float64), up.astype(np.float64)
+    flat = scale * (u.reshape(u.shape[0], -1) @ d.reshape(d.shape[0], -1))
+    return flat.reshape(u.shape[0], *d.shape[1:])
+
+
+def _adapter_delta(m: object) -> np.ndarray:
+    a = m.a.array().astype(np.float64)  # type: ignore[attr-defined]
+    b = m.b.array().astype(np.float64)  # type: ignore[attr-defined]
+    flat = m.scale * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))  # type: ignore[attr-defined]
+    return flat.reshape(b.shape[0], *a.shape[1:])
+
+
+def test_kohya_reads_with_alpha_over_rank(tmp_path: Path) -> None:
+    want = _kohya(tmp_path / "k.safetensors")
+    adapter = read(tmp_path / "k.safetensors")
+    assert adapter.format == "kohya" and set(adapter.modules) == set(want)
+    assert adapter.modules[f"lora_unet_{CONV}"].layout == "conv"
+    for name, (down, up, scale) in want.items():
+        assert adapter.modules[name].scale == scale
+        np.testing.assert_array_equal(
+            _adapter_delta(adapter.modules[name]), _delta(down, up, scale)
+        )
+    shown = json.loads(
+        CliRunner().invoke(cli, ["inspect", str(tmp_path / "k.safetensors"), "--json"]).stdout
+    )
+    assert shown["format"] == "kohya"
+
+
+def test_kohya_round_trips_to_the_same_delta(tmp_path: Path) -> None:
+    src = tmp_path / "k.safetensors"
+    _kohya(src)
+    out = tmp_path / "again.safetensors"
+    run = CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    a, b = read(src), read(out)
+    assert b.format == "kohya" and set(a.modules) == set(b.modules)
+    for name in a.modules:
+        np.testing.assert_array_equal(
+            _adapter_delta(a.modules[name]), _adapter_delta(b.modules[name])
+        )
+    same = CliRunner().invoke(cli, ["diff", str(src), str(out), "--json"])
+    assert json.loads(same.stdout)["verdict"] == "identical"
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["lora-naming", "processor-naming"])
+def test_diffusers_namings_read_and_write_as_kohya(tmp_path: Path, legacy: bool) -> None:
+    rng = np.random.default_rng(1)
+    attn = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    q = (_rand(rng, 4, 32), _rand(rng, 32, 4))
+    o = (_rand(rng, 4, 32), _rand(rng, 32, 4))
+    if legacy:  # UNet-only files of the attention processors: no "unet." prefix
+        keys = {f"{attn}.processor.to_q_lora": q, f"{attn}.processor.to_out_lora": o}
+    else:
+        keys = {f"unet.{attn}.to_q.lora": q, f"unet.{attn}.to_out.0.lora": o}
+    tensors = {}
+    for k, (down, up) in keys.items():
+        tensors[f"{k}.down.weight"], tensors[f"{k}.up.weight"] = down, up
+    if not legacy:
+        tensors[f"unet.{attn}.to_q.alpha"] = np.asarray(8.0, np.float32)  # scale 2
+    src = tmp_path / "d.safetensors"
+    save_file(tensors, str(src))
+    adapter = read(src)
+    assert adapter.format == "diffusers"
+    assert set(adapter.modules) == {f"unet.{attn}.to_q", f"unet.{attn}.to_out.0"}
+    assert adapter.modules[f"unet.{attn}.to_q"].scale == (1.0 if legacy else 2.0)
+    out = tmp_path / "k.safetensors"
+    assert (
+        CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o", str(out)]).exit_code
+        == 0
+    )
+    kohya = read(out)
+    assert set(kohya.modules) == {f"lora_unet_{Q}", f"lora_unet_{OUT}"}
+    np.testing.assert_array_equal(
+        _adapter_delta(kohya.modules[f"lora_unet_{Q}"]),
+        _adapter_delta(adapter.modules[f"unet.{attn}.to_q"]),
+    )
+
+
+def test_the_commands_work_on_kohya_files(tmp_path: Path) -> None:
+    """compose (linear, exact) and resize on kohya inputs; a non-SD adapter is not written in
+    kohya naming (exit 2)."""
+    pytest.importorskip("torch")
+    src = tmp_path / "k.safetensors"
+    _kohya(src)
+    composed = tmp_path / "twice"
+    run = CliRunner().invoke(
+        cli, ["compose", str(src), str(src), "--method", "linear", "-w", "0.5", "-w", "0.5",
+              "-o", str(composed)],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    same = CliRunner().invoke(cli, ["diff", str(src), str(composed), "--tol", "1e-6", "--json"])
+    assert json.loads(same.stdout)["verdict"] == "identical"
+    resized = CliRunner().invoke(
+        cli, ["resize", str(src), "--rank", "2", "-o", str(tmp_path / "r2")]
+    )
+    assert resized.exit_code == 0, resized.output
+    llama = tmp_path / "llama.safetensors"
+    save_file(
+        {"model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 8), np.float32),
+         "model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((8, 2), np.float32)},
+        str(llama),
+    )  # fmt: skip
+    run = CliRunner().invoke(
+        cli, ["convert", str(llama), "--alpha", "2", "--to", "kohya", "-o", str(tmp_path / "x")]
+    )
+    assert run.exit_code == 2 and "kohya naming is for Stable Diffusion modules" in run.output
+    assert not (tmp_path / "x").exists()
