@@ -1,7 +1,8 @@
 """Stable Diffusion LoRA files: kohya naming (``lora_unet_…``/``lora_te…_``,
 ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) and diffusers naming (the newer
-``unet.….lora.down.weight`` and the legacy attention-processor ``…processor.to_q_lora.down
-.weight``), read into adapterctl's ``LoraModule``s and written in kohya naming.
+``unet.….lora.down.weight``, the text encoders' ``….lora_linear_layer.down.weight`` and the
+legacy attention-processor ``…processor.to_q_lora.down.weight``), read into adapterctl's
+``LoraModule``s and written in kohya naming.
 
 Scales as the tools apply them: each module's ``alpha`` tensor over its rank (kohya's
 ``alpha / dim``); a module without an alpha tensor has alpha = rank (scale 1). ``lora_down``
@@ -28,7 +29,7 @@ from adapterctl.tensorfile import read_header
 _KOHYA = re.compile(
     r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?:(?P<part>lora_down|lora_up)\.weight|alpha)$"
 )
-_DIFFUSERS = re.compile(r"^(?P<module>.+)\.lora\.(?P<part>down|up)\.weight$")
+_DIFFUSERS = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 _LEGACY = re.compile(
     r"^(?P<pre>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
 )

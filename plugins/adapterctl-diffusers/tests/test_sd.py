@@ -158,3 +158,45 @@ def test_the_commands_work_on_kohya_files(tmp_path: Path) -> None:
     )
     assert run.exit_code == 2 and "kohya naming is for Stable Diffusion modules" in run.output
     assert not (tmp_path / "x").exists()
+
+
+def _diffusers_module(key: str) -> str:
+    """The dotted module a key of diffusers' converted state dict (a factor, or an alpha of
+    ``network_alphas``) belongs to."""
+    import re
+
+    key = key.removesuffix(".alpha")
+    for marker in (".lora.", ".lora_linear_layer.", "_lora."):
+        key = key.split(marker)[0]
+    return re.sub(
+        r"\.processor\.(to_[qkv]|to_out)$", lambda m: "." + m[1].replace("to_out", "to_out.0"), key
+    )
+
+
+def test_diffusers_reads_the_kohya_file_written_here_as_written(tmp_path: Path) -> None:
+    """The oracle: diffusers' own kohya conversion (``StableDiffusionPipeline.lora_state_dict``)
+    of a file this plugin wrote finds every module under the diffusers name that maps back to
+    its kohya name, with the same factors and the same alpha (so the same ΔW)."""
+    pytest.importorskip("diffusers")
+    from adapterctl_diffusers.sd import kohya_name
+    from diffusers import StableDiffusionPipeline
+
+    src = tmp_path / "k.safetensors"
+    _kohya(src)
+    out = tmp_path / "written.safetensors"
+    assert (
+        CliRunner().invoke(cli, ["convert", str(src), "--to", "kohya", "-o", str(out)]).exit_code
+        == 0
+    )
+    ours = read(out)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(str(out))
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, t in state.items():
+        part = key.rsplit(".", 2)[-2]  # down / up
+        found.setdefault(kohya_name(_diffusers_module(key)), {})[part] = t.float().numpy()
+    alpha = {kohya_name(_diffusers_module(k)): v for k, v in alphas.items()}
+    assert set(found) == set(alpha) == set(ours.modules)
+    for name, m in ours.modules.items():
+        np.testing.assert_array_equal(found[name]["down"], m.a.array())
+        np.testing.assert_array_equal(found[name]["up"], m.b.array())
+        assert alpha[name] / m.rank == m.scale, name
