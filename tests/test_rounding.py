@@ -350,3 +350,27 @@ def test_verify_checks_bit_for_bit(model_dirs: dict[str, Path], tmp_path: Path) 
     save_file(tensors, shard)
     with pytest.raises(ValidationFailed, match="not the correctly rounded"):
         verify_output(plan, out, rows=48)
+
+
+@pytest.mark.parametrize(
+    ("out_dtype", "value", "bound", "unproven"),
+    [
+        ("BF16", 1 + 2.0**-8 + 2.0**-23, 6e-8, True),  # d = 2⁻²³ > e·c, not > e·c + |v|·2⁻²³
+        ("BF16", 1 + 2.0**-8 + 2.0**-21, 6e-8, False),  # d = 2⁻²¹: proven
+        ("F16", 1 + 2.0**-11 + 2.0**-23, 6e-8, True),
+        ("F16", 1 + 2.0**-11 + 2.0**-20, 6e-8, False),
+        ("BF16", 1.5, 0.0015, True),  # below the row's limit: |v|·2⁻¹⁰ < e·c
+        ("F16", 2.0**-20, 1e-30, True),  # a float16 subnormal
+        ("BF16", float("nan"), 1e-30, False),  # non-finite sums round as they are
+    ],
+)
+def test_numpy_float32_proof(out_dtype: str, value: float, bound: float, unproven: bool) -> None:
+    """``rounding.float32_unproven`` (the NumPy path's float32 sums) flags what its bound
+    cannot prove, each term of the test on its own."""
+    e = np.array([bound], np.float32)
+    c = np.ones(2, np.float32)
+    lim = rounding.float32_limits(e, 1.0, out_dtype)
+    v = np.array([[value, 3.0]], np.float32)
+    flag = rounding.float32_unproven(v, e, c, lim, out_dtype)
+    assert flag[0, 0] == unproven
+    assert not flag[0, 1]  # 3.0: far from every midpoint, above every limit here

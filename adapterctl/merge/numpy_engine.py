@@ -22,9 +22,12 @@ cache, rounds each chunk and writes it at its planned offset with ``pwrite`` (wi
 kernel, one call per tensor does all of this, block by block of rows, in C) — every header
 is planned, so each tensor's place in its file is known and the workers never wait for each
 other. Base tensors are read with positioned reads, a few MiB of rows at a time, into each
-worker's buffers (``_BaseFiles``: a base that shrinks mid-merge is an error, not a SIGBUS);
-untouched tensors are copied in the kernel. Every plain value is the correctly rounded exact
-sum (``adapterctl.merge.rounding``: float64 sums, the rare undecided values settled).
+worker's buffers (``_BaseFiles``: a base that shrinks mid-merge is an error, not a SIGBUS;
+the kernel reads guarded memory maps); untouched tensors are copied in the kernel. Every
+plain value is the correctly rounded exact sum (``adapterctl.merge.rounding``): 16-bit
+outputs up to summed rank ``FLOAT32_RANK`` sum in float32 and prove each value by an error
+bound (the kernel in registers, NumPy by ``rounding.float32_unproven``), the unproven summed
+again in float64 or settled; the others sum in float64, the rare undecided values settled.
 """
 
 from __future__ import annotations
@@ -444,6 +447,18 @@ class _Tensor:
         return rounding.norms(self.upd.left, self.upd.right)
 
     @functools.cached_property
+    def float32(self) -> tuple[np.ndarray[Any, Any], ...]:
+        """The float32 sums' inputs for 16-bit outputs in NumPy: L and R in float32, e per
+        row, c per column (``rounding.float32_bounds``) and each row's limit
+        (``rounding.float32_limits``)."""
+        import numpy as np
+
+        e, c = rounding.float32_bounds(self.upd.left, self.upd.right, self.norms)
+        lim = rounding.float32_limits(e, float(c.max(initial=0.0)), self.job.out_dtype)
+        left, right = self.upd.left.astype(np.float32), self.upd.right.astype(np.float32)
+        return left, right, e, c, lim
+
+    @functools.cached_property
     def bounds(self) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Per row: the float32 magnitude below which a 16-bit rounding is settled, and the
         float64 error bound that flags float32 roundings (``rounding.row_bounds``)."""
@@ -521,15 +536,22 @@ def _write_with_kernel(
 def _write_with_numpy(
     t: _Tensor, r0: int, r1: int, fd: int, offset: int, overflow: Overflow, kernel: Kernel | None
 ) -> None:
-    """Rows r0:r1 of a plain job in NumPy, chunk by chunk: x̂ in float64, rounded once, the
-    flagged values settled; written from ``offset`` on."""
+    """Rows r0:r1 of a plain job in NumPy, chunk by chunk: 16-bit outputs up to
+    ``FLOAT32_RANK`` summed in float32 and proven as the kernel proves them (the unproven
+    settled exactly: ``_round_float32``), others x̂ in float64, rounded once, the flagged
+    values settled; written from ``offset`` on."""
     import numpy as np
 
+    upd, out = t.upd, t.job.out_dtype
+    float32 = out != "F32" and 0 < upd.rank <= FLOAT32_RANK
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is counted, then refused
         for c0, c1 in row_chunks(r1 - r0, t.cols, kernel):
             w = t.read(r0 + c0, r0 + c1)
-            x = _sums(t, w, r0 + c0)  # (c1 - c0, cols) float64
-            data, inf = _round_exact(t, w, x, r0 + c0)
+            if float32:
+                data, inf = _round_float32(t, w, r0 + c0)
+            else:
+                x = _sums(t, w, r0 + c0)  # (c1 - c0, cols) float64
+                data, inf = _round_exact(t, w, x, r0 + c0)
             overflow.add(t.job.name, inf)
             offset += pwrite_all(fd, data.reshape(-1).view(np.uint8), offset)  # bf16: no buffers
 
@@ -540,6 +562,40 @@ def _settle(
     """``rounding.settle`` of the elements (rows, cols) of the block ``w`` (rows r0: of W)."""
     base = widen(w[rows, cols], t.base_dtype).astype("float64")
     return rounding.settle(t.job, t.upd.left, t.upd.right, base, rows + r0, cols, t.job.out_dtype)
+
+
+def _round_float32(
+    t: _Tensor, w: np.ndarray[Any, Any], r0: int
+) -> tuple[np.ndarray[Any, Any], int]:
+    """Rows r0: of a 16-bit output: v = fl32(W + L·R) with the sums in float32 (``sgemm``),
+    rounded to nearest even; the values ``rounding.float32_unproven`` cannot prove settled
+    exactly; and how many finite base values came out non-finite. In this worker's buffer."""
+    import numpy as np
+
+    left, right, e, c, lim = t.float32
+    n, cols = w.shape
+    v = _BUFFERS.get("work", n * cols, np.float32).reshape(n, cols)
+    np.matmul(left[r0 : r0 + n], right, out=v)  # (rows, Σr) @ (Σr, cols), from zero
+    if t.base_dtype == "BF16":
+        np.add(
+            v, widen_bf16(w, out=_BUFFERS.get("base", n * cols, np.float32).reshape(n, cols)), out=v
+        )
+    else:
+        np.add(v, w, out=v)  # float16 widens exactly
+    out = t.job.out_dtype
+    size = n * cols
+    scratch = tuple(
+        _BUFFERS.get(name, size, dtype).reshape(n, cols)
+        for name, dtype in (("f1", np.float32), ("f2", np.float32), ("f3", np.float32),
+                            ("flag", np.bool_), ("b", np.bool_))
+    )  # fmt: skip
+    unproven = rounding.float32_unproven(v, e[r0 : r0 + n], c, lim[r0 : r0 + n], out, scratch)
+    flagged = np.flatnonzero(unproven)
+    data, _ = _round_rows(v, out)
+    if len(flagged):
+        rows, cols_ = np.divmod(flagged, cols)
+        data.reshape(-1)[flagged] = _settle(t, w, rows, cols_, r0).view(data.dtype)
+    return data, _fresh_nonfinite(t, data, v, w, out)
 
 
 def _sums(t: _Tensor, w: np.ndarray[Any, Any], r0: int) -> np.ndarray[Any, Any]:

@@ -147,6 +147,62 @@ def float32_bounds(
     return np.nextafter(e.astype(np.float32), up), np.nextafter(c.astype(np.float32), up)
 
 
+def float32_limits(e: np.ndarray[Any, Any], cmax: float, out_dtype: str) -> np.ndarray[Any, Any]:
+    """Per row, the float32 |v| below which a float32 sum is not proven by the distance test
+    of ``float32_unproven`` (the kernel's ``fast_range``): there |v|·2⁻¹⁰ (2⁻¹³ for float16),
+    the least distance to a midpoint other than the nearest, may be within e·cmax + |v|·2⁻²³;
+    float16 also keeps its subnormals out. Rounded up."""
+    import numpy as np
+
+    k = 1.0 / ((2.0**-13 if out_dtype == "F16" else 2.0**-10) - 2.0**-23)
+    with np.errstate(over="ignore", invalid="ignore"):
+        lim = np.nan_to_num(e.astype(np.float64) * cmax * k * 1.0001, nan=np.inf)
+    if out_dtype == "F16":
+        lim = np.maximum(lim, _F16_MIN_NORMAL)
+    return np.nextafter(lim.astype(np.float32), np.float32(np.inf))
+
+
+def float32_unproven(
+    v: np.ndarray[Any, Any],
+    e: np.ndarray[Any, Any],
+    c: np.ndarray[Any, Any],
+    lim: np.ndarray[Any, Any],
+    out_dtype: str,
+    scratch: tuple[np.ndarray[Any, Any], ...] | None = None,
+) -> np.ndarray[Any, Any]:
+    """Which finite float32 sums v (rows, cols) = fl32(W + D̂), D̂ summed in float32, are not
+    proven to round into ``out_dtype`` (``BF16``/``F16``) as the exact sum does: the kernel's
+    test in NumPy (``float32_bounds``): the distance to the nearest 16-bit midpoint not above
+    e[i]·c[j] + |v|·2⁻²³, or |v| below the row's ``lim`` (``float32_limits``).
+
+    ``scratch``: three float32 and two bool arrays of v's shape to work in (the result is the
+    first bool one); without it they are allocated."""
+    import numpy as np
+
+    f1, f2, f3, flag, b = scratch or (
+        *(np.empty(v.shape, np.float32) for _ in range(3)),
+        *(np.empty(v.shape, bool) for _ in range(2)),
+    )
+    u, m = v.view(np.uint32), f1.view(np.uint32)
+    keep, mid = (0xFFFFE000, 0x1000) if out_dtype == "F16" else (0xFFFF0000, 0x8000)
+    np.bitwise_and(u, np.uint32(keep), out=m)
+    np.bitwise_or(m, np.uint32(mid), out=m)  # the nearest midpoint: same binade as v
+    np.subtract(v, f1, out=f1)
+    np.abs(f1, out=f1)  # d, exact
+    np.abs(v, out=f2)  # |v|
+    np.less(f2, lim[:, None], out=b)
+    np.multiply(f2, np.float32(2.0**-23), out=f2)
+    np.multiply(e[:, None], c[None, :], out=f3)
+    np.add(f2, f3, out=f2)  # e·c + |v|·2⁻²³
+    with np.errstate(invalid="ignore"):
+        np.greater(f1, f2, out=flag)
+        np.logical_not(flag, out=flag)
+        flag |= b
+        np.isfinite(v, out=b)  # non-finite sums round as they are (and are counted)
+        flag &= b
+    return flag
+
+
 def suspect_mask(s: Any, bits: Any, thr: Any, out_dtype: str) -> Any:
     """Which float32 sums ``s`` (rows, cols) must be settled before rounding into
     ``out_dtype`` (``BF16``/``F16``): s exactly on a midpoint, |s| below its row's threshold
