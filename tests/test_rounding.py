@@ -374,3 +374,17 @@ def test_numpy_float32_proof(out_dtype: str, value: float, bound: float, unprove
     flag = rounding.float32_unproven(v, e, c, lim, out_dtype)
     assert flag[0, 0] == unproven
     assert not flag[0, 1]  # 3.0: far from every midpoint, above every limit here
+
+
+def test_to_odd32_truncates_and_marks_inexact() -> None:
+    """float64 to float32 to odd (the NumPy path's recompute, as the kernel's): exact values
+    stay, others are truncated toward zero with the last bit set; beyond float32, its
+    largest value; NaN stays NaN."""
+    one = np.float32(1.0)
+    up = np.nextafter(one, np.float32(2))  # 1 + 2⁻²³: odd last bit
+    x = np.array([1.0, 1.0 + 2.0**-30, -(1.0 + 2.0**-30), 1.0 + 2.0**-23 - 2.0**-40, 1e39, np.nan])
+    got = rounding.to_odd32(x)
+    assert got[0] == one
+    assert got[1] == up and got[2] == -up  # truncated to 1, then the last bit set
+    assert got[3] == up  # nearest would give 1 + 2⁻²³; truncated to 1, then made odd
+    assert got[4] == np.finfo(np.float32).max and np.isnan(got[5])

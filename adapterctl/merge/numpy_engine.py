@@ -568,8 +568,10 @@ def _round_float32(
     t: _Tensor, w: np.ndarray[Any, Any], r0: int
 ) -> tuple[np.ndarray[Any, Any], int]:
     """Rows r0: of a 16-bit output: v = fl32(W + L·R) with the sums in float32 (``sgemm``),
-    rounded to nearest even; the values ``rounding.float32_unproven`` cannot prove settled
-    exactly; and how many finite base values came out non-finite. In this worker's buffer."""
+    rounded to nearest even; the values ``rounding.float32_unproven`` cannot prove summed
+    again in float64 and rounded to float32 to odd first (``rounding.to_odd32``), the few
+    still undecided settled exactly; and how many finite base values came out non-finite.
+    In this worker's buffer."""
     import numpy as np
 
     left, right, e, c, lim = t.float32
@@ -591,10 +593,19 @@ def _round_float32(
     )  # fmt: skip
     unproven = rounding.float32_unproven(v, e[r0 : r0 + n], c, lim[r0 : r0 + n], out, scratch)
     flagged = np.flatnonzero(unproven)
-    data, _ = _round_rows(v, out)
-    if len(flagged):
+    if len(flagged):  # summed again in float64 and rounded to odd, as the kernel does
         rows, cols_ = np.divmod(flagged, cols)
-        data.reshape(-1)[flagged] = _settle(t, w, rows, cols_, r0).view(data.dtype)
+        x = widen(w[rows, cols_], t.base_dtype).astype(np.float64)
+        x += np.einsum("nk,nk->n", t.upd.left[r0 + rows], t.upd.right[:, cols_].T)
+        v.reshape(-1)[flagged] = rounding.to_odd32(x)
+    data, _ = _round_rows(v, out)
+    if len(flagged):  # what is left: a float64 sum on a midpoint, or one that cancelled
+        s = v.reshape(-1)[flagged][:, None]  # (n, 1)
+        thr = t.bounds[0][r0 + rows]
+        left = np.flatnonzero(rounding.suspect_mask(s, s.view(np.int32), thr, out))
+        if len(left):
+            at = flagged[left]
+            data.reshape(-1)[at] = _settle(t, w, rows[left], cols_[left], r0).view(data.dtype)
     return data, _fresh_nonfinite(t, data, v, w, out)
 
 

@@ -203,6 +203,20 @@ def float32_unproven(
     return flag
 
 
+def to_odd32(x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """float64 ``x`` rounded to float32 to odd (truncated, the last bit set where inexact),
+    as the kernel does: a float32 with 13 or more bits to spare then rounds to 16 bits as
+    ``x`` itself would, and lies on a 16-bit midpoint only where ``x`` does."""
+    import numpy as np
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = x.astype(np.float32)
+        away = np.abs(t.astype(np.float64)) > np.abs(x)  # rounded away from zero: step back
+        t[away] = np.nextafter(t[away], np.float32(0))
+        inexact = (t.astype(np.float64) != x) & np.isfinite(t)
+    return (t.view(np.uint32) | inexact.astype(np.uint32)).view(np.float32)
+
+
 def suspect_mask(s: Any, bits: Any, thr: Any, out_dtype: str) -> Any:
     """Which float32 sums ``s`` (rows, cols) must be settled before rounding into
     ``out_dtype`` (``BF16``/``F16``): s exactly on a midpoint, |s| below its row's threshold
