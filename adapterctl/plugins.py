@@ -88,6 +88,8 @@ def manager() -> pluggy.PluginManager:
 def _add(pm: pluggy.PluginManager, name: str, source: str, load: Any) -> PluginInfo:
     """Load one external plugin (``load()`` returns its module or object) and register it
     under ``name``; a failure is recorded in its ``PluginInfo``, never raised."""
+    if name in _infos and _infos[name].source == source:  # one distribution seen twice
+        return _infos[name]
     taken = (
         _infos[name].source if name in _infos else "adapterctl" if name in _BUILTIN_NAMES else ""
     )
