@@ -110,6 +110,21 @@ def staged_dir(out: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_file(out: Path) -> Iterator[Path]:
+    """A new hidden sibling file of ``out`` to write (by name); renamed to ``out`` when the
+    block ends, deleted when it raises (or is interrupted), so ``out`` is never half-written."""
+    parent = out.parent if str(out.parent) else Path(".")
+    fd, name = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str, what: str) -> None:
     """Write ``text`` (UTF-8) to a hidden sibling of ``path``, flush it to disk, then rename it
     into place: readers see the old file or the new one, never part of it.

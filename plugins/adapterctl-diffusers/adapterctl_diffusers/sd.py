@@ -14,9 +14,7 @@ are not read here.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -187,7 +185,7 @@ class KohyaWriter:
         from safetensors.numpy import save_file
 
         from adapterctl.errors import UnsupportedAdapter
-        from adapterctl.files import refuse_existing
+        from adapterctl.files import refuse_existing, staged_file
 
         refuse_existing(out, force=force)
         tensors: dict[str, np.ndarray[Any, Any]] = {}
@@ -206,13 +204,6 @@ class KohyaWriter:
             tensors[f"{key}.lora_down.weight"] = np.ascontiguousarray(m.a.array(), np.float32)
             tensors[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
             tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
-        parent = out.parent if str(out.parent) else Path(".")
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"ss_network_module": "networks.lora"})
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with staged_file(out) as tmp:
+            save_file(tensors, str(tmp), metadata={"ss_network_module": "networks.lora"})
         return out

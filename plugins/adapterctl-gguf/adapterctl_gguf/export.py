@@ -22,7 +22,6 @@ converter permutes the base's (its rotary layout).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +140,7 @@ def export_gguf(
     """
     import gguf
 
-    from adapterctl.files import refuse_existing, refuse_overlap
+    from adapterctl.files import refuse_existing, refuse_overlap, staged_file
     from adapterctl.refs import read_source
 
     if outtype not in OUTTYPES:
@@ -208,10 +207,7 @@ def export_gguf(
             if fell_back:
                 as_f16.append(target + suffix)
 
-    parent = out.parent if str(out.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with staged_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -223,10 +219,6 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return GgufReport(
         source=str(adapter.path),
         out=str(out),
