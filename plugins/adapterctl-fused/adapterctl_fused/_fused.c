@@ -184,12 +184,8 @@ static inline uint16_t f32_to_f16(float f) {
     }                                                                                         \
     /* x = sums + base, in float64, rounded to float32: halves lo, hi of the N values */      \
     TARGET static inline P##_vf P##_finish(P##_vd lo, P##_vd hi, P##_vf base) {              \
-        P##_vh32 b0 = __builtin_shufflevector(base, base, LO_##N);                            \
-        P##_vh32 b1 = __builtin_shufflevector(base, base, HI_##N);                            \
-        P##_vh32 f0 = __builtin_convertvector(lo + __builtin_convertvector(b0, P##_vd),       \
-                                              P##_vh32);                                      \
-        P##_vh32 f1 = __builtin_convertvector(hi + __builtin_convertvector(b1, P##_vd),       \
-                                              P##_vh32);                                      \
+        P##_vh32 f0 = __builtin_convertvector(lo + (P##_vd)WIDEN_LO_##P(base), P##_vh32);     \
+        P##_vh32 f1 = __builtin_convertvector(hi + (P##_vd)WIDEN_HI_##P(base), P##_vh32);     \
         return __builtin_shufflevector(f0, f1, ALL_##N);                                      \
     }                                                                                         \
     /* float64 x rounded to float32 to odd: truncated, the last bit set where inexact. A     \
