@@ -6,7 +6,7 @@ asks for them (``module.A()``), so reading an adapter costs its headers only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -77,6 +77,33 @@ class MemoryTensor:
         return t.numpy()
 
 
+@dataclass(frozen=True)
+class Reshaped:
+    """Another ``TensorSource`` under a new shape of the same size (a flat factor viewed as
+    a convolution's)."""
+
+    source: TensorSource
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def dtype(self) -> str:
+        return self.source.dtype
+
+    @property
+    def numel(self) -> int:
+        return self.source.numel
+
+    def load(self) -> torch.Tensor:
+        return self.source.load().reshape(self.shape)
+
+    def array(self) -> np.ndarray[Any, Any]:
+        return self.source.array().reshape(self.shape)
+
+
 @dataclass
 class LoraModule:
     """The low-rank update of one target module: ΔW = scale · B · A in the weight's layout.
@@ -97,6 +124,9 @@ class LoraModule:
     layout: Layout = "linear"
     magnitude: TensorSource | None = None
     bias: TensorSource | None = None
+    # The tensors the file holds when ``a`` and ``b`` are computed from them (LyCORIS LoHa and
+    # LoKr): what ``tensors`` lists, so dtypes and parameter counts describe the file.
+    stored: tuple[TensorSource, ...] = ()
 
     @property
     def rank(self) -> int:
@@ -124,12 +154,33 @@ class LoraModule:
         return (self.out_features, self.in_features)
 
     @property
+    def b_shape(self) -> tuple[int, ...]:
+        """B's shape as PEFT and kohya store it: (out, r), or (out, r, 1, …) for a convolution
+        (whatever shape ``b`` has: a computed pair's B is (out, r))."""
+        ones = (1,) * (len(self.a.shape) - 2) if self.layout == "conv" else ()
+        return (self.out_features, self.rank, *ones)
+
+    @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
+    def as_convolution(self, kernel: tuple[int, ...]) -> LoraModule:
+        """This module, stored flat as a linear (r, in·k…) pair, as a ``conv`` module of
+        ``kernel``: A viewed as (r, in, *kernel), the same numbers."""
+        n = 1
+        for d in kernel:
+            n *= d
+        if self.in_features % n:
+            raise ValueError(f"{self.name}: {self.in_features} inputs are not a {kernel} kernel")
+        shape = (self.rank, self.in_features // n, *kernel)
+        return replace(self, a=Reshaped(self.a, shape), layout="conv")
+
     @property
     def tensors(self) -> list[TensorSource]:
-        return [t for t in (self.a, self.b, self.magnitude, self.bias) if t is not None]
+        """The module's tensors as stored: A, B (or what they are computed from), DoRA
+        magnitude and lora bias where present."""
+        factors = self.stored or (self.a, self.b)
+        return [t for t in (*factors, self.magnitude, self.bias) if t is not None]
 
     def A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A as an (r, in) matrix (conv kernels flattened into ``in``)."""

@@ -31,6 +31,19 @@ if TYPE_CHECKING:
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# diffusers names a model's weights diffusion_pytorch_model[-0000X-of-0000N].safetensors
+STEMS = ("model", "diffusion_pytorch_model")
+
+
+def weight_stem(shards: Sequence[str]) -> str:
+    """The stem a checkpoint's weight files are named with (``model``, or diffusers'
+    ``diffusion_pytorch_model``), for naming files written in its place."""
+    names = [str(s).replace("\\", "/").rsplit("/", 1)[-1] for s in shards]
+    if names and all(n.startswith(STEMS[1]) for n in names):
+        return STEMS[1]
+    return STEMS[0]
+
+
 # Models whose linear layers are transformers' Conv1D (weights stored in×out).
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|layer|block|blocks|decoder_layers)\.(\d+)\.")
@@ -222,6 +235,12 @@ class Checkpoint:
         reverse, choosing the one prefix change that matches the most modules. Linear
         modules whose base weight is stored in×out (GPT-2 Conv1D) get the ``conv1d`` layout,
         as PEFT forces ``fan_in_fan_out`` for them whatever the config says.
+
+        Modules named with underscores for dots (kohya's ``lora_unet_down_blocks_0_…``) map
+        onto the one base weight whose dotted name, dots as underscores, is the longest
+        ``_``-separated suffix of the module's name (``down_blocks.0.….weight``). A module
+        stored flat onto a convolution (LyCORIS keeps (r, in·kh·kw)) is reshaped to it: the
+        adapter's module is replaced by ``LoraModule.as_convolution``.
         """
         weights = self.weights
         strip, add = _best_transform(list(adapter.modules), weights)
@@ -229,13 +248,23 @@ class Checkpoint:
         def base_name(module_or_param: str) -> str:
             return add + module_or_param.removeprefix(strip)
 
+        flat: dict[str, str] | None = None
         targets: dict[str, Target] = {}
-        for name, mod in adapter.modules.items():
+        for name, mod in list(adapter.modules.items()):
             tname = base_name(name) + ".weight"
+            if tname not in weights and "." not in name:
+                flat = _flat_names(weights) if flat is None else flat
+                tname = _flat_match(name, flat) or tname
             if tname not in weights:
                 targets[name] = Target(name, None, None, None, mod.layout)
                 continue
             shape, dtype = weights[tname]
+            if mod.layout == "linear" and len(shape) > 2 and len(mod.a.shape) == 2:
+                n = 1
+                for d in shape[1:]:
+                    n *= d
+                if (shape[0], n) == (mod.out_features, mod.in_features):
+                    mod = adapter.modules[name] = mod.as_convolution(tuple(shape[2:]))
             targets[name] = Target(
                 name,
                 tname,
@@ -265,6 +294,24 @@ class Checkpoint:
         # transformers quantises Conv1D layers into 4-bit Linear ones, stored (out, in).
         conv1d_model = self.model_type in CONV1D_MODEL_TYPES and not quantized
         return "conv1d" if conv1d_model else "linear"
+
+
+def _flat_names(weights: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, str]:
+    """Each ``….weight``'s dotted module name with dots as underscores -> the weight's name."""
+    return {
+        n.removesuffix(".weight").replace(".", "_"): n for n in weights if n.endswith(".weight")
+    }
+
+
+def _flat_match(module: str, flat: dict[str, str]) -> str | None:
+    """The base weight whose flattened name is ``module`` or its longest suffix after a
+    ``_`` (``lora_unet_mid_block_…`` -> ``mid_block.….weight``), else None."""
+    if module in flat:
+        return flat[module]
+    for i, ch in enumerate(module):
+        if ch == "_" and module[i + 1 :] in flat:
+            return flat[module[i + 1 :]]
+    return None
 
 
 def _best_transform(
@@ -474,43 +521,51 @@ def _leaves_folder(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
 
 
+def _indexed_shards(files: CheckpointFiles, where: str, index_name: str) -> list[str]:
+    """The shards a checkpoint's index names, checked: beside it, present."""
+    try:
+        data = json.loads(files.read_text(index_name))
+        names = sorted(set(data["weight_map"].values()))
+        if not all(isinstance(n, str) and n for n in names):
+            raise TypeError
+    except (
+        UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
+        AttributeError,
+    ):  # fmt: skip
+        raise BrokenFile(
+            f"{files.describe(index_name)}: malformed index (needs a weight_map of tensor "
+            "name -> shard file); re-save the model"
+        ) from None
+    outside = [n for n in names if _leaves_folder(n)]
+    if outside:
+        raise BrokenFile(
+            f"{files.describe(index_name)}: names shard {outside[0]!r}, outside the "
+            "checkpoint's folder; shards must be files beside the index: re-save the model"
+        )
+    missing = [n for n in names if not files.exists(n)]
+    if missing:
+        raise NotFound(
+            f"{where}: shard {missing[0]} named by {index_name} is missing; {files.missing_fix}"
+        )
+    return names
+
+
 def find_shards(files: CheckpointFiles, where: str) -> list[str]:
     """A checkpoint's weight files: those its index names, else ``model.safetensors``, else
-    every ``*.safetensors`` at its root except adapters.
+    the same for diffusers' ``diffusion_pytorch_model…`` names, else every ``*.safetensors``
+    at its root except adapters.
 
     Raises:
         BrokenFile: a malformed index, or one naming a shard outside the folder.
         NotFound: a shard the index names is missing, or no safetensors at all.
         UnsupportedBase: pickle-only weights.
     """
-    if files.exists(INDEX_NAME):
-        try:
-            data = json.loads(files.read_text(INDEX_NAME))
-            names = sorted(set(data["weight_map"].values()))
-            if not all(isinstance(n, str) and n for n in names):
-                raise TypeError
-        except (
-            UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError,
-            AttributeError,
-        ):  # fmt: skip
-            raise BrokenFile(
-                f"{files.describe(INDEX_NAME)}: malformed index (needs a weight_map of tensor "
-                "name -> shard file); re-save the model"
-            ) from None
-        outside = [n for n in names if _leaves_folder(n)]
-        if outside:
-            raise BrokenFile(
-                f"{files.describe(INDEX_NAME)}: names shard {outside[0]!r}, outside the "
-                "checkpoint's folder; shards must be files beside the index: re-save the model"
-            )
-        missing = [n for n in names if not files.exists(n)]
-        if missing:
-            raise NotFound(
-                f"{where}: shard {missing[0]} named by {INDEX_NAME} is missing; {files.missing_fix}"
-            )
-        return names
-    if files.exists(SINGLE_NAME):
-        return [SINGLE_NAME]
+    for stem in STEMS:
+        index_name = f"{stem}.safetensors.index.json"
+        if files.exists(index_name):
+            return _indexed_shards(files, where, index_name)
+        if files.exists(f"{stem}.safetensors"):
+            return [f"{stem}.safetensors"]
     top = files.names()
     found = [n for n in top if n.endswith(".safetensors") and not n.startswith("adapter_model")]
     if found:

@@ -190,3 +190,78 @@ def test_nf4_base_reports_logical_shapes(bases: dict[str, Path], nf4_base: Path)
     assert ckpt.weights == full.weights  # unpacked shapes, compute dtype, no aux tensors
     assert base_fingerprint(ckpt) == base_fingerprint(full)
     assert ckpt.quant[q].nested and ckpt.quant[q].blocksize == 64
+
+
+def _flat_conv_adapter(folder: Path) -> Path:
+    """A bare file of one flat-named linear pair (r=2) whose in-features (3·3·3) are a 3×3
+    convolution's, and one plain linear pair; PEFT-shaped keys, alpha 2 (scale 1)."""
+    g = torch.Generator().manual_seed(0)
+    t = {
+        "block_0_conv.lora_A.weight": torch.randn(2, 27, generator=g),
+        "block_0_conv.lora_B.weight": torch.randn(4, 2, generator=g),
+        "block_0_attn_to_q.lora_A.weight": torch.randn(2, 5, generator=g),
+        "block_0_attn_to_q.lora_B.weight": torch.randn(5, 2, generator=g),
+    }
+    folder.mkdir()
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                    "target_modules": ["block_0_conv", "block_0_attn_to_q"]})
+    )  # fmt: skip
+    return folder
+
+
+def test_flat_names_and_flat_convolutions_bind_to_a_diffusers_model(tmp_path: Path) -> None:
+    """Modules named with underscores for dots bind onto the dotted weight (the longest
+    matching suffix wins over a shorter one); a flat (r, in·kh·kw) pair onto a 3×3 convolution
+    is viewed as that convolution; a diffusers folder's ``diffusion_pytorch_model`` weights are
+    found, and a merge writes under the same names (sharded: with diffusers' index name)."""
+    g = torch.Generator().manual_seed(1)
+    base = tmp_path / "unet"
+    base.mkdir()
+    weights = {
+        "down.block.0.conv.weight": torch.randn(4, 3, 3, 3, generator=g),
+        "block.0.conv.weight": torch.randn(4, 3, 3, 3, generator=g),  # a shorter suffix
+        "down.block.0.attn.to_q.weight": torch.randn(5, 5, generator=g),
+        "down.block.0.attn.to_q.bias": torch.randn(5, generator=g),
+    }
+    save_file(weights, str(base / "diffusion_pytorch_model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    adapter = read(_flat_conv_adapter(tmp_path / "a"))
+    for name in list(adapter.modules):  # rename to kohya-like flat names
+        adapter.modules["lora_unet_down_" + name] = adapter.modules.pop(name)
+    ckpt = open_checkpoint(base)
+    binding = ckpt.bind(adapter)
+    conv = binding.targets["lora_unet_down_block_0_conv"]
+    assert conv.tensor == "down.block.0.conv.weight" and conv.layout == "conv"
+    assert adapter.modules["lora_unet_down_block_0_conv"].weight_shape == (4, 3, 3, 3)
+    assert binding.targets["lora_unet_down_block_0_attn_to_q"].tensor == (
+        "down.block.0.attn.to_q.weight"
+    )
+    src = _flat_conv_adapter(tmp_path / "b")
+    # Through the CLI: a bare PEFT-keyed file named like the base's weights, flattened.
+    t = load_file(str(src / "adapter_model.safetensors"))
+    save_file({f"down_{k}": v for k, v in t.items()}, str(src / "adapter_model.safetensors"))
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["target_modules"] = [f"down_{m}" for m in cfg["target_modules"]]
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    for extra, names in (
+        ([], ["diffusion_pytorch_model.safetensors"]),
+        (["--max-shard-size", "200B"], ["diffusion_pytorch_model-00001-of-00003.safetensors",
+         "diffusion_pytorch_model-00002-of-00003.safetensors",
+         "diffusion_pytorch_model-00003-of-00003.safetensors",
+         "diffusion_pytorch_model.safetensors.index.json"]),
+    ):  # fmt: skip
+        out = tmp_path / f"merged{len(extra)}"
+        run = CliRunner().invoke(cli, ["merge", str(base), str(src), "-o", str(out), *extra])
+        assert run.exit_code == 0, run.output
+        assert sorted(p.name for p in out.iterdir() if "pytorch" in p.name) == names
+        merged = open_checkpoint(out)
+        w = merged.tensors["down.block.0.conv.weight"].load().double()
+        a = t["block_0_conv.lora_A.weight"].double()
+        b = t["block_0_conv.lora_B.weight"].double()
+        want = (weights["down.block.0.conv.weight"].double() + (b @ a).reshape(4, 3, 3, 3)).float()
+        torch.testing.assert_close(w.float(), want, rtol=0, atol=0)
+        assert torch.equal(
+            merged.tensors["block.0.conv.weight"].load(), weights["block.0.conv.weight"]
+        )

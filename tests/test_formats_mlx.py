@@ -95,17 +95,23 @@ def test_mlx_refusals(peft_cases: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "what"),
+    ("key", "what", "fix"),
     [
-        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "a kohya-style LoRA"),
-        ("lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a", "a LyCORIS LoHa/LoKr file"),
-        ("unet.down_blocks.0.attentions.0.processor.to_q_lora.down.weight", "diffusers-style"),
-        ("model.layers.0.self_attn.q_proj.lora_a", "MLX-LM adapter weights"),
+        ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "a kohya-style LoRA",
+         "pip install adapterctl-diffusers"),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.hada_w1_a", "a LyCORIS LoHa/LoKr file",
+         "pip install adapterctl-diffusers"),
+        ("unet.down_blocks.0.attentions.0.processor.to_q_lora.down.weight", "diffusers-style",
+         "pip install adapterctl-diffusers"),
+        ("model.layers.0.self_attn.q_proj.lora_a", "MLX-LM adapter weights",
+         "adapter_config.json next to it"),
     ],
-)
-def test_other_namings_are_named_not_read_as_empty(tmp_path: Path, key: str, what: str) -> None:
+)  # fmt: skip
+def test_other_namings_are_named_not_read_as_empty(
+    tmp_path: Path, key: str, what: str, fix: str
+) -> None:
     """A LoRA file in another tool's naming, with no plugin that reads it (built-ins only):
-    exit 4 saying what it is, never "0 modules"."""
+    exit 4 saying what it is and which plugin reads it, never "0 modules"."""
     import os
     import subprocess
     import sys
@@ -119,6 +125,7 @@ def test_other_namings_are_named_not_read_as_empty(tmp_path: Path, key: str, wha
     )  # fmt: skip
     assert run.returncode == 4, run.stderr
     assert what in run.stderr and "no installed format reads it" in run.stderr
+    assert fix in run.stderr and len(run.stderr.strip().splitlines()) == 1
 
 
 def test_an_adapter_mlx_lm_writes_reads_as_mlx_lm_fuses_it(tmp_path: Path) -> None:

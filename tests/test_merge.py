@@ -464,7 +464,10 @@ def test_interrupted_merge_leaves_no_output_and_rerun_works(
     # The fault is injected from outside: the CLI runs with the library's run_merge wrapped so
     # that its progress callback (called between tensors) stops after the third tensor.
     pause = (
-        "import sys, threading, pathlib\n"
+        "import sys, threading, pathlib, signal\n"
+        # a shell's background job starts with SIGINT ignored, and so would this child:
+        # Ctrl-C at a terminal reaches a process that has Python's default handler
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import adapterctl.merge as m\n"
         "real = m.run_merge\n"
         "def run_merge(plan, out, **kw):\n"

@@ -81,14 +81,28 @@ class BareSafetensors:
         return parse_tensors(tensors, config, path, self.name, [path])
 
 
-# Key patterns of LoRA files in other tools' naming -> what to call them.
+# Key patterns of LoRA files in other tools' naming -> what to call them, and the fix.
+_SD_PLUGIN = "install the plugin that reads it: pip install adapterctl-diffusers"
 _FOREIGN = (
-    (re.compile(r"\.(hada_w1_a|hada_w2_a|lokr_w1|lokr_w1_a)$"), "a LyCORIS LoHa/LoKr file"),
-    (re.compile(r"^lora_(unet|te\d?)_|\.lora_(down|up)\.weight$"), "a kohya-style LoRA"),
-    (re.compile(r"(_lora\.(down|up)|\.lora\.(down|up))\.weight$"), "a diffusers-style LoRA"),
+    (
+        re.compile(r"\.(hada_w1_a|hada_w2_a|lokr_w1|lokr_w1_a)$"),
+        "a LyCORIS LoHa/LoKr file",
+        _SD_PLUGIN,
+    ),
+    (
+        re.compile(r"^lora_(unet|te\d?)_|\.lora_(down|up)\.weight$"),
+        "a kohya-style LoRA",
+        _SD_PLUGIN,
+    ),
+    (
+        re.compile(r"(_lora\.(down|up)|\.lora\.(down|up))\.weight$"),
+        "a diffusers-style LoRA",
+        _SD_PLUGIN,
+    ),
     (
         re.compile(r"\.lora_[ab]$"),
-        "MLX-LM adapter weights (put its adapter_config.json next to it)",
+        "MLX-LM adapter weights",
+        "put its adapter_config.json next to it",
     ),
 )
 
@@ -102,12 +116,12 @@ def _refuse_foreign(path: Path, keys: list[str]) -> None:
     """
     if not keys or any(_LORA_KEY.match(k) for k in keys):
         return
-    for pattern, what in _FOREIGN:
+    for pattern, what, fix in _FOREIGN:
         hit = next((k for k in keys if pattern.search(k)), None)
         if hit is not None:
             raise NotFound(
                 f"{path}: {what} (keys like {hit!r}), not PEFT-named; no installed format reads "
-                "it (adapterctl plugins lists them; a format plugin can add it)"
+                f"it: {fix} (adapterctl plugins lists what is installed)"
             )
 
 

@@ -382,7 +382,8 @@ def write_peft(
         if abs(config.scale_for(name) - 1.0) > 1e-12:  # pragma: no cover - a bug, not input
             raise RuntimeError(f"config would not load {name} with scale 1")
         a = m.a.load().to(torch.float32)  # (r, in) or (r, in, *kernel)
-        b = m.b.load().to(torch.float32) * m.scale  # (out, r) or (out, r, 1…)
+        # scale folded in float64, rounded once: (out, r) or (out, r, 1…)
+        b = (m.b.load().to(torch.float64) * m.scale).to(torch.float32).reshape(m.b_shape)
         key = f"base_model.model.{name}"
         if m.layout == "embedding":
             tensors[f"{key}.lora_embedding_A"] = a.contiguous()

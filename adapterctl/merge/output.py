@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapterctl.checkpoint import INDEX_NAME
+from adapterctl.checkpoint import STEMS
 from adapterctl.merge.plan import TOKENIZER_FILES, LayerError, MergePlan, MergeReport
 
 
 def write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
     base_dir = plan.base.folder
-    skip = {INDEX_NAME, "adapterctl.json"}
+    skip = {f"{stem}.safetensors.index.json" for stem in STEMS} | {"adapterctl.json"}
     tokenizer_names = set(TOKENIZER_FILES)
     for f in sorted(base_dir.iterdir()):
         if not f.is_file() or f.name in skip or f.suffix in (".safetensors", ".bin", ".pt"):
@@ -38,7 +38,8 @@ def write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
             "metadata": {"total_size": sum(e[3] for s in plan.shards for e in s.entries())},
             "weight_map": {e[0]: s.name for s in plan.shards for e in s.entries()},
         }
-        (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        stem = plan.shards[0].name.split("-0", 1)[0]  # model-00001-of-… → model
+        (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "adapterctl.json").write_text(provenance_json(plan, report))
 
 

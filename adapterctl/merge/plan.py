@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from adapterctl import __version__
 from adapterctl.adapter import Adapter, Layout, LoraModule, TensorSource
-from adapterctl.checkpoint import CONV1D_MODEL_TYPES, Checkpoint, QuantInfo
+from adapterctl.checkpoint import CONV1D_MODEL_TYPES, Checkpoint, QuantInfo, weight_stem
 from adapterctl.device import workers
 from adapterctl.errors import (
     Conflict,
@@ -598,10 +598,11 @@ def _shard(
                 size = 0
             groups[-1].append(j)
             size += n
+    stem = weight_stem([str(s) for s in base.shards])  # a diffusers model keeps its names
     if len(groups) == 1:
-        return [OutShard("model.safetensors", groups[0])]
+        return [OutShard(f"{stem}.safetensors", groups[0])]
     n = len(groups)
-    return [OutShard(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+    return [OutShard(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
 def _output_config(

@@ -16,8 +16,9 @@ __version__ = "0.1.0"
 
 @hookimpl
 def register_formats(register: Any) -> None:
-    from adapterctl_diffusers.sd import DiffusersFile, KohyaFile
+    from adapterctl_diffusers.sd import DiffusersFile, KohyaFile, LycorisFile
 
+    register(LycorisFile())
     register(KohyaFile())
     register(DiffusersFile())
 

@@ -5,11 +5,12 @@ legacy attention-processor ``…processor.to_q_lora.down.weight``), read into ad
 ``LoraModule``s and written in kohya naming.
 
 Scales as the tools apply them: each module's ``alpha`` tensor over its rank (kohya's
-``alpha / dim``); a module without an alpha tensor has alpha = rank (scale 1). ``lora_down``
-is A, (r, in) or (r, in, kh, kw) for convolutions (3×3 included); ``lora_up`` is B, (out, r)
-or (out, r, 1, 1): ΔW = scale · up · down, a convolution's reshaped to (out, in, kh, kw).
-LyCORIS LoHa/LoKr files (Hadamard and Kronecker products) are not low-rank factor pairs and
-are not read here.
+``alpha / dim``); a module without an alpha tensor, or with alpha 0, has alpha = rank (scale
+1). ``lora_down`` is A, (r, in) or (r, in, kh, kw) for convolutions (3×3 included);
+``lora_up`` is B, (out, r) or (out, r, 1, 1): ΔW = scale · up · down, a convolution's reshaped
+to (out, in, kh, kw). LyCORIS LoHa/LoKr modules (Hadamard and Kronecker products) are read as
+their exact factor pairs (``adapterctl_diffusers.lycoris``); any other part (``dora_scale``,
+LyCORIS's full/OFT/IA³ modules) is refused, never dropped.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from typing import Any
 
 from adapterctl.adapter import Adapter, LoraModule
 from adapterctl.config import AdapterConfig
-from adapterctl.errors import BrokenFile, UsageError
+from adapterctl.errors import BrokenFile, UnsupportedAdapter, UsageError
 from adapterctl.tensorfile import read_header
+from adapterctl_diffusers.lycoris import LOHA_PARTS, LOKR_PARTS, loha, lokr
 
-_KOHYA = re.compile(
-    r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?:(?P<part>lora_down|lora_up)\.weight|alpha)$"
-)
+_KOHYA = re.compile(r"^(?P<module>lora_(?:unet|te\d?)_[A-Za-z0-9_]+)\.(?P<part>[A-Za-z0-9_.]+)$")
+_LORA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up"}
 _DIFFUSERS = re.compile(r"^(?P<module>.+)\.(?:lora|lora_linear_layer)\.(?P<part>down|up)\.weight$")
 _LEGACY = re.compile(
     r"^(?P<pre>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<part>down|up)\.weight$"
@@ -41,14 +42,29 @@ def _keys(path: Path) -> dict[str, Any]:
 
 
 def kohya_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """kohya keys grouped per module: ``down``, ``up`` and ``alpha``."""
+    """kohya-named keys grouped per module: ``down``, ``up``, ``alpha`` and, for LyCORIS
+    modules, their ``hada_…``/``lokr_…`` parts (any other part is kept, to be refused)."""
     parts: dict[str, dict[str, Any]] = {}
     for key, info in tensors.items():
         m = _KOHYA.match(key)
         if m is not None:
-            part = {"lora_down": "down", "lora_up": "up", None: "alpha"}[m["part"]]
+            part = _LORA_PARTS.get(m["part"], m["part"])
             parts.setdefault(m["module"], {})[part] = info
     return parts
+
+
+def _kind(parts: dict[str, Any]) -> str:
+    """``lora``, ``loha``, ``lokr`` or ``other`` for one module's parts."""
+    if any(p.startswith("hada_") for p in parts):
+        return "loha"
+    if any(p.startswith("lokr_") for p in parts):
+        return "lokr"
+    return "lora" if ("down" in parts or "up" in parts) else "other"
+
+
+def is_lycoris(parts: dict[str, dict[str, Any]]) -> bool:
+    """True when any module is a LyCORIS LoHa or LoKr module."""
+    return any(_kind(p) in ("loha", "lokr") for p in parts.values())
 
 
 def diffusers_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -68,38 +84,77 @@ def diffusers_parts(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {k: v for k, v in parts.items() if "down" in v or "up" in v}
 
 
-def build_adapter(path: Path, fmt: str, parts: dict[str, dict[str, Any]]) -> Adapter:
-    """``LoraModule``s from grouped parts (scale = alpha / rank), and a config that says the
-    same in PEFT's terms (the most common rank and alpha, patterns for the others)."""
+def _alpha(path: Path, name: str, p: dict[str, Any], rank: int) -> float:
+    """The module's alpha: its ``alpha`` tensor, or ``rank`` when it has none or it is 0 (as
+    kohya's and LyCORIS's trainers and loaders read it)."""
     import numpy as np
 
-    modules: dict[str, LoraModule] = {}
-    for name, p in sorted(parts.items()):
+    if "alpha" not in p:
+        return float(rank)
+    value = np.asarray(p["alpha"].array(), dtype=np.float64).reshape(-1)
+    if value.size != 1 or not np.isfinite(value[0]):
+        raise BrokenFile(f"{path}: {name}.alpha is not one finite number; fix the file")
+    return float(value[0]) or float(rank)
+
+
+_KNOWN = {
+    "lora": {"down", "up", "alpha"},
+    "loha": {"alpha", *LOHA_PARTS},
+    "lokr": {"alpha", *LOKR_PARTS},
+}
+
+
+def _lora_module(path: Path, name: str, p: dict[str, Any]) -> LoraModule:
+    """One module of any kind as a ``LoraModule`` (LoHa/LoKr as their exact factor pair)."""
+    kind = _kind(p)
+    unknown = sorted(set(p) - _KNOWN.get(kind, set()))
+    if kind == "other" or unknown:
+        what = "dora_scale (DoRA)" if "dora_scale" in unknown else ", ".join(unknown or sorted(p))
+        raise UnsupportedAdapter(
+            f"{path}: {name} has {what}, which is not a LoRA, LoHa or LoKr update adapterctl "
+            "can read exactly; re-save the file without it"
+        )
+    if kind == "loha":
+        a, b, stored = loha(path, name, p)
+        scale = _alpha(path, name, p, stored) / stored
+    elif kind == "lokr":
+        a, b, maybe = lokr(path, name, p)
+        # both factors full: no rank to divide by, scale 1 (as LyCORIS)
+        scale = 1.0 if maybe is None else _alpha(path, name, p, maybe) / maybe
+    else:
         if "down" not in p or "up" not in p:
             have = ", ".join(sorted(p))
             raise BrokenFile(f"{path}: {name} has only {have}; a LoRA module needs down and up")
-        down, up = p["down"], p["up"]
-        if len(down.shape) not in (2, 4) or len(up.shape) != len(down.shape):
+        a, b = p["down"], p["up"]
+        if len(a.shape) not in (2, 4) or len(b.shape) != len(a.shape):
             raise BrokenFile(
-                f"{path}: {name}: down {list(down.shape)} and up {list(up.shape)} are not a "
+                f"{path}: {name}: down {list(a.shape)} and up {list(b.shape)} are not a "
                 "linear or convolution LoRA pair; re-save the file"
             )
-        rank = int(down.shape[0])
-        if rank < 1 or up.shape[1] != rank or (len(up.shape) == 4 and up.shape[2:] != (1, 1)):
+        r = int(a.shape[0])
+        if r < 1 or b.shape[1] != r or (len(b.shape) == 4 and b.shape[2:] != (1, 1)):
             raise BrokenFile(
-                f"{path}: {name}: down {list(down.shape)} and up {list(up.shape)} disagree on "
+                f"{path}: {name}: down {list(a.shape)} and up {list(b.shape)} disagree on "
                 "the rank; re-save the file"
             )
-        alpha = float(rank)
-        if "alpha" in p:
-            value = np.asarray(p["alpha"].array(), dtype=np.float64).reshape(-1)
-            if value.size != 1 or not np.isfinite(value[0]):
-                raise BrokenFile(f"{path}: {name}.alpha is not one finite number; fix the file")
-            alpha = float(value[0])
-        modules[name] = LoraModule(
-            name=name, a=down, b=up, alpha=alpha, scale=alpha / rank, config_rank=rank,
-            layout="conv" if len(down.shape) == 4 else "linear",
+        alpha = _alpha(path, name, p, r)
+        return LoraModule(
+            name=name, a=a, b=b, alpha=alpha, scale=alpha / r, config_rank=r,
+            layout="conv" if len(a.shape) == 4 else "linear",
         )  # fmt: skip
+    rank = int(a.shape[0])  # r1·r2: the pair's alpha is the one that gives the same scale
+    return LoraModule(
+        name=name, a=a, b=b, alpha=scale * rank, scale=scale, config_rank=rank,
+        layout="conv" if len(a.shape) > 2 else "linear",
+        stored=tuple(t for k, t in sorted(p.items()) if k != "alpha"),
+    )  # fmt: skip
+
+
+def build_adapter(path: Path, fmt: str, parts: dict[str, dict[str, Any]]) -> Adapter:
+    """``LoraModule``s from grouped parts (scale = alpha / rank; LoHa/LoKr modules as their
+    exact factor pairs, ``adapterctl_diffusers.lycoris``), and a config that says the same in
+    PEFT's terms (the most common rank and alpha, patterns for the others)."""
+    modules = {name: _lora_module(path, name, p) for name, p in sorted(parts.items())}
     if not modules:
         raise BrokenFile(f"{path}: no LoRA modules in it; is it a LoRA file?")
     ranks = Counter(m.rank for m in modules.values())
@@ -132,7 +187,22 @@ class KohyaFile:
     description = "Stable Diffusion LoRA .safetensors in kohya naming (lora_unet_…, lora_te_…)"
 
     def detect(self, path: Path) -> bool:
-        return bool(kohya_parts(_keys(path)))
+        parts = kohya_parts(_keys(path))
+        return bool(parts) and not is_lycoris(parts)
+
+    def read(self, path: Path, options: Any) -> Adapter:
+        return build_adapter(path, self.name, kohya_parts(_keys(path)))
+
+
+class LycorisFile:
+    """A LyCORIS file in kohya naming with LoHa (``hada_…``) or LoKr (``lokr_…``) modules,
+    read as their exact factor pairs (plain LoRA/LoCon modules in it as kohya's)."""
+
+    name = "lycoris"
+    description = "LyCORIS LoHa/LoKr .safetensors (lora_unet_….hada_w1_a, ….lokr_w1)"
+
+    def detect(self, path: Path) -> bool:
+        return is_lycoris(kohya_parts(_keys(path)))
 
     def read(self, path: Path, options: Any) -> Adapter:
         return build_adapter(path, self.name, kohya_parts(_keys(path)))
@@ -202,7 +272,7 @@ class KohyaWriter:
                 up = (m.b.array().astype(np.float64) * m.scale).astype(np.float32)
                 alpha = np.float32(m.rank)
             tensors[f"{key}.lora_down.weight"] = np.ascontiguousarray(m.a.array(), np.float32)
-            tensors[f"{key}.lora_up.weight"] = np.ascontiguousarray(up)
+            tensors[f"{key}.lora_up.weight"] = np.ascontiguousarray(up).reshape(m.b_shape)
             tensors[f"{key}.alpha"] = np.asarray(alpha, np.float32)
         with staged_file(out) as tmp:
             save_file(tensors, str(tmp), metadata={"ss_network_module": "networks.lora"})

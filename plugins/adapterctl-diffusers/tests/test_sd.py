@@ -200,3 +200,131 @@ def test_diffusers_reads_the_kohya_file_written_here_as_written(tmp_path: Path) 
         np.testing.assert_array_equal(found[name]["down"], m.a.array())
         np.testing.assert_array_equal(found[name]["up"], m.b.array())
         assert alpha[name] / m.rank == m.scale, name
+
+
+def test_a_written_kohya_file_loads_in_diffusers_as_merged_here(tmp_path: Path, unet: Path) -> None:
+    """The oracle: diffusers' ``load_lora_weights`` + ``fuse_lora`` of a kohya file written
+    by ``convert --to kohya`` gives the weights this merge writes (to float32 rounding: the
+    merge rounds W + ΔW once, diffusers adds in float32), and the UNet computes the same."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    rng = np.random.default_rng(3)
+    attn = "down_blocks_0_attentions_0_transformer_blocks_0"
+    mods = {  # name -> (down, up); one alpha for all (see README: diffusers' alpha_pattern)
+        f"lora_unet_{attn}_attn1_to_q": (_rand(rng, 4, 32), _rand(rng, 32, 4)),
+        f"lora_unet_{attn}_attn2_to_k": (_rand(rng, 4, 32), _rand(rng, 32, 4)),
+        f"lora_unet_{attn}_ff_net_0_proj": (_rand(rng, 4, 32), _rand(rng, 256, 4)),
+        "lora_unet_down_blocks_0_resnets_0_conv1":
+            (_rand(rng, 4, 32, 3, 3), _rand(rng, 32, 4, 1, 1)),
+        "lora_unet_mid_block_attentions_0_proj_in":
+            (_rand(rng, 4, 64, 1, 1), _rand(rng, 64, 4, 1, 1)),
+    }  # fmt: skip
+    tensors = {}
+    for name, (down, up) in mods.items():
+        tensors[f"{name}.lora_down.weight"] = 0.05 * down
+        tensors[f"{name}.lora_up.weight"] = 0.05 * up
+        tensors[f"{name}.alpha"] = np.asarray(2.0, np.float32)  # scale 1/2
+    src, written = tmp_path / "k.safetensors", tmp_path / "written.safetensors"
+    save_file(tensors, str(src))
+    runner = CliRunner()
+    assert (
+        runner.invoke(cli, ["convert", str(src), "--to", "kohya", "-o", str(written)]).exit_code
+        == 0
+    )
+    merged = tmp_path / "merged"
+    run = runner.invoke(cli, ["merge", str(unet), str(written), "-o", str(merged)])
+    assert run.exit_code == 0, run.output
+
+    class Loader(StableDiffusionLoraLoaderMixin):  # the pipeline's LoRA loading, UNet only
+        hf_device_map = None
+
+        @property
+        def components(self) -> dict[str, object]:
+            return {"unet": self.unet}
+
+        def __init__(self, model: object) -> None:
+            self.unet, self.text_encoder = model, None
+
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(unet)
+    loader = Loader(theirs)
+    loader.load_lora_weights(str(written))
+    torch.manual_seed(0)
+    x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        with_lora = theirs(x, t, e).sample
+    loader.fuse_lora()
+    loader.unload_lora_weights()
+    ours = diffusers.UNet2DConditionModel.from_pretrained(merged)
+    base = diffusers.UNet2DConditionModel.from_pretrained(unet).state_dict()
+    fused, mine = theirs.state_dict(), ours.state_dict()
+    assert set(fused) == set(mine)
+    changed = {k for k in mine if not torch.equal(mine[k], base[k])}
+    assert len(changed) == len(mods)  # each module's weight, nothing else
+    for k in mine:  # diffusers fuses in float32: a few ulps from the correctly rounded sum
+        tol = 4e-7 * base[k].abs().max().item() + 1e-12
+        torch.testing.assert_close(mine[k], fused[k], rtol=0, atol=tol)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, t, e).sample, with_lora, rtol=1e-5, atol=1e-5)
+        plain = diffusers.UNet2DConditionModel.from_pretrained(unet)(x, t, e).sample
+    assert not torch.allclose(plain, with_lora, rtol=1e-3, atol=1e-3)  # the LoRA did something
+
+
+def test_text_encoder_modules_do_not_merge_into_a_unet(tmp_path: Path, unet: Path) -> None:
+    """A file with text-encoder modules merged into a UNet: exit 3 naming one, nothing written."""
+    src = tmp_path / "k.safetensors"
+    _kohya(src)
+    out = tmp_path / "merged"
+    run = CliRunner().invoke(cli, ["merge", str(unet), str(src), "-o", str(out)])
+    assert run.exit_code == 3 and "lora_te_" in run.output and "the base has no" in run.output
+    assert not out.exists()
+
+
+def test_text_encoder_modules_validate_and_merge_into_a_clip_text_encoder(tmp_path: Path) -> None:
+    """kohya's ``lora_te_text_model_…`` names bind to a CLIP text encoder saved by
+    transformers; the merge is W + ΔW rounded once, the rest of the encoder untouched."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from safetensors.numpy import load_file
+
+    torch.manual_seed(0)
+    config = transformers.CLIPTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=16,
+    )  # fmt: skip
+    encoder = tmp_path / "text_encoder"
+    transformers.CLIPTextModel(config).save_pretrained(encoder)
+    rng = np.random.default_rng(4)
+    mods = {  # kohya name -> (weight, down, up); alpha 1 over r 2
+        "lora_te_text_model_encoder_layers_1_self_attn_q_proj":
+            ("text_model.encoder.layers.1.self_attn.q_proj.weight",
+             _rand(rng, 2, 32), _rand(rng, 32, 2)),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1":
+            ("text_model.encoder.layers.0.mlp.fc1.weight", _rand(rng, 2, 32), _rand(rng, 64, 2)),
+    }  # fmt: skip
+    tensors = {}
+    for name, (_, down, up) in mods.items():
+        tensors |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": np.asarray(1.0, np.float32)}  # fmt: skip
+    src = tmp_path / "te.safetensors"
+    save_file(tensors, str(src))
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["validate", str(src), "--base", str(encoder)])
+    assert ok.exit_code == 0 and "2 modules matched" in ok.output, ok.output
+    out = tmp_path / "merged"
+    run = runner.invoke(cli, ["merge", str(encoder), str(src), "-o", str(out)])
+    assert run.exit_code == 0, run.output
+    base, merged = (
+        load_file(str(encoder / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
+    # transformers 5 saves the encoder without its "text_model." prefix; SD repositories'
+    # text_encoder folders have it: the kohya name's longest matching suffix binds either way
+    if not any(k.startswith("text_model.") for k in base):
+        mods = {k: (w.removeprefix("text_model."), d, u) for k, (w, d, u) in mods.items()}
+    for weight, down, up in mods.values():
+        exact = base[weight].astype(np.float64) + 0.5 * (up.astype(np.float64) @ down)
+        np.testing.assert_array_max_ulp(merged[weight], exact.astype(np.float32), maxulp=1)
+    touched = {w for w, _, _ in mods.values()}
+    assert all(np.array_equal(merged[k], v) for k, v in base.items() if k not in touched)
