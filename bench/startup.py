@@ -57,6 +57,24 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def compile_bytecode() -> None:
+    """Compile adapterctl's and its installed plugins' modules to bytecode, as ``pip install``
+    does for a regular install: an editable install (``make install``) run with
+    ``PYTHONDONTWRITEBYTECODE=1`` would otherwise compile every module on every start
+    (0.1 s here), which no user's install does."""
+    import compileall
+    from importlib import import_module
+    from importlib.metadata import entry_points
+
+    names = ["adapterctl"] + [ep.module.split(".")[0] for ep in entry_points(group="adapterctl")]
+    for name in dict.fromkeys(names):
+        try:
+            folder = Path(import_module(name).__file__ or "").parent
+        except ImportError:
+            continue
+        compileall.compile_dir(folder, quiet=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -87,6 +105,7 @@ def main() -> None:
         "list": [*cli, "list"],
         "show": [*cli, "show", "chat@1"],
     }
+    compile_bytecode()
     for name, cmd in commands.items():  # warm the page cache and check each one works
         _, _, rc = run_process(cmd, env)
         if rc != 0:
