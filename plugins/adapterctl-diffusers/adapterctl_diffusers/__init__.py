@@ -16,10 +16,11 @@ __version__ = "0.1.0"
 
 @hookimpl
 def register_formats(register: Any) -> None:
-    from adapterctl_diffusers.sd import DiffusersFile, KohyaFile, LycorisFile
+    from adapterctl_diffusers.sd import DiffusersFile, DiffusersPeftFile, KohyaFile, LycorisFile
 
     register(LycorisFile())
     register(KohyaFile())
+    register(DiffusersPeftFile())
     register(DiffusersFile())
 
 

@@ -1,8 +1,9 @@
 """Stable Diffusion LoRA files: kohya naming (``lora_unet_…``/``lora_te…_``,
 ``.lora_down.weight``, ``.lora_up.weight``, ``.alpha``) and diffusers naming (the newer
 ``unet.….lora.down.weight``, the text encoders' ``….lora_linear_layer.down.weight`` and the
-legacy attention-processor ``…processor.to_q_lora.down.weight``), read into adapterctl's
-``LoraModule``s and written in kohya naming.
+legacy attention-processor ``…processor.to_q_lora.down.weight``) and the PEFT-style keys
+diffusers' ``save_lora_weights`` writes (``unet.….lora_A.weight``, each component's LoraConfig
+in the header), read into adapterctl's ``LoraModule``s and written in kohya naming.
 
 Scales as the tools apply them: each module's ``alpha`` tensor over its rank (kohya's
 ``alpha / dim``); a module without an alpha tensor, or with alpha 0, has alpha = rank (scale
@@ -20,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.adapter import Adapter, LoraModule, TensorSource
 from adapterctl.config import AdapterConfig
 from adapterctl.errors import BrokenFile, UnsupportedAdapter, UsageError
 from adapterctl.tensorfile import read_header
@@ -157,11 +158,24 @@ def build_adapter(path: Path, fmt: str, parts: dict[str, dict[str, Any]]) -> Ada
     modules = {name: _lora_module(path, name, p) for name, p in sorted(parts.items())}
     if not modules:
         raise BrokenFile(f"{path}: no LoRA modules in it; is it a LoRA file?")
+    return Adapter(
+        path=path, format=fmt, config=modules_config(modules), modules=modules, files=[path]
+    )
+
+
+def modules_config(modules: dict[str, LoraModule]) -> AdapterConfig:
+    """A PEFT config that says what the modules are: the most common rank and alpha, a
+    ``rank_pattern``/``alpha_pattern`` entry (full name, escaped, anchored) for the others;
+    alpha is the module's own where alpha / rank gives its scale, else scale · rank."""
+
+    def alpha(m: LoraModule) -> float:
+        return m.alpha if m.alpha / m.rank == m.scale else m.scale * m.rank
+
     ranks = Counter(m.rank for m in modules.values())
     r = min(ranks, key=lambda k: (-ranks[k], k))
-    alphas = Counter(m.alpha for m in modules.values() if m.rank == r)
+    alphas = Counter(alpha(m) for m in modules.values() if m.rank == r)
     a = min(alphas, key=lambda k: (-alphas[k], k)) if alphas else float(r)
-    config = AdapterConfig.model_validate(
+    return AdapterConfig.model_validate(
         {
             "peft_type": "LORA",
             "r": r,
@@ -171,13 +185,12 @@ def build_adapter(path: Path, fmt: str, parts: dict[str, dict[str, Any]]) -> Ada
                 "^" + re.escape(n): m.rank for n, m in sorted(modules.items()) if m.rank != r
             },
             "alpha_pattern": {
-                "^" + re.escape(n): m.alpha
+                "^" + re.escape(n): alpha(m)
                 for n, m in sorted(modules.items())
-                if m.alpha != a or m.rank != r
+                if alpha(m) != a or m.rank != r
             },
         }
     )
-    return Adapter(path=path, format=fmt, config=config, modules=modules, files=[path])
 
 
 class KohyaFile:
@@ -220,6 +233,100 @@ class DiffusersFile:
 
     def read(self, path: Path, options: Any) -> Adapter:
         return build_adapter(path, self.name, diffusers_parts(_keys(path)))
+
+
+_PEFT_STYLE = re.compile(
+    r"^(?P<component>unet|text_encoder|text_encoder_2|transformer)\."
+    r".+\.(?:lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$"
+)
+
+
+def _components(keys: Any) -> list[str]:
+    """The SD components (``unet``, ``text_encoder``…) of a PEFT-style diffusers file's keys,
+    or [] when its keys are not all of that naming."""
+    found: set[str] = set()
+    for key in keys:
+        m = _PEFT_STYLE.match(key)
+        if m is None:
+            return []
+        found.add(m["component"])
+    return sorted(found)
+
+
+def _component_config(path: Path, component: str, metadata: dict[str, str]) -> AdapterConfig | None:
+    """The LoRA config diffusers saved for ``component`` (``lora_adapter_metadata``: PEFT's
+    LoraConfig with keys prefixed ``unet.`` …), or None in files saved without one."""
+    import json
+
+    from pydantic import ValidationError
+
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise BrokenFile(f"{path}: its lora_adapter_metadata is not JSON; re-save it") from None
+    if not isinstance(data, dict):
+        raise BrokenFile(f"{path}: its lora_adapter_metadata is not an object; re-save it")
+    prefix = component + "."
+    fields = {k.removeprefix(prefix): v for k, v in data.items() if k.startswith(prefix)}
+    if not fields:
+        return None
+    keep = ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora",
+            "target_modules", "bias")  # fmt: skip
+    try:
+        return AdapterConfig.model_validate(
+            {"peft_type": "LORA", **{k: fields[k] for k in keep if k in fields}}
+        )
+    except ValidationError as exc:
+        raise BrokenFile(
+            f"{path}: the {component} config in its metadata is not valid "
+            f"({exc.errors()[0]['msg']}); re-save it"
+        ) from None
+
+
+# Parses a component saved without a config; each module then gets alpha = its rank.
+_UNIT = AdapterConfig.model_validate({"peft_type": "LORA", "r": 1, "lora_alpha": 1})
+
+
+class DiffusersPeftFile:
+    """A Stable Diffusion LoRA as diffusers' ``save_lora_weights`` writes it with its PEFT
+    backend: ``unet.….lora_A.weight`` / ``text_encoder.….lora_B.weight``, the LoRA config
+    of each component in the ``lora_adapter_metadata`` header entry."""
+
+    name = "diffusers-peft"
+    description = "Stable Diffusion LoRA .safetensors, PEFT-style diffusers keys (unet.….lora_A)"
+
+    def detect(self, path: Path) -> bool:
+        return bool(_components(_keys(path)))
+
+    def read(self, path: Path, options: Any) -> Adapter:
+        """Each component's modules scaled as its saved config says (rank and alpha patterns,
+        rsLoRA), as PEFT does; without a saved config alpha = rank (scale 1)."""
+        from adapterctl.formats.peft import parse_tensors
+
+        header = read_header(path)
+        tensors: dict[str, TensorSource] = dict(header.tensors)
+        modules: dict[str, LoraModule] = {}
+        parsed: list[Adapter] = []
+        for component in _components(tensors):
+            config = _component_config(path, component, header.metadata)
+            mine = {k: t for k, t in tensors.items() if k.startswith(component + ".")}
+            adapter = parse_tensors(mine, config or _UNIT, path, self.name, [path])
+            for name, m in adapter.modules.items():
+                if config is None:  # saved without a config: alpha = the module's rank
+                    m.alpha, m.scale, m.config_rank = float(m.rank), 1.0, m.rank
+                modules[name] = m
+            parsed.append(adapter)
+        if not modules:
+            raise BrokenFile(f"{path}: no LoRA modules in it; is it a LoRA file?")
+        return Adapter(
+            path=path, format=self.name, config=modules_config(modules), modules=modules,
+            files=[path], warnings=[w for a in parsed for w in a.warnings],
+            unknown_tensors=[k for a in parsed for k in a.unknown_tensors],
+            incomplete=[k for a in parsed for k in a.incomplete],
+        )  # fmt: skip
 
 
 def kohya_name(module: str) -> str:

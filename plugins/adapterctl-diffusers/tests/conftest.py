@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,36 @@ def unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("sd") / "unet"
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def diffusers_fuse() -> Callable[[Path, Path], Any]:
+    """``fuse(unet_folder, lora_file, before=None)``: the UNet diffusers loads from the folder
+    with the file applied by its pipeline LoRA loading (``load_lora_weights``), then fused
+    into its weights (``fuse_lora``) and unloaded. ``before(model)`` runs with the LoRA layers
+    still in place."""
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    class Loader(StableDiffusionLoraLoaderMixin):  # a pipeline's LoRA loading, UNet only
+        hf_device_map = None
+
+        def __init__(self, model: object) -> None:
+            self.unet, self.text_encoder = model, None
+
+        @property
+        def components(self) -> dict[str, object]:
+            return {"unet": self.unet}
+
+    def fuse(folder: Path, lora: Path, before: Callable[[Any], None] | None = None) -> Any:
+        model = diffusers.UNet2DConditionModel.from_pretrained(folder)
+        loader = Loader(model)
+        loader.load_lora_weights(str(lora))
+        if before is not None:
+            before(model)  # e.g. run the model with the LoRA layers still in place
+        loader.fuse_lora()
+        loader.unload_lora_weights()
+        return model
+
+    return fuse

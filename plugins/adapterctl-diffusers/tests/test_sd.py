@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -202,14 +203,14 @@ def test_diffusers_reads_the_kohya_file_written_here_as_written(tmp_path: Path) 
         assert alpha[name] / m.rank == m.scale, name
 
 
-def test_a_written_kohya_file_loads_in_diffusers_as_merged_here(tmp_path: Path, unet: Path) -> None:
+def test_a_written_kohya_file_loads_in_diffusers_as_merged_here(
+    tmp_path: Path, unet: Path, diffusers_fuse: Any
+) -> None:
     """The oracle: diffusers' ``load_lora_weights`` + ``fuse_lora`` of a kohya file written
     by ``convert --to kohya`` gives the weights this merge writes (to float32 rounding: the
     merge rounds W + ΔW once, diffusers adds in float32), and the UNet computes the same."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
     rng = np.random.default_rng(3)
     attn = "down_blocks_0_attentions_0_transformer_blocks_0"
     mods = {  # name -> (down, up); one alpha for all (see README: diffusers' alpha_pattern)
@@ -237,25 +238,16 @@ def test_a_written_kohya_file_loads_in_diffusers_as_merged_here(tmp_path: Path, 
     run = runner.invoke(cli, ["merge", str(unet), str(written), "-o", str(merged)])
     assert run.exit_code == 0, run.output
 
-    class Loader(StableDiffusionLoraLoaderMixin):  # the pipeline's LoRA loading, UNet only
-        hf_device_map = None
-
-        @property
-        def components(self) -> dict[str, object]:
-            return {"unet": self.unet}
-
-        def __init__(self, model: object) -> None:
-            self.unet, self.text_encoder = model, None
-
-    theirs = diffusers.UNet2DConditionModel.from_pretrained(unet)
-    loader = Loader(theirs)
-    loader.load_lora_weights(str(written))
     torch.manual_seed(0)
     x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 3, 32)
-    with torch.no_grad():
-        with_lora = theirs(x, t, e).sample
-    loader.fuse_lora()
-    loader.unload_lora_weights()
+    outputs = []
+
+    def run_with_lora(model: Any) -> None:
+        with torch.no_grad():
+            outputs.append(model(x, t, e).sample)
+
+    theirs = diffusers_fuse(unet, written, run_with_lora)
+    (with_lora,) = outputs
     ours = diffusers.UNet2DConditionModel.from_pretrained(merged)
     base = diffusers.UNet2DConditionModel.from_pretrained(unet).state_dict()
     fused, mine = theirs.state_dict(), ours.state_dict()
@@ -328,3 +320,66 @@ def test_text_encoder_modules_validate_and_merge_into_a_clip_text_encoder(tmp_pa
         np.testing.assert_array_max_ulp(merged[weight], exact.astype(np.float32), maxulp=1)
     touched = {w for w, _, _ in mods.values()}
     assert all(np.array_equal(merged[k], v) for k, v in base.items() if k not in touched)
+
+
+def test_peft_style_diffusers_files_read_with_their_saved_config(
+    tmp_path: Path, unet: Path, diffusers_fuse: Any
+) -> None:
+    """The file diffusers' ``save_lora_weights`` writes from a PEFT-wrapped UNet
+    (``unet.….lora_A.weight``, its LoraConfig in the header): every module's ΔW is PEFT's own
+    scaling · B·A (rank and alpha patterns included); saved without the config, alpha = rank;
+    merged into the UNet it gives what diffusers' ``load_lora_weights`` + ``fuse_lora`` gives."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as save_torch
+
+    model = diffusers.UNet2DConditionModel.from_pretrained(unet)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"],
+        rank_pattern={"to_k": 2}, alpha_pattern={"to_v": 2}, init_lora_weights=False,
+    )  # fmt: skip
+    torch.manual_seed(5)
+    model.add_adapter(config)
+    want = {}  # "unet.<module>" -> float64 ΔW as PEFT scales it
+    for name, layer in model.named_modules():
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+            a = layer.lora_A["default"].weight.detach().double()
+            b = layer.lora_B["default"].weight.detach().double()
+            flat = layer.scaling["default"] * (b.flatten(1) @ a.flatten(1))
+            want[f"unet.{name}"] = flat.numpy()
+    folder = tmp_path / "saved"
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(model),
+        unet_lora_adapter_metadata=config.to_dict(),
+    )  # fmt: skip
+    src = folder / "pytorch_lora_weights.safetensors"
+    adapter = read(src)
+    assert adapter.format == "diffusers-peft" and set(adapter.modules) == set(want)
+    scales = set()
+    for name, d in want.items():
+        left, right = adapter.modules[name].factors(dtype="float64")
+        np.testing.assert_allclose(left @ right, d, rtol=0, atol=1e-12 * np.abs(d).max())
+        scales.add(adapter.modules[name].scale)
+    assert scales == {2.0, 4.0, 0.5}  # 8/4; to_k: 8/2; to_v: 2/4
+
+    bare = tmp_path / "no-config.safetensors"  # as older diffusers saved: no config
+    save_torch(load_file(str(src)), str(bare))
+    with safe_open(str(bare), "np") as f:
+        assert "lora_adapter_metadata" not in (f.metadata() or {})
+    assert {m.scale for m in read(bare).modules.values()} == {1.0}
+
+    merged = tmp_path / "merged"
+    run = CliRunner().invoke(cli, ["merge", str(unet), str(src), "-o", str(merged)])
+    assert run.exit_code == 0, run.output
+    theirs = diffusers_fuse(unet, src)
+    ours = diffusers.UNet2DConditionModel.from_pretrained(merged).state_dict()
+    base = diffusers.UNet2DConditionModel.from_pretrained(unet).state_dict()
+    fused = theirs.state_dict()
+    assert sum(not torch.equal(ours[k], base[k]) for k in ours) == len(want)
+    for k in ours:
+        tol = 4e-7 * base[k].abs().max().item() + 1e-12
+        torch.testing.assert_close(ours[k], fused[k], rtol=0, atol=tol)
