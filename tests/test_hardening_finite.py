@@ -309,3 +309,29 @@ def test_nf4_delta_error_above_one_is_a_loud_warning(nf4_tiny: Path, tmp_path: P
     assert not out.exists() and not list(tmp_path.glob(".limited.partial-*"))
     lenient = _run("merge", base, tiny, "-o", out, "--quantize", "nf4", "--max-delta-error", 1e9)
     assert lenient.exit_code == 0, lenient.output
+
+
+@pytest.mark.parametrize(
+    "case", ["normal", "tiny", "huge", "squares-overflow", "subnormal", "nan", "inf"]
+)
+def test_entry_bound_bounds_the_exact_largest_entry(case: str) -> None:
+    """``lowrank.entry_bound`` (the merge's range check) is never below max |s·B·A| computed
+    exactly enough (float64 products of float32 factors), through its float32 pass and its
+    scaled float64 fallback (squares that overflow or underflow float32, NaN, Inf)."""
+    from adapterctl.lowrank import entry_bound
+
+    rng = np.random.default_rng(7)
+    scale = {"normal": 1.0, "tiny": 1e-25, "huge": 1e18, "squares-overflow": 3e20,
+             "subnormal": 1e-42, "nan": 1.0, "inf": 1.0}[case]  # fmt: skip
+    b = (rng.standard_normal((300, 16)) * scale).astype(np.float32)  # (out, r)
+    a = rng.standard_normal((16, 500)).astype(np.float32)  # (r, in)
+    if case in ("nan", "inf"):
+        a[3, 7] = np.nan if case == "nan" else np.inf
+        assert entry_bound(b, a, 2.0) == float("inf")
+        return
+    exact = float(np.abs(2.0 * (b.astype(np.float64) @ a.astype(np.float64))).max())
+    bound = entry_bound(b, a, 2.0)
+    assert exact <= bound <= exact * 20  # Cauchy–Schwarz: loose, never below
+    col = float(np.sqrt((a.astype(np.float64) ** 2).sum(0).max()))
+    row = float(np.sqrt((b.astype(np.float64) ** 2).sum(1).max()))
+    assert bound >= 2.0 * row * col  # at least the exact product of the largest norms

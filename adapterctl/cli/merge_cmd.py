@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -22,6 +23,11 @@ from adapterctl.cli.options import (
 )
 from adapterctl.errors import UsageError
 from adapterctl.nf4 import layout as nf4_layout
+
+# A merge runs its own workers on every core, one BLAS thread each: OpenBLAS's thread pool
+# would only spin beside them (about 0.1 s of CPU after NumPy loads, more after each call).
+# This must be set before NumPy loads (this module is imported first); a user's setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
