@@ -1,9 +1,11 @@
 """Loads plugins and calls their hooks (pluggy; the hooks are in ``adapterctl.hookspecs``).
 
-Plugins come from three places, in this order: adapterctl's own modules (the built-ins, which
-register through the same hooks as everyone else), installed distributions (entry point group
-``adapterctl``), and the ``*.py`` files of the folder named by ``ADAPTERCTL_PLUGINS_DIR`` (one
-plugin per file, named after it). ``ADAPTERCTL_LOAD_PLUGINS`` selects the external ones: unset,
+Plugins come from three places, in this order: installed distributions (entry point group
+``adapterctl``), the ``*.py`` files of the folder named by ``ADAPTERCTL_PLUGINS_DIR`` (one
+plugin per file, named after it), and adapterctl's own modules (the built-ins, which register
+through the same hooks as everyone else). Their hooks are called in that order, so a plugin's
+format is tried before the built-in ones (the bare-safetensors reader, which takes any
+``.safetensors``, always last). ``ADAPTERCTL_LOAD_PLUGINS`` selects the external ones: unset,
 all of them; a comma-separated list of names, those; empty, none (built-ins only, as in CI).
 
 A plugin that fails to load (an import error, a hook whose parameters do not match its spec, a
@@ -29,7 +31,7 @@ import pluggy
 from adapterctl import hookspecs
 from adapterctl.errors import AdapterctlError, Conflict
 
-# hook -> the built-in modules implementing it, in the order their items come first
+# hook -> the built-in modules implementing it, in the order their items come
 BUILTIN_PLUGINS: dict[str, tuple[str, ...]] = {
     "register_formats": (
         "adapterctl.formats.peft",
@@ -158,13 +160,14 @@ def _register_builtins(pm: pluggy.PluginManager, modules: tuple[str, ...]) -> No
 
 
 # Built-ins that take whatever the others do not (the bare-safetensors reader detects any
-# ``.safetensors``): called after the external plugins, so a plugin's format is tried first.
+# ``.safetensors``): called last.
 FALLBACKS = frozenset({"adapterctl.formats.bare"})
 
 
 def _ordered(pm: pluggy.PluginManager, hook_name: str) -> list[str]:
-    """The plugins implementing ``hook_name``: built-ins first (in ``BUILTIN_PLUGINS`` order),
-    then the others in the order they were loaded, then the built-in ``FALLBACKS``."""
+    """The plugins implementing ``hook_name``: the external ones in the order they were
+    loaded (entry points, then ``ADAPTERCTL_PLUGINS_DIR``), then the built-ins (in
+    ``BUILTIN_PLUGINS`` order), the built-in ``FALLBACKS`` last."""
     _register_builtins(pm, BUILTIN_PLUGINS.get(hook_name, ()))
     hook: Any = getattr(pm.hook, hook_name)
     have = {impl.plugin_name for impl in hook.get_hookimpls()}
@@ -172,7 +175,7 @@ def _ordered(pm: pluggy.PluginManager, hook_name: str) -> list[str]:
     loaded = [name for name, _ in pm.list_name_plugin() if name in have]
     first = [m for m in builtins if m not in FALLBACKS]
     last = [m for m in builtins if m in FALLBACKS]
-    return first + [n for n in loaded if n not in builtins] + last
+    return [n for n in loaded if n not in builtins] + first + last
 
 
 def _call(pm: pluggy.PluginManager, hook_name: str, plugin: str, **kwargs: Any) -> None:
@@ -183,7 +186,7 @@ def _call(pm: pluggy.PluginManager, hook_name: str, plugin: str, **kwargs: Any) 
 
 def collect(hook_name: str) -> list[Any]:
     """Call ``register_<things>`` on every plugin and return what they registered: the
-    built-ins' first, then the other plugins' in load order.
+    external plugins' in load order, then the built-ins' (``_ordered``).
 
     Raises:
         Conflict: two plugins registered things with the same ``name`` (both are named).
@@ -288,9 +291,9 @@ def take_warnings() -> list[str]:
 
 
 def describe(cli: Any = None) -> list[PluginInfo]:
-    """Every plugin, built-ins first, with what it registers of each kind (and, given the
-    click group ``cli`` after ``add_commands``, the commands it added); broken ones carry
-    their reason.
+    """Every plugin, external ones first (load order), with what it registers of each kind
+    (and, given the click group ``cli`` after ``add_commands``, the commands it added);
+    broken ones carry their reason.
 
     Raises:
         Conflict: two plugins register the same name.
@@ -320,7 +323,7 @@ def describe(cli: Any = None) -> list[PluginInfo]:
     for key, info in _infos.items():
         if info.error is not None:
             infos[key] = info
-    return sorted(infos.values(), key=lambda i: i.name not in _BUILTIN_NAMES)
+    return sorted(infos.values(), key=lambda i: i.name in _BUILTIN_NAMES)
 
 
 def _command_plugin(command: Any) -> str | None:
@@ -328,9 +331,9 @@ def _command_plugin(command: Any) -> str | None:
 
 
 def plugin_names() -> list[str]:
-    """Names of the loaded plugins, built-ins first."""
+    """Names of the loaded plugins, external ones first (load order), then the built-ins."""
     pm = manager()
     for modules in BUILTIN_PLUGINS.values():
         _register_builtins(pm, modules)
     names = [name for name, _ in pm.list_name_plugin() if name]
-    return sorted(names, key=lambda n: n not in _BUILTIN_NAMES)
+    return sorted(names, key=lambda n: n in _BUILTIN_NAMES)

@@ -50,14 +50,14 @@ def extra_plugin() -> Iterator[list[object]]:
         plugins.manager().unregister(p)
 
 
-def test_builtins_come_first_then_plugins(extra_plugin: list[object]) -> None:
+def test_plugins_come_first_then_builtins(extra_plugin: list[object]) -> None:
+    """Entry points, then ADAPTERCTL_PLUGINS_DIR (this one, registered last), then the
+    built-ins, the bare reader last of all (it takes any .safetensors the others do not)."""
     plugin = _Plugin("testfmt")
     plugins.manager().register(plugin, name="test-fmt")
     extra_plugin.append(plugin)
     names = [f.name for f in plugins.collect("register_formats")]
-    # built-ins, installed plugins' formats (kohya, diffusers where installed), this one,
-    # and last the bare reader, which takes any .safetensors the others do not
-    assert names[:2] == ["peft", "mlx"] and names[-2:] == ["testfmt", "safetensors"]
+    assert names[-4:] == ["testfmt", "peft", "mlx", "safetensors"]
     data = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).stdout)
     listed = {p["name"]: p for p in data["plugins"]}
     assert listed["test-fmt"]["registers"] == {"formats": ["testfmt"]}
@@ -71,7 +71,7 @@ def test_name_clash_is_an_error(extra_plugin: list[object]) -> None:
     with pytest.raises(
         Conflict,
         match=re.escape(
-            "two plugins register formats 'peft': adapterctl.formats.peft and test-clash"
+            "two plugins register formats 'peft': test-clash and adapterctl.formats.peft"
         ),
     ):
         plugins.collect("register_formats")

@@ -53,14 +53,14 @@ class AdapterWriter(Protocol):
 
 
 def writers() -> list[AdapterWriter]:
-    """Every registered writer, built-ins first."""
+    """Every registered writer, plugins' first, then the built-ins (``plugins.collect``)."""
     from adapterctl.plugins import collect
 
     return collect("register_writers")
 
 
 def formats() -> list[AdapterFormat]:
-    """Every registered format, built-ins first."""
+    """Every registered format, plugins' first, then the built-ins (``plugins.collect``)."""
     from adapterctl.plugins import collect
 
     return collect("register_formats")

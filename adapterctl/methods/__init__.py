@@ -74,7 +74,7 @@ class Method(Protocol):
 
 
 def methods() -> list[Method]:
-    """Every registered method, built-ins first."""
+    """Every registered method, plugins' first, then the built-ins (``plugins.collect``)."""
     from adapterctl.plugins import collect
 
     return collect("register_methods")
