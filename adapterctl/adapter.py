@@ -6,6 +6,7 @@ asks for them (``module.A()``), so reading an adapter costs its headers only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -167,9 +168,7 @@ class LoraModule:
     def as_convolution(self, kernel: tuple[int, ...]) -> LoraModule:
         """This module, stored flat as a linear (r, in·k…) pair, as a ``conv`` module of
         ``kernel``: A viewed as (r, in, *kernel), the same numbers."""
-        n = 1
-        for d in kernel:
-            n *= d
+        n = math.prod(kernel)
         if self.in_features % n:
             raise ValueError(f"{self.name}: {self.in_features} inputs are not a {kernel} kernel")
         shape = (self.rank, self.in_features // n, *kernel)

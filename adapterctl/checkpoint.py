@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -259,12 +260,11 @@ class Checkpoint:
                 targets[name] = Target(name, None, None, None, mod.layout)
                 continue
             shape, dtype = weights[tname]
-            if mod.layout == "linear" and len(shape) > 2 and len(mod.a.shape) == 2:
-                n = 1
-                for d in shape[1:]:
-                    n *= d
-                if (shape[0], n) == (mod.out_features, mod.in_features):
-                    mod = adapter.modules[name] = mod.as_convolution(tuple(shape[2:]))
+            out_in = (shape[0], math.prod(shape[1:]))  # a convolution's weight, flattened
+            if mod.layout == "linear" and len(shape) > 2 and len(mod.a.shape) == 2 and out_in == (
+                mod.out_features, mod.in_features
+            ):  # fmt: skip
+                mod = adapter.modules[name] = mod.as_convolution(tuple(shape[2:]))
             targets[name] = Target(
                 name,
                 tname,

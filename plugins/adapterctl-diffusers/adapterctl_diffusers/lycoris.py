@@ -25,6 +25,7 @@ pass, ComfyUI, the WebUI and PEFT apply it once, as here.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -57,10 +58,7 @@ class Computed:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def array(self) -> np.ndarray[Any, Any]:
         out = self.compute()
@@ -215,9 +213,7 @@ def lokr(
     (o2, i2, k2), r2 = _pair_or_full(path, name, p, "w2")
     if k1 and any(k != 1 for k in k1):
         raise BrokenFile(f"{_where(path, name)}: lokr_w1 has a kernel; LyCORIS keeps it in w2")
-    flat2 = 1
-    for k in k2:
-        flat2 *= k
+    flat2 = math.prod(k2)
     rank1 = r1 if r1 is not None else min(o1, i1)
     # w2 flattened to (o2, i2·kernel) when full; a low-rank w2's right side already is.
     rank2 = r2 if r2 is not None else min(o2, i2 * flat2)
