@@ -416,8 +416,7 @@ def test_cli_json(flag: list[str], w: dict[str, Path]) -> None:
 
 
 def test_cli_junit(w: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "reports" / "validate.xml"
-    out.parent.mkdir()
+    out = tmp_path / "reports" / "ci" / "validate.xml"  # the writer makes the folders
     result = invoke(w["gpt2"], "--base", w["llama_base"], "--target", "vllm", "--junit", out)
     assert result.exit_code == 3
     root = ET.parse(out).getroot()
@@ -430,6 +429,25 @@ def test_cli_junit(w: dict[str, Path], tmp_path: Path) -> None:
     assert by_code["AC311"].find("skipped").get("message") == "only with --target llama.cpp"
     assert root.get("failures") == "1"
     assert [p.name for p in out.parent.iterdir()] == ["validate.xml"]  # no temp file left
+
+
+def test_several_targets_run_all_their_rules(w: dict[str, Path], tmp_path: Path) -> None:
+    """``--target`` repeated: each target's rules run, in one report; peft adds nothing."""
+    result = invoke(
+        w["good"], "--target", "vllm", "--target", "llama.cpp", "--target", "peft",
+        "--max-rank", "1", "--json", "--junit", tmp_path / "v.xml",
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    data = json.loads(result.stdout)
+    assert data["targets"] == ["vllm", "llama.cpp"] and data["target"] == "vllm, llama.cpp"
+    checked = set(data["rules_checked"])
+    serving = {c for c, r in RULES.items() if r.scope in ("vllm", "llama.cpp")}
+    assert {c for c in serving if not RULES[c].needs_base} <= checked
+    assert [f["code"] for f in data["findings"]] == ["AC301"]  # vLLM's rank: r 8 > 1
+    skipped = ET.parse(tmp_path / "v.xml").getroot().findall(".//testcase/skipped")
+    assert {s.get("message") for s in skipped} == {"only with --base"}
+    one = invoke(w["good"], "--target", "llama.cpp", "--json")
+    assert json.loads(one.stdout)["targets"] == ["llama.cpp"]
 
 
 def test_cli_junit_without_base_skips_base_rules(w: dict[str, Path], tmp_path: Path) -> None:

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
 @base_option
 @click.option(
     "--target",
+    "targets",
     type=click.Choice(["peft", "vllm", "llama.cpp"]),
-    default="peft",
-    show_default=True,
-    help="Also check the restrictions of a serving stack (vLLM, llama.cpp's GGUF converter).",
+    multiple=True,
+    help="Also check the restrictions of a serving stack (vLLM, llama.cpp's GGUF converter); "
+    "repeat it to check several (default: peft, structure and base rules only).",
 )
 @click.option(
     "--max-rank",
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 def validate_command(
     source: str,
     base: str | None,
-    target: str,
+    targets: tuple[str, ...],
     max_rank: int,
     strict: bool,
     as_json: bool,
@@ -75,7 +76,7 @@ def validate_command(
 
     adapter = load_source(source, alpha, rank)
     ckpt = load_base(base)
-    report = validate(adapter, base=ckpt, target=target, max_rank=max_rank)
+    report = validate(adapter, base=ckpt, target=targets or ("peft",), max_rank=max_rank)
     for w in adapter.warnings:
         warn_stderr(w)
     from adapterctl.cli.render import json_text, printable
@@ -89,7 +90,8 @@ def validate_command(
         for f in report.findings:
             click.echo(printable(text_line(f)))
         click.echo(printable(summary(report, strict)))
-    if junit is not None:
+    if junit is not None:  # in a folder of its own if need be (CI's reports/…)
+        junit.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(junit, junit_xml(report, strict), "JUnit report")
     if not report.passed(strict):
         click.get_current_context().exit(3)
@@ -156,7 +158,7 @@ def junit_xml(report: ValidationReport, strict: bool = False) -> str:
             name=f"{code} {rule.name}: {rule.description}",
         )
         if code not in report.rules_checked:
-            ET.SubElement(case, "skipped", message=skip_reason(rule, report.target, has_base))
+            ET.SubElement(case, "skipped", message=skip_reason(rule, report.targets, has_base))
             skipped += 1
             continue
         found = report.findings_for(code)

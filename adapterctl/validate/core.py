@@ -8,7 +8,7 @@ rules that apply; ``require_fit`` is the pre-flight of the commands that write.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
@@ -56,12 +56,18 @@ class ValidationReport(BaseModel):
     """What ``adapterctl validate`` reports; ``model_dump_json()`` is what ``--json`` prints."""
 
     source: str
-    target: str
+    targets: list[str]  # the serving targets checked, "peft" meaning none beyond PEFT
     base: str | None = None
     max_rank: int
     matched_modules: int | None = None  # with a base: adapter modules found in it
     rules_checked: list[str]
     findings: list[Finding]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def target(self) -> str:
+        """The targets as one string (``vllm, llama.cpp``)."""
+        return ", ".join(self.targets)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -144,7 +150,7 @@ def rule(
 def validate(
     adapter: Adapter,
     base: Checkpoint | None = None,
-    target: str = "peft",
+    target: str | Sequence[str] = "peft",
     max_rank: int = 16,
 ) -> ValidationReport:
     """Check an adapter's structure, its fit to a base, and a serving target's restrictions.
@@ -154,7 +160,7 @@ def validate(
         base: a base checkpoint from ``adapterctl.checkpoint.open_base`` (a local folder or
             an ``hf://`` model read from its headers); enables the AC2xx rules.
         target: ``peft`` (structure and base rules only), ``vllm`` (adds AC30x) or
-            ``llama.cpp`` (adds AC31x).
+            ``llama.cpp`` (adds AC31x), or several of them (each target's rules run).
         max_rank: the ``--max-lora-rank`` the vLLM server runs with; must be one of the
             values vLLM accepts (``VLLM_MAX_LORA_RANKS``).
 
@@ -169,9 +175,13 @@ def validate(
         >>> report.ok, [f.code for f in report.findings]
         (False, ['AC301'])
     """
-    if target not in SERVING_TARGETS:
-        raise UsageError(f"unknown target {target!r}; choose one of: {', '.join(SERVING_TARGETS)}")
-    if target == "vllm" and max_rank not in VLLM_MAX_LORA_RANKS:
+    asked = [target] if isinstance(target, str) else list(dict.fromkeys(target))
+    targets = [t for t in asked if t != "peft"] or ["peft"]  # peft: no rules of its own
+    for t in asked:
+        if t not in SERVING_TARGETS:
+            choices = ", ".join(SERVING_TARGETS)
+            raise UsageError(f"unknown target {t!r}; choose one of: {choices}")
+    if "vllm" in targets and max_rank not in VLLM_MAX_LORA_RANKS:
         allowed = ", ".join(map(str, VLLM_MAX_LORA_RANKS))
         raise UsageError(
             f"--max-rank {max_rank} is not a max_lora_rank vLLM accepts; use one of {allowed}"
@@ -182,7 +192,7 @@ def validate(
     checked: list[str] = []
     findings: list[Finding] = []
     for code, rule in sorted(RULES.items()):
-        if not _applies(rule, target, base is not None):
+        if not _applies(rule, targets, base is not None):
             continue
         checked.append(code)
         for module, message in _CHECKS[code](ctx):
@@ -192,7 +202,7 @@ def validate(
     findings.sort(key=lambda f: (f.code, f.module or ""))
     return ValidationReport(
         source=str(adapter.path),
-        target=target,
+        targets=targets,
         base=base.location if base is not None else None,
         max_rank=max_rank,
         matched_modules=len(ctx.binding.matched) if ctx.binding is not None else None,
@@ -231,15 +241,15 @@ def require_fit(adapter: Adapter, base: Checkpoint, source: str | None = None) -
     return report
 
 
-def _applies(rule: Rule, target: str, has_base: bool) -> bool:
+def _applies(rule: Rule, targets: Sequence[str], has_base: bool) -> bool:
     if rule.needs_base and not has_base:
         return False
-    return rule.scope in ("structure", "base") or rule.scope == target
+    return rule.scope in ("structure", "base") or rule.scope in targets
 
 
-def skip_reason(rule: Rule, target: str, has_base: bool) -> str:
+def skip_reason(rule: Rule, targets: Sequence[str], has_base: bool) -> str:
     """Why ``rule`` was not checked (for JUnit's ``<skipped>``), or "" if it was."""
-    if rule.scope in ("vllm", "llama.cpp") and rule.scope != target:
+    if rule.scope in ("vllm", "llama.cpp") and rule.scope not in targets:
         return f"only with --target {rule.scope}"
     if rule.needs_base and not has_base:
         return "only with --base"
