@@ -7,6 +7,7 @@ asks for them (``module.A()``), so reading an adapter costs its headers only.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -18,6 +19,15 @@ if TYPE_CHECKING:
     import torch
 
 Layout = Literal["linear", "conv1d", "embedding", "conv"]
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[str | int, ...]:
+    """A sort key that reads digit runs as numbers, so that ``layers.2`` comes before
+    ``layers.10`` (the order every report lists modules in)."""
+    # split() alternates text and digits, text first: positions compare like with like
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(_DIGITS.split(name)))
 
 
 class TensorSource(Protocol):

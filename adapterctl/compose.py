@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from adapterctl.adapter import Adapter, ExtraTensor, LoraModule, MemoryTensor
+from adapterctl.adapter import Adapter, ExtraTensor, LoraModule, MemoryTensor, natural_key
 from adapterctl.errors import Conflict, UnsupportedAdapter, UsageError, ValidationFailed
 from adapterctl.methods import Method, MethodOptions, get_method, module_seed, parse_options
 
@@ -257,7 +257,7 @@ def check_inputs(adapters: Sequence[Adapter], *, allow_base_mismatch: bool = Fal
 
 def _union(adapters: Sequence[Adapter]) -> dict[str, list[LoraModule | None]]:
     """Module name → each input's module (None where missing); shapes must agree."""
-    names = sorted({n for a in adapters for n in a.modules})
+    names = sorted({n for a in adapters for n in a.modules}, key=natural_key)
     out: dict[str, list[LoraModule | None]] = {}
     for name in names:
         present = [a.modules.get(name) for a in adapters]

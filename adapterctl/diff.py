@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.adapter import Adapter, LoraModule, natural_key
 from adapterctl.errors import ValidationFailed
 
 DEFAULT_TOL = 1e-6  # float32 noise: factors rounded to float32 differ by ~1e-7 relative
@@ -82,10 +82,10 @@ def diff(a: Adapter, b: Adapter, *, tol: float = DEFAULT_TOL) -> DiffReport:
         'different'
     """
     configs = _config_differences(a, b)
-    common = sorted(set(a.modules) & set(b.modules))
+    common = sorted(set(a.modules) & set(b.modules), key=natural_key)
     modules = [module_diff(a.modules[n], b.modules[n]) for n in common]
-    only_a = sorted(set(a.modules) - set(b.modules))
-    only_b = sorted(set(b.modules) - set(a.modules))
+    only_a = sorted(set(a.modules) - set(b.modules), key=natural_key)
+    only_b = sorted(set(b.modules) - set(a.modules), key=natural_key)
     nonzero_only = [n for n in only_a if _norm(a.modules[n]) > 0] + [
         n for n in only_b if _norm(b.modules[n]) > 0
     ]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.adapter import Adapter, LoraModule, natural_key
 from adapterctl.checkpoint import Checkpoint
 from adapterctl.identity import adapter_digest, base_fingerprint
 from adapterctl.lowrank import entry_bound, norm_of, range_problem, singular_values, stable_rank
@@ -149,7 +149,7 @@ def inspect_adapter(
         base.check_quant()  # a broken 4-bit base: exit 3 rather than a report built on it
     binding = base.bind(adapter) if base is not None else None
     modules: list[ModuleReport] = []
-    for name, mod in sorted(adapter.modules.items()):
+    for name, mod in sorted(adapter.modules.items(), key=lambda nm: natural_key(nm[0])):
         target = binding.targets.get(name) if binding else None
         if target is not None and target.layout != mod.layout:
             mod.layout = target.layout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from adapterctl.adapter import Adapter, LoraModule
+from adapterctl.adapter import Adapter, LoraModule, natural_key
 from adapterctl.errors import UsageError
 
 
@@ -99,7 +99,7 @@ def resize(adapter: Adapter, *, rank: int | None = None, energy: float | None = 
     rows: list[ModuleResize] = []
     kept_total = energy_total = 0.0
     before = after = 0
-    for name, mod in sorted(adapter.modules.items()):
+    for name, mod in sorted(adapter.modules.items(), key=lambda nm: natural_key(nm[0])):
         svd = core_svd(mod.B(torch.float64), mod.A(torch.float64) * mod.scale)
         k = rank if rank is not None else rank_for_energy(svd.s, energy or 1.0)
         k = max(1, min(k, int(svd.s.shape[0])))

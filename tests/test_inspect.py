@@ -136,3 +136,40 @@ def test_inspect_text_output(peft_cases: Any) -> None:
     assert result.exit_code == 0, result.output
     assert "model.layers.0.self_attn.q_proj" in result.stdout
     assert "alpha/r" in result.stdout
+
+
+def test_modules_are_listed_in_natural_order(tmp_path: Any) -> None:
+    """layers.2 before layers.10 in inspect, diff and validate's findings (JSON and text)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from adapterctl.adapter import natural_key
+
+    assert sorted(["a.10.b", "a.2.b", "a.1.c", "b"], key=natural_key) == [
+        "a.1.c", "a.2.b", "a.10.b", "b"
+    ]  # fmt: skip
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for i in range(12):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = rng.standard_normal((2, 8)).astype(np.float32)
+        tensors[f"{key}.lora_B.weight"] = rng.standard_normal((8, 2)).astype(np.float32)
+    src, broken = tmp_path / "a.safetensors", tmp_path / "nan.safetensors"
+    save_file(tensors, str(src))
+    for i in (2, 10):  # one finding each
+        tensors[f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight"][0, 0] = np.nan
+    save_file(tensors, str(broken))
+    runner = CliRunner()
+
+    def layers(names: list[str]) -> list[int]:
+        return [int(n.split(".")[2]) for n in names]
+
+    shown = json.loads(runner.invoke(cli, ["inspect", str(src), "--alpha", "2", "--json"]).stdout)
+    assert layers([m["name"] for m in shown["modules"]]) == list(range(12))
+    diff = runner.invoke(cli, ["diff", str(src), str(src), "--alpha", "2", "--json"])
+    assert layers([m["name"] for m in json.loads(diff.stdout)["modules"]]) == list(range(12))
+    found = runner.invoke(cli, ["validate", str(broken), "--alpha", "2", "--json"])
+    nan = [f["module"] for f in json.loads(found.stdout)["findings"] if f["code"] == "AC104"]
+    assert layers(nan) == [2, 10]
+    text = runner.invoke(cli, ["inspect", str(src), "--alpha", "2"]).output
+    assert text.index("layers.2.") < text.index("layers.10.")

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
-from adapterctl.adapter import Adapter
+from adapterctl.adapter import Adapter, natural_key
 from adapterctl.checkpoint import Checkpoint
 from adapterctl.errors import UsageError, ValidationFailed
 from adapterctl.validate.context import Context
@@ -199,7 +199,7 @@ def validate(
             findings.append(
                 Finding(code=code, severity=rule.severity, module=module, message=message)
             )
-    findings.sort(key=lambda f: (f.code, f.module or ""))
+    findings.sort(key=lambda f: (f.code, natural_key(f.module or "")))
     return ValidationReport(
         source=str(adapter.path),
         targets=targets,
