@@ -23,8 +23,9 @@ from adapterctl.cli.options import (
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
 @weights_option
 @click.option(
-    "--method", "method", required=True, metavar="M",
-    help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (adapterctl methods).",
+    "--method", "method", default="linear", show_default=True, metavar="M",
+    help="linear, cat, svd, ties, dare_linear, dare_ties, magnitude_prune (adapterctl methods); "
+    "linear is also merge's default.",
 )  # fmt: skip
 @method_options
 @click.option(
