@@ -501,3 +501,29 @@ def test_cli_broken_weights_exit_3(
 def test_cli_missing_base_is_not_found(w: dict[str, Path], tmp_path: Path) -> None:
     result = invoke(w["good"], "--base", tmp_path / "nope")
     assert result.exit_code == 4
+
+
+def test_repeated_findings_are_grouped_in_text(tmp_path: Path) -> None:
+    """Twelve modules with NaN: one text line with the count and the first three (in natural
+    order), every one with --verbose, and in JSON always."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    tensors = {}
+    for i in range(12):
+        key = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = np.ones((2, 8), np.float32)
+        tensors[f"{key}.lora_B.weight"] = np.full((8, 2), np.nan, np.float32)
+    src = tmp_path / "nan.safetensors"
+    save_file(tensors, str(src))
+    grouped = invoke(src, "--alpha", "2")
+    assert grouped.exit_code == 3
+    lines = grouped.output.strip().splitlines()
+    (ac104,) = [line for line in lines if "AC104" in line]
+    assert ac104.startswith("ERROR AC104 in 12 modules (model.layers.0.self_attn.q_proj, ")
+    assert "model.layers.2.self_attn.q_proj, …); the first: " in ac104
+    assert ac104.endswith("(--verbose lists all)")
+    every = invoke(src, "--alpha", "2", "--verbose").output.splitlines()
+    assert len([line for line in every if "AC104" in line]) == 12
+    data = json.loads(invoke(src, "--alpha", "2", "--json").stdout)
+    assert len([f for f in data["findings"] if f["code"] == "AC104"]) == 12

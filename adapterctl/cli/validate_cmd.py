@@ -15,6 +15,8 @@ from adapterctl.files import write_text_atomic
 if TYPE_CHECKING:
     from adapterctl.validate import Finding, ValidationReport
 
+GROUP_AFTER = 3  # findings of one rule beyond which the text output prints one line for them
+
 
 @cli.command("validate")
 @click.argument("source")
@@ -35,6 +37,13 @@ if TYPE_CHECKING:
     help="The --max-lora-rank vLLM runs with (one of 1, 8, 16, 32, 64, 128, 256, 320, 512).",
 )
 @click.option("--strict", is_flag=True, help="Fail (exit 3) on warnings too.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help=f"Text output: one line per finding (default: a rule with more than {GROUP_AFTER} "
+    "findings prints one line with their count; JSON always lists every finding).",
+)
 @json_option
 @click.option(
     "--junit",
@@ -59,6 +68,7 @@ def validate_command(
     targets: tuple[str, ...],
     max_rank: int,
     strict: bool,
+    verbose: bool,
     as_json: bool,
     junit: Path | None,
     fmt: str,
@@ -87,14 +97,37 @@ def validate_command(
         for line in github_lines(report, strict):
             click.echo(printable(line))
     else:
-        for f in report.findings:
-            click.echo(printable(text_line(f)))
+        for line in text_lines(report.findings, verbose):
+            click.echo(printable(line))
         click.echo(printable(summary(report, strict)))
     if junit is not None:  # in a folder of its own if need be (CI's reports/…)
         junit.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(junit, junit_xml(report, strict), "JUnit report")
     if not report.passed(strict):
         click.get_current_context().exit(3)
+
+
+def text_lines(findings: list[Finding], verbose: bool = False) -> list[str]:
+    """One line per finding, except that (unless ``verbose``) a rule with more than
+    ``GROUP_AFTER`` findings gets one line: how many modules, the first few, and the first
+    finding's message (``findings`` come sorted by rule, then module)."""
+    if verbose:
+        return [text_line(f) for f in findings]
+    by_rule: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_rule.setdefault(f.code, []).append(f)
+    lines: list[str] = []
+    for code, group in by_rule.items():
+        if len(group) <= GROUP_AFTER:
+            lines.extend(text_line(f) for f in group)
+            continue
+        first = group[0]
+        some = ", ".join(f.module or "(adapter)" for f in group[:GROUP_AFTER])
+        lines.append(
+            f"{first.severity.upper()} {code} in {len(group)} modules ({some}, …); the first: "
+            f"{text_line(first).split(' ', 2)[2]} (--verbose lists all)"
+        )
+    return lines
 
 
 def text_line(f: Finding) -> str:
