@@ -150,6 +150,11 @@ def test_add_list_show_tag_refs_export(files: dict[str, Path], tmp_path: Path) -
         assert (tmp_path / "out" / name).read_bytes() == (files["a1"] / name).read_bytes()
     code, _, err = run("export", "chat@1", str(tmp_path / "out"))
     assert code == 5 and "not empty" in err
+    code, out, err = run("export", "chat@1", str(tmp_path / "out2"), "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert (shown["ref"], shown["out"]) == ("chat@1", str(tmp_path / "out2"))
+    assert sorted(f["path"] for f in shown["files"]) == exported
 
     code, out, _ = run("log", "chat", "--json")
     events = [(e["event"], e["ref"], e["alias"]) for e in json.loads(out)]

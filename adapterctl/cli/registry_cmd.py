@@ -294,7 +294,8 @@ def rm_command(ref: str, force: bool, as_json: bool) -> None:
 @cli.command("export")
 @click.argument("ref")
 @click.argument("dest", metavar="DIR|hf://OWNER/NAME")
-def export_command(ref: str, dest: str) -> None:
+@json_option
+def export_command(ref: str, dest: str, as_json: bool) -> None:
     """Write version REF's files, byte for byte, into a new folder DIR (a PEFT folder); or
     publish it to the Hub (hf://OWNER/NAME: as `adapterctl push REF OWNER/NAME`)."""
     from adapterctl.hub import is_hub_ref
@@ -303,12 +304,23 @@ def export_command(ref: str, dest: str) -> None:
         from adapterctl.hub import push
 
         report = push(ref, dest)
+        if as_json:
+            _echo_json(report)
+            return
         done = "is already at" if report.already else "pushed to"
         click.echo(f"{report.version} {done} {report.url} as {report.tag} ({report.commit[:12]})")
         return
     with _registry() as reg:
         out = reg.export(ref, dest)
         v = reg.resolve(ref)
+    if as_json:
+        import json
+
+        files = [f.model_dump(mode="json") for f in v.files]
+        exported = {"ref": v.ref, "digest": v.digest, "out": str(out), "files": files,
+                    "size": v.size}  # fmt: skip
+        click.echo(json.dumps(exported, indent=2))
+        return
     click.echo(f"exported {v.ref} to {out} ({len(v.files)} file(s), {human_bytes(v.size)})")
 
 
