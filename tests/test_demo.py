@@ -149,3 +149,21 @@ def test_demo_files_load_in_transformers_and_peft(tmp_path: Path) -> None:
         ours = read(path).modules[name].delta(torch.float64)
         torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9)
         model = peft_model.unload()
+
+
+def test_demo_json_reports_every_step(tmp_path: Path, demo_output: str) -> None:
+    """--json prints one JSON document: the files and, per step, its command, exit code (the
+    expected one) and captured output, the same steps the text walk-through shows."""
+    import json
+
+    result = CliRunner().invoke(cli, ["demo", "--keep", str(tmp_path / "d"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["kept"] and report["root"] == str(tmp_path / "d")
+    assert {f["path"] for f in report["files"]} >= {"base/tiny-llama/config.json"}
+    assert [s["exit_code"] for s in report["steps"]] == [
+        s["expected_exit"] for s in report["steps"]
+    ]
+    for step in report["steps"]:
+        assert f"$ {step['command']}" in demo_output
+        assert step["stdout"].startswith(f"\n# {step['note']}\n$ {step['command']}\n")

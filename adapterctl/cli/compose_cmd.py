@@ -10,6 +10,7 @@ from adapterctl.cli.options import (
     check_weights,
     device_option,
     emit,
+    examples,
     force_option,
     json_option,
     method_options,
@@ -18,7 +19,14 @@ from adapterctl.cli.options import (
 )
 
 
-@cli.command("compose")
+@cli.command(
+    "compose",
+    epilog=examples(
+        "adapterctl compose adapters/chat-lora adapters/code-rslora -o composed  # linear: exact",
+        "adapterctl compose chat@1 code@1 -w 0.7 -w 0.3 --method svd --rank 8 -o chat-code",
+        "adapterctl compose a b --method ties --density 0.5 -o merged-ties",
+    ),
+)
 @click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
 @weights_option

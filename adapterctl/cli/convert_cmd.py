@@ -5,10 +5,17 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import emit, force_option, json_option, source_options
+from adapterctl.cli.options import emit, examples, force_option, json_option, source_options
 
 
-@cli.command("convert")
+@cli.command(
+    "convert",
+    epilog=examples(
+        "adapterctl convert lora.safetensors --alpha 16 --to peft -o lora-peft",
+        "adapterctl convert chat@2 --to peft -o chat-v2",
+        "adapterctl convert style.safetensors --to kohya -o style-kohya.safetensors",
+    ),
+)
 @click.argument("source", metavar="SOURCE")
 @click.option(
     "--to", "to", required=True, metavar="FORMAT",
@@ -22,13 +29,7 @@ def convert_command(
     source: str, to: str, out: str, force: bool, alpha: float | None, rank: int | None,
     as_json: bool,
 ) -> None:  # fmt: skip
-    """Write SOURCE in another adapter format, every module's ΔW unchanged.
-
-    \b
-    Examples:
-      adapterctl convert lora.safetensors --alpha 16 --to peft -o lora-peft
-      adapterctl convert chat@2 --to peft -o chat-v2
-    """
+    """Write SOURCE in another adapter format, every module's ΔW unchanged."""
     from adapterctl.cli.render import printable
     from adapterctl.convert import convert
 

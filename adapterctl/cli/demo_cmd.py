@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -12,19 +14,28 @@ from typing import TYPE_CHECKING
 import click
 
 from adapterctl.cli import cli
+from adapterctl.cli.options import examples, json_option
 from adapterctl.cli.render import human_bytes
 
 if TYPE_CHECKING:
     from adapterctl.demo import Step
 
 
-@cli.command("demo")
+@cli.command(
+    "demo",
+    epilog=examples(
+        "adapterctl demo",
+        "adapterctl demo --keep /tmp/adapterctl-demo",
+        "adapterctl demo --json    # each step's command, exit code and output",
+    ),
+)
 @click.option(
     "--keep", "keep", metavar="DIR", default=None,
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the demo files to DIR (new or empty) and keep them.",
 )  # fmt: skip
-def demo_command(keep: Path | None) -> None:
+@json_option
+def demo_command(keep: Path | None, as_json: bool) -> None:
     """Walk through adapterctl on a tiny Llama-shaped base and three adapters.
 
     The files are written with torch and safetensors from fixed seeds (no download, no
@@ -43,23 +54,42 @@ def demo_command(keep: Path | None) -> None:
     with root_cm as root_str:
         root = Path(root_str)
         files = build(root)
-        click.echo(f"adapterctl demo: files in {root}")
-        for f in sorted(p for p in root.rglob("*") if p.is_file()):
-            click.echo(f"  {f.relative_to(root).as_posix():<52} {human_bytes(f.stat().st_size)}")
+        written = sorted(p for p in root.rglob("*") if p.is_file())
+        if not as_json:
+            click.echo(f"adapterctl demo: files in {root}")
+            for f in written:
+                rel = f.relative_to(root).as_posix()
+                click.echo(f"  {rel:<52} {human_bytes(f.stat().st_size)}")
         unexpected: list[str] = []
+        ran: list[dict[str, object]] = []
         # The registry steps use a registry inside the demo folder, never the user's.
         with _cwd(root), _env("ADAPTERCTL_HOME", str(root / "registry")):
             for step in steps(files):
-                code = _run_step(step)
+                if as_json:  # each step's output captured into the report
+                    out, err = io.StringIO(), io.StringIO()
+                    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                        code = _run_step(step)
+                    ran.append({"command": step.command, "note": step.note, "exit_code": code,
+                                "expected_exit": step.expect_exit, "stdout": out.getvalue(),
+                                "stderr": err.getvalue()})  # fmt: skip
+                else:
+                    code = _run_step(step)
                 if code != step.expect_exit:
                     unexpected.append(
                         f"`{step.command}` exited {code}, expected {step.expect_exit}"
                     )
-        click.echo()
-        if keep is not None:
-            click.echo(f"Demo files kept in {root}")
+        if as_json:
+            listed = [
+                {"path": f.relative_to(root).as_posix(), "size": f.stat().st_size} for f in written
+            ]
+            report = {"root": str(root), "kept": keep is not None, "files": listed, "steps": ran}
+            click.echo(json.dumps(report, indent=2))
         else:
-            click.echo("Demo files removed (keep them with --keep DIR).")
+            click.echo()
+            if keep is not None:
+                click.echo(f"Demo files kept in {root}")
+            else:
+                click.echo("Demo files removed (keep them with --keep DIR).")
     if unexpected:
         # A step that should have worked did not: that is a bug in adapterctl, not in the demo.
         raise RuntimeError("demo step " + "; ".join(unexpected))

@@ -5,10 +5,16 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option, load_source, warn
+from adapterctl.cli.options import examples, json_option, load_source, warn
 
 
-@cli.command("diff")
+@cli.command(
+    "diff",
+    epilog=examples(
+        "adapterctl diff adapters/chat-lora adapters/code-rslora",
+        "adapterctl diff chat@1 chat@2 --tol 1e-6 --json",
+    ),
+)
 @click.argument("a", metavar="A")
 @click.argument("b", metavar="B")
 @click.option(

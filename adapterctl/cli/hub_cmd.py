@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option
+from adapterctl.cli.options import examples, json_option
 from adapterctl.cli.render import json_text
 
 _TOKEN_HELP = (
@@ -14,7 +14,13 @@ _TOKEN_HELP = (
 )
 
 
-@cli.command("push")
+@cli.command(
+    "push",
+    epilog=examples(
+        "adapterctl push chat@1 my-org/chat-lora",
+        "adapterctl push chat@prod my-org/chat-lora --private",
+    ),
+)
 @click.argument("ref")
 @click.argument("repo", metavar="OWNER/NAME")
 @click.option("--private", is_flag=True, help="Create the repository private (if it is new).")
@@ -63,7 +69,13 @@ def push_command(
         )
 
 
-@cli.command("pull")
+@cli.command(
+    "pull",
+    epilog=examples(
+        "adapterctl pull my-org/chat-lora",
+        "adapterctl pull my-org/chat-lora@v2 --name chat",
+    ),
+)
 @click.argument("source", metavar="OWNER/NAME[@REV]")
 @click.option("--name", default=None, metavar="NAME", help="Registry name (default: the repo's).")
 @click.option("--token", default=None, metavar="TOKEN", help=_TOKEN_HELP)

@@ -8,6 +8,7 @@ from adapterctl.cli import cli
 from adapterctl.cli.options import (
     base_option,
     emit,
+    examples,
     json_option,
     load_base,
     load_source,
@@ -16,7 +17,13 @@ from adapterctl.cli.options import (
 from adapterctl.cli.render import render_inspect
 
 
-@cli.command("inspect")
+@cli.command(
+    "inspect",
+    epilog=examples(
+        "adapterctl inspect adapters/chat-lora",
+        "adapterctl inspect chat@1 --base base/tiny-llama --json",
+    ),
+)
 @click.argument("source")
 @base_option
 @json_option

@@ -15,6 +15,7 @@ from adapterctl.cli.options import (
     check_weights,
     device_option,
     emit,
+    examples,
     force_option,
     json_option,
     method_options,
@@ -45,7 +46,14 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * factor)
 
 
-@cli.command("merge")
+@cli.command(
+    "merge",
+    epilog=examples(
+        "adapterctl merge base/tiny-llama adapters/chat-lora -o merged",
+        "adapterctl merge base/tiny-llama chat@1 code@1 -w 0.7 -w 0.3 -o merged --verify",
+        "adapterctl merge base/tiny-llama chat@1 --quantize nf4 --max-delta-error 1 -o merged-nf4",
+    ),
+)
 @click.argument("base", metavar="BASE")
 @click.argument("sources", metavar="SOURCE...", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output checkpoint folder.")

@@ -7,10 +7,16 @@ import json
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option
+from adapterctl.cli.options import examples, json_option
 
 
-@cli.command("methods")
+@cli.command(
+    "methods",
+    epilog=examples(
+        "adapterctl methods",
+        "adapterctl methods --json",
+    ),
+)
 @json_option
 def methods_command(as_json: bool) -> None:
     """List the composition methods (built-in and from plugins) and their options."""

@@ -10,6 +10,11 @@ import click
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def examples(*commands: str) -> str:
+    """A command's ``--help`` epilog: its examples, one per line, printed as written."""
+    return "\b\nExamples:\n" + "\n".join(f"  {c}" for c in commands)
+
+
 def json_option(f: F) -> F:
     """``--json``: print data only, on stdout."""
     return click.option("--json", "as_json", is_flag=True, help="Print JSON data only.")(f)

@@ -7,20 +7,21 @@ import json
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option
+from adapterctl.cli.options import examples, json_option
 
 
-@cli.command("plugins")
+@cli.command(
+    "plugins",
+    epilog=examples(
+        "adapterctl plugins",
+        "ADAPTERCTL_LOAD_PLUGINS= adapterctl plugins    # built-ins only",
+    ),
+)
 @json_option
 def plugins_command(as_json: bool) -> None:
     """List plugins (built-in, installed, from ADAPTERCTL_PLUGINS_DIR) with their versions,
     what each registers (formats, writers, methods, merge kernels, remotes, commands), and
     any that failed to load, with why.
-
-    \b
-    Examples:
-      adapterctl plugins
-      ADAPTERCTL_LOAD_PLUGINS= adapterctl plugins    # built-ins only
     """
     from dataclasses import asdict
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import json_option, source_options, warn
+from adapterctl.cli.options import examples, json_option, source_options, warn
 from adapterctl.cli.render import human_bytes, json_text, printable
 
 if TYPE_CHECKING:
@@ -45,7 +45,13 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-@cli.command("add")
+@cli.command(
+    "add",
+    epilog=examples(
+        "adapterctl add adapters/chat-lora --name chat --base base/tiny-llama --tag prod",
+        "adapterctl add out/checkpoint-500 --name chat --base base/tiny-llama --hash-base",
+    ),
+)
 @click.argument("source")
 @click.option("--name", "name", required=True, metavar="NAME", help="Name to register it under.")
 @click.option(
@@ -115,7 +121,13 @@ def add_command(
         click.echo(f"  tags: {', '.join(v.tags)}")
 
 
-@cli.command("list")
+@cli.command(
+    "list",
+    epilog=examples(
+        "adapterctl list",
+        "adapterctl list --json",
+    ),
+)
 @click.option(
     "--base",
     "base",
@@ -157,7 +169,13 @@ def _summary_row(s: AdapterSummary) -> list[str]:
     return [s.name, str(s.latest), versions, base, s.pin or "-", human_bytes(s.size or 0), tags]
 
 
-@cli.command("show")
+@cli.command(
+    "show",
+    epilog=examples(
+        "adapterctl show chat@1",
+        "adapterctl show chat@prod --json",
+    ),
+)
 @click.argument("ref")
 @json_option
 def show_command(ref: str, as_json: bool) -> None:
@@ -235,7 +253,13 @@ def _tree(nodes: list[LineageNode], indent: str) -> None:
         _tree(n.parents, indent + ("   " if last else "│  "))
 
 
-@cli.command("log")
+@cli.command(
+    "log",
+    epilog=examples(
+        "adapterctl log chat",
+        "adapterctl log chat --json",
+    ),
+)
 @click.argument("name")
 @json_option
 def log_command(name: str, as_json: bool) -> None:
@@ -259,7 +283,13 @@ def _log_row(e: LogEntry) -> list[str]:
     return [when, e.event, e.ref, detail]
 
 
-@cli.command("tag")
+@cli.command(
+    "tag",
+    epilog=examples(
+        "adapterctl tag chat@2 prod",
+        "adapterctl tag chat@1 stable",
+    ),
+)
 @click.argument("ref")
 @click.argument("alias")
 @json_option
@@ -274,7 +304,13 @@ def tag_command(ref: str, alias: str, as_json: bool) -> None:
     click.echo(f"{result.name}@{alias} → {result.ref}{moved}")
 
 
-@cli.command("rm")
+@cli.command(
+    "rm",
+    epilog=examples(
+        "adapterctl rm chat@1",
+        "adapterctl rm chat@1 --force    # even if others were composed from it",
+    ),
+)
 @click.argument("ref")
 @click.option(
     "--force", is_flag=True, help="Remove it even if live versions were composed from it."
@@ -291,7 +327,13 @@ def rm_command(ref: str, force: bool, as_json: bool) -> None:
     click.echo(f"removed {v.ref} (tombstone); free its files with: adapterctl registry gc")
 
 
-@cli.command("export")
+@cli.command(
+    "export",
+    epilog=examples(
+        "adapterctl export chat@1 exported/chat-v1",
+        "adapterctl export chat@prod hf://my-org/chat-lora",
+    ),
+)
 @click.argument("ref")
 @click.argument("dest", metavar="DIR|hf://OWNER/NAME")
 @json_option
@@ -329,7 +371,13 @@ def registry_group() -> None:
     """Registry maintenance: verify, gc, path (state lives in $ADAPTERCTL_HOME)."""
 
 
-@registry_group.command("verify")
+@registry_group.command(
+    "verify",
+    epilog=examples(
+        "adapterctl registry verify",
+        "adapterctl registry verify --json",
+    ),
+)
 @json_option
 def verify_command(as_json: bool) -> None:
     """Re-hash every stored file and check the database; exit 1 if anything is wrong."""
@@ -361,7 +409,13 @@ def verify_command(as_json: bool) -> None:
         click.get_current_context().exit(1)
 
 
-@registry_group.command("gc")
+@registry_group.command(
+    "gc",
+    epilog=examples(
+        "adapterctl registry gc",
+        "adapterctl registry gc --json",
+    ),
+)
 @json_option
 def gc_command(as_json: bool) -> None:
     """Delete stored files no live version uses, leftovers of interrupted adds, and stale
@@ -377,7 +431,12 @@ def gc_command(as_json: bool) -> None:
     )
 
 
-@registry_group.command("path")
+@registry_group.command(
+    "path",
+    epilog=examples(
+        "adapterctl registry path",
+    ),
+)
 @json_option
 def path_command(as_json: bool) -> None:
     """Where the registry lives (set ADAPTERCTL_HOME to move it); --json adds the counts."""

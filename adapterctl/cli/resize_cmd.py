@@ -5,10 +5,16 @@ from __future__ import annotations
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import emit, force_option, json_option
+from adapterctl.cli.options import emit, examples, force_option, json_option
 
 
-@cli.command("resize")
+@cli.command(
+    "resize",
+    epilog=examples(
+        "adapterctl resize adapters/chat-lora --rank 4 -o chat-r4",
+        "adapterctl resize chat@1 --energy 0.99 -o chat-99",
+    ),
+)
 @click.argument("source", metavar="SOURCE")
 @click.option("-o", "--out", required=True, metavar="OUT", help="Output adapter folder (PEFT).")
 @click.option(

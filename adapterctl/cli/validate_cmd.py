@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING
 import click
 
 from adapterctl.cli import cli
-from adapterctl.cli.options import base_option, json_option, load_base, load_source, source_options
+from adapterctl.cli.options import (
+    base_option,
+    examples,
+    json_option,
+    load_base,
+    load_source,
+    source_options,
+)
 from adapterctl.cli.options import warn as warn_stderr
 from adapterctl.files import write_text_atomic
 
@@ -18,7 +25,14 @@ if TYPE_CHECKING:
 GROUP_AFTER = 3  # findings of one rule beyond which the text output prints one line for them
 
 
-@cli.command("validate")
+@cli.command(
+    "validate",
+    epilog=examples(
+        "adapterctl validate adapters/chat-lora --base base/tiny-llama",
+        "adapterctl validate chat@1 --target vllm --target llama.cpp --max-rank 16",
+        "adapterctl validate out/adapter --base hf://org/model --junit reports/validate.xml",
+    ),
+)
 @click.argument("source")
 @base_option
 @click.option(

@@ -38,7 +38,15 @@ def register_writers(register: Any) -> None:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    @cli.command("export-gguf")
+    from adapterctl.cli.options import examples
+
+    @cli.command(
+        "export-gguf",
+        epilog=examples(
+            "adapterctl export-gguf out/checkpoint-500 --base base/llama -o chat.gguf",
+            "adapterctl export-gguf chat@2 --base hf://org/model --outtype q8_0 -o chat.gguf",
+        ),
+    )
     @click.argument("source", metavar="SOURCE")
     @click.option("-o", "--out", required=True, metavar="FILE", help="The .gguf file to write.")
     @click.option(
@@ -63,11 +71,6 @@ def register_commands(cli: Any) -> None:
         Every module's ΔW is exact: rsLoRA, alpha_pattern and per-module ranks are folded
         into lora_b so that the file's one alpha reproduces each module's scale. DoRA, lora
         biases and full tensors are refused (exit 3): merge those instead.
-
-        \b
-        Examples:
-          adapterctl export-gguf out/checkpoint-500 --base base/llama -o chat.gguf
-          adapterctl export-gguf chat@2 --base hf://org/model --outtype q8_0 -o chat.gguf
         """
         from adapterctl.cli.options import emit
         from adapterctl.cli.render import printable
