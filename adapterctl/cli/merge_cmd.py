@@ -25,11 +25,6 @@ from adapterctl.cli.options import (
 from adapterctl.errors import UsageError
 from adapterctl.nf4 import layout as nf4_layout
 
-# A merge runs its own workers on every core, one BLAS thread each: OpenBLAS's thread pool
-# would only spin beside them (about 0.1 s of CPU after NumPy loads, more after each call).
-# This must be set before NumPy loads (this module is imported first); a user's setting wins.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -115,6 +110,10 @@ def merge_command(
     dequantised (exactly W_nf4 + ΔW, in the compute dtype) unless --quantize nf4.
     The output is written to a temporary sibling and renamed into place when complete.
     """
+    # A merge runs its own workers on every core, one BLAS thread each: OpenBLAS's thread
+    # pool would only spin beside them (about 0.1 s of CPU after NumPy loads, more after each
+    # call). Read when NumPy loads, which is below; a user's setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from adapterctl.merge import merge
 
     with _progress(as_json) as progress:

@@ -137,9 +137,10 @@ def text_lines(findings: list[Finding], verbose: bool = False) -> list[str]:
             continue
         first = group[0]
         some = ", ".join(f.module or "(adapter)" for f in group[:GROUP_AFTER])
+        where = f"{first.module}: " if first.module else ""
         lines.append(
             f"{first.severity.upper()} {code} in {len(group)} modules ({some}, …); the first: "
-            f"{text_line(first).split(' ', 2)[2]} (--verbose lists all)"
+            f"{where}{first.message} (--verbose lists all)"
         )
     return lines
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from adapterctl.checkpoint import STEMS
+from adapterctl.checkpoint import STEMS, weight_stem
 from adapterctl.merge.plan import TOKENIZER_FILES, LayerError, MergePlan, MergeReport
 
 
@@ -38,7 +38,7 @@ def write_side_files(plan: MergePlan, tmp: Path, report: MergeReport) -> None:
             "metadata": {"total_size": sum(e[3] for s in plan.shards for e in s.entries())},
             "weight_map": {e[0]: s.name for s in plan.shards for e in s.entries()},
         }
-        stem = plan.shards[0].name.split("-0", 1)[0]  # model-00001-of-… → model
+        stem = weight_stem([s.name for s in plan.shards])  # as plan named the shards
         (tmp / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "adapterctl.json").write_text(provenance_json(plan, report))
 

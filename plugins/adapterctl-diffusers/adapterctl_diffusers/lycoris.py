@@ -186,22 +186,25 @@ def _pair_or_full(
     )
 
 
-def _lokr_pair(p: dict[str, TensorSource], which: str) -> tuple[Array, Array]:
-    """(U, V) with U·V = the factor, (out, k) @ (k, in·kernel), k its rank (or the smaller
-    side of a full factor)."""
+def _lokr_side(p: dict[str, TensorSource], which: str, side: int) -> Array:
+    """One side of (U, V) with U·V = the factor: U (out, k) for ``side`` 0, V (k, in·kernel)
+    for 1, k its rank (or the smaller side of a full factor: W = W·I or I·W). Only the
+    tensors that side needs are read."""
     import numpy as np
 
     full = p.get(f"lokr_{which}")
     if full is not None:
-        w = _f64(full)
-        w = w.reshape(w.shape[0], -1)  # (out, in·k…)
-        if w.shape[1] <= w.shape[0]:
-            return w, np.eye(w.shape[1])
-        return np.eye(w.shape[0]), w
-    a, b = _f64(p[f"lokr_{which}_a"]), _f64(p[f"lokr_{which}_b"])
-    if which == "w2" and "lokr_t2" in p:  # a (r, out), b (r, in), t (r, r, k…)
-        return a.T, _tucker(_f64(p["lokr_t2"]), b)
-    return a, b
+        out, inn = full.shape[0], math.prod(full.shape[1:])
+        w_on_left = inn <= out  # W·I, else I·W
+        if (side == 0) == w_on_left:
+            return _f64(full).reshape(out, inn)  # (out, in·k…)
+        return np.eye(inn if w_on_left else out)
+    tucker = which == "w2" and "lokr_t2" in p  # a (r, out), b (r, in), t (r, r, k…)
+    if side == 0:
+        a = _f64(p[f"lokr_{which}_a"])
+        return a.T if tucker else a
+    b = _f64(p[f"lokr_{which}_b"])
+    return _tucker(_f64(p["lokr_t2"]), b) if tucker else b
 
 
 def lokr(
@@ -225,12 +228,12 @@ def lokr(
     def left() -> Array:  # (o1·o2, rank)
         import numpy as np
 
-        return np.kron(_lokr_pair(p, "w1")[0], _lokr_pair(p, "w2")[0])
+        return np.kron(_lokr_side(p, "w1", 0), _lokr_side(p, "w2", 0))
 
     def right() -> Array:  # (rank, i1·i2·k…): (i1, (i2, k…)) is the kernel-major layout
         import numpy as np
 
-        return np.kron(_lokr_pair(p, "w1")[1], _lokr_pair(p, "w2")[1]).reshape(a_shape)
+        return np.kron(_lokr_side(p, "w1", 1), _lokr_side(p, "w2", 1)).reshape(a_shape)
 
     a = Computed(f"{name}.lokr_w1⊗lokr_w2(right)", a_shape, right)
     b = Computed(f"{name}.lokr_w1⊗lokr_w2(left)", (out, rank), left)

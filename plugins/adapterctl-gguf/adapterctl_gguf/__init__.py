@@ -38,7 +38,7 @@ def register_writers(register: Any) -> None:
 
 @hookimpl
 def register_commands(cli: Any) -> None:
-    from adapterctl.cli.options import examples
+    from adapterctl.cli.options import examples, json_option
 
     @cli.command(
         "export-gguf",
@@ -61,7 +61,7 @@ def register_commands(cli: Any) -> None:
     )  # fmt: skip
     @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
     @click.option("--alpha", type=float, default=None, help="LoRA alpha of a bare .safetensors.")
-    @click.option("--json", "as_json", is_flag=True, help="Print JSON data only.")
+    @json_option
     def export_gguf_command(
         source: str, out: str, base: str | None, outtype: str, force: bool,
         alpha: float | None, as_json: bool,
